@@ -1,0 +1,129 @@
+/* Address strings: "host:port", "[v6]:port", ":port", "" — parsed the way Go's
+ * net package reads them — and "ip:port" formatting. */
+#include "internal.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+socklen_t kn_sockaddr_len(const kn_sockaddr *a) {
+    return a->sa.sa_family == AF_INET6 ? sizeof a->in6 : sizeof a->in;
+}
+
+/* Splits addr into host (without brackets) and a numeric port. */
+static int split(const char *addr, char *host, size_t hostcap, unsigned *port) {
+    const char *colon, *h = addr;
+    size_t hlen;
+    if (*addr == '[') {
+        const char *end = strchr(addr, ']');
+        if (!end || end[1] != ':') return KNET_EADDR;
+        h = addr + 1;
+        hlen = (size_t)(end - h);
+        colon = end + 1;
+    } else {
+        colon = strrchr(addr, ':');
+        if (!colon) return KNET_EADDR;
+        hlen = (size_t)(colon - addr);
+        if (memchr(addr, ':', hlen) || memchr(addr, '[', hlen) || memchr(addr, ']', hlen))
+            return KNET_EADDR; /* an IPv6 literal needs brackets */
+    }
+    if (hlen >= hostcap) return KNET_EADDR;
+    memcpy(host, h, hlen);
+    host[hlen] = '\0';
+    const char *p = colon + 1;
+    if (*p == '\0' || strlen(p) > 5) return KNET_EADDR;
+    unsigned v = 0;
+    for (; *p; p++) {
+        if (*p < '0' || *p > '9') return KNET_EADDR;
+        v = v * 10 + (unsigned)(*p - '0');
+    }
+    if (v > 65535) return KNET_EADDR;
+    *port = v;
+    return 0;
+}
+
+int kn_addr_resolve(const char *addr, bool passive, kn_sockaddr *out, int max) {
+    char host[256];
+    unsigned port;
+    if (!addr || max < 1) return KNET_EADDR;
+    if (*addr == '\0') addr = ":0";
+    int rc = split(addr, host, sizeof host, &port);
+    if (rc < 0) return rc;
+    memset(out, 0, sizeof *out);
+    if (host[0] == '\0') {
+        if (passive) { /* every interface: dual-stack IPv6 wildcard (the server falls back to IPv4) */
+            out->in6.sin6_family = AF_INET6;
+            out->in6.sin6_addr = in6addr_any;
+            out->in6.sin6_port = htons((uint16_t)port);
+        } else { /* like Go, dialing ":port" means the local system */
+            out->in.sin_family = AF_INET;
+            out->in.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+            out->in.sin_port = htons((uint16_t)port);
+        }
+        return 1;
+    }
+    if (inet_pton(AF_INET, host, &out->in.sin_addr) == 1) {
+        out->in.sin_family = AF_INET;
+        out->in.sin_port = htons((uint16_t)port);
+        return 1;
+    }
+    if (inet_pton(AF_INET6, host, &out->in6.sin6_addr) == 1) {
+        if (addr[0] != '[') return KNET_EADDR;
+        out->in6.sin6_family = AF_INET6;
+        out->in6.sin6_port = htons((uint16_t)port);
+        return 1;
+    }
+    if (addr[0] == '[') return KNET_EADDR; /* brackets hold literals only */
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : 0);
+    char ps[8];
+    snprintf(ps, sizeof ps, "%u", port);
+    rc = getaddrinfo(host, ps, &hints, &res);
+    if (rc != 0) {
+        kn_log(KNET_LOG_DEBUG, "resolve %s: %s", host, gai_strerror(rc));
+        return KNET_ERESOLVE;
+    }
+    int n = 0;
+    /* IPv4 first, as Go does for listening on a name and as loopback tests expect. */
+    for (int pass = 0; pass < 2; pass++) {
+        for (struct addrinfo *ai = res; ai && n < max; ai = ai->ai_next) {
+            int fam = pass == 0 ? AF_INET : AF_INET6;
+            if (ai->ai_family != fam || ai->ai_addrlen > sizeof out[n]) continue;
+            memset(&out[n], 0, sizeof out[n]);
+            memcpy(&out[n], ai->ai_addr, ai->ai_addrlen);
+            n++;
+        }
+    }
+    freeaddrinfo(res);
+    return n > 0 ? n : KNET_ERESOLVE;
+}
+
+int kn_addr_format(const kn_sockaddr *a, char *buf, size_t len) {
+    char ip[INET6_ADDRSTRLEN];
+    unsigned port;
+    int n;
+    if (a->sa.sa_family == AF_INET) {
+        inet_ntop(AF_INET, &a->in.sin_addr, ip, sizeof ip);
+        port = ntohs(a->in.sin_port);
+        n = snprintf(buf, len, "%s:%u", ip, port);
+    } else if (a->sa.sa_family == AF_INET6) {
+        port = ntohs(a->in6.sin6_port);
+        if (IN6_IS_ADDR_V4MAPPED(&a->in6.sin6_addr)) {
+            inet_ntop(AF_INET, &a->in6.sin6_addr.s6_addr[12], ip, sizeof ip);
+            n = snprintf(buf, len, "%s:%u", ip, port);
+        } else {
+            inet_ntop(AF_INET6, &a->in6.sin6_addr, ip, sizeof ip);
+            n = snprintf(buf, len, "[%s]:%u", ip, port);
+        }
+    } else {
+        n = snprintf(buf, len, "%s", "");
+    }
+    if (n < 0 || (size_t)n >= len) return -ENOSPC;
+    return n;
+}

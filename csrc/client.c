@@ -1,0 +1,209 @@
+/* The persistent client: dial, serve the connection until it ends, dial
+ * again; failed dials retry with exponential backoff when enabled. Dialing
+ * and backoff waits happen on the calling thread and are interrupted at once
+ * by knet_client_close through an eventfd. */
+#include "internal.h"
+
+#include <errno.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+struct knet_client {
+    kn_owner o;
+    char *addr;
+    int wake_fd; /* readable once the client is closed */
+    /* under o.mu */
+    bool retry, serving, closed;
+    uint32_t backoff_initial, backoff_max;
+    knet_conn *conn;
+};
+
+knet_client *knet_client_new(const char *addr) {
+    knet_client *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->addr = strdup(addr ? addr : "");
+    c->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (!c->addr || c->wake_fd < 0) {
+        if (c->wake_fd >= 0) close(c->wake_fd);
+        free(c->addr);
+        free(c);
+        return NULL;
+    }
+    kn_owner_init(&c->o);
+    c->o.close_reason = KNET_ECLIENTCLOSED;
+    c->backoff_initial = 1000;
+    c->backoff_max = 60000;
+    return c;
+}
+
+void knet_client_free(knet_client *c) {
+    if (!c) return;
+    close(c->wake_fd);
+    kn_owner_destroy(&c->o);
+    free(c->addr);
+    free(c);
+}
+
+static void set_retry(knet_client *c, bool on) {
+    pthread_mutex_lock(&c->o.mu);
+    c->retry = on;
+    pthread_mutex_unlock(&c->o.mu);
+}
+
+void knet_client_enable_retry(knet_client *c) { set_retry(c, true); }
+void knet_client_disable_retry(knet_client *c) { set_retry(c, false); }
+
+void knet_client_set_retry_backoff(knet_client *c, uint32_t initial_ms, uint32_t max_ms) {
+    pthread_mutex_lock(&c->o.mu);
+    c->backoff_initial = initial_ms ? initial_ms : 1;
+    c->backoff_max = max_ms < c->backoff_initial ? c->backoff_initial : max_ms;
+    pthread_mutex_unlock(&c->o.mu);
+}
+
+/* Waits for fd (events) or the close signal; returns revents of fd, 0 on
+ * timeout, or -1 when the client was closed. */
+static int wait_or_closed(knet_client *c, int fd, short events, int timeout_ms) {
+    struct pollfd p[2] = {{c->wake_fd, POLLIN, 0}, {fd, events, 0}};
+    for (;;) {
+        int n = poll(p, fd >= 0 ? 2 : 1, timeout_ms);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return 0;
+        if (p[0].revents) return -1;
+        return p[1].revents;
+    }
+}
+
+/* Non-blocking connect to each resolved address in turn. */
+static int dial(knet_client *c, int *out, kn_sockaddr *peer) {
+    kn_sockaddr addrs[8];
+    int n = kn_addr_resolve(c->addr, false, addrs, 8);
+    if (n < 0) return n;
+    int rc = -ECONNREFUSED;
+    for (int i = 0; i < n; i++) {
+        int fd = socket(addrs[i].sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) {
+            rc = -errno;
+            continue;
+        }
+        int err = 0;
+        if (connect(fd, &addrs[i].sa, kn_sockaddr_len(&addrs[i])) < 0) {
+            err = errno;
+            if (err == EINPROGRESS) {
+                if (wait_or_closed(c, fd, POLLOUT, -1) < 0) {
+                    close(fd);
+                    return KNET_ECLIENTCLOSED;
+                }
+                socklen_t sl = sizeof err;
+                if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &sl) < 0) err = errno;
+            }
+        }
+        if (err) {
+            rc = -err;
+            close(fd);
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        *out = fd;
+        *peer = addrs[i];
+        return 0;
+    }
+    return rc;
+}
+
+int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
+                               const knet_codec *codec) {
+    if (!c) return -EINVAL;
+    pthread_mutex_lock(&c->o.mu);
+    int rc = c->closed ? KNET_ECLIENTCLOSED : c->serving ? KNET_EBUSY : 0;
+    if (rc == 0) c->serving = true;
+    pthread_mutex_unlock(&c->o.mu);
+    if (rc < 0) return rc;
+    kn_owner_set(&c->o, handler, codec);
+    kn_loop_count(); /* start the loops before the first connection needs one */
+
+    uint32_t wait = 0;
+    for (;;) {
+        pthread_mutex_lock(&c->o.mu);
+        bool closed = c->closed, retry = c->retry;
+        uint32_t initial = c->backoff_initial, max = c->backoff_max;
+        pthread_mutex_unlock(&c->o.mu);
+        if (closed) {
+            rc = KNET_ECLIENTCLOSED;
+            break;
+        }
+        int fd = -1;
+        kn_sockaddr peer;
+        rc = dial(c, &fd, &peer);
+        if (rc == KNET_ECLIENTCLOSED) break;
+        if (rc < 0) {
+            if (!retry) break;
+            wait = wait ? (wait > max / 2 ? max : wait * 2) : initial;
+            kn_log(KNET_LOG_WARN, "dial %s: %s; retrying in %u ms", c->addr, knet_strerror(rc),
+                   wait);
+            if (wait_or_closed(c, -1, 0, (int)wait) < 0) {
+                rc = KNET_ECLIENTCLOSED;
+                break;
+            }
+            continue;
+        }
+        wait = 0;
+        knet_conn *conn = kn_conn_new(fd, &c->o, &peer);
+        if (!conn) {
+            close(fd);
+            rc = -ENOMEM;
+            break;
+        }
+        knet_conn_retain(conn); /* the client's reference, for knet_client_conn */
+        kn_conn_start(conn);
+        pthread_mutex_lock(&c->o.mu);
+        c->conn = conn;
+        closed = c->closed;
+        pthread_mutex_unlock(&c->o.mu);
+        if (closed) kn_conn_close_reason(conn, KNET_ECLIENTCLOSED);
+        pthread_mutex_lock(&c->o.mu);
+        while (c->o.live > 0) pthread_cond_wait(&c->o.cv, &c->o.mu);
+        c->conn = NULL;
+        pthread_mutex_unlock(&c->o.mu);
+        knet_conn_release(conn);
+    }
+    pthread_mutex_lock(&c->o.mu);
+    while (c->o.live > 0 || c->o.tasks > 0) pthread_cond_wait(&c->o.cv, &c->o.mu);
+    c->serving = false;
+    pthread_mutex_unlock(&c->o.mu);
+    return rc;
+}
+
+int knet_client_close(knet_client *c) {
+    if (!c) return -EINVAL;
+    pthread_mutex_lock(&c->o.mu);
+    if (c->closed) {
+        pthread_mutex_unlock(&c->o.mu);
+        return KNET_ECLIENTCLOSED;
+    }
+    c->closed = true;
+    atomic_store(&c->o.closing, true);
+    knet_conn *conn = c->conn;
+    if (conn) knet_conn_retain(conn);
+    pthread_mutex_unlock(&c->o.mu);
+    uint64_t one = 1;
+    ssize_t n = write(c->wake_fd, &one, sizeof one);
+    (void)n;
+    if (conn) {
+        kn_conn_close_reason(conn, KNET_ECLIENTCLOSED);
+        knet_conn_release(conn);
+    }
+    return 0;
+}
+
+knet_conn *knet_client_conn(knet_client *c) {
+    pthread_mutex_lock(&c->o.mu);
+    knet_conn *conn = c->conn;
+    if (conn) knet_conn_retain(conn);
+    pthread_mutex_unlock(&c->o.mu);
+    return conn;
+}

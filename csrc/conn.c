@@ -1,0 +1,601 @@
+/* Connections: reading and decoding, the send queue, close and graceful
+ * half-close. Everything that touches the socket runs on the connection's
+ * loop thread; other threads hand work over through the inbox and the
+ * loop's ready list. */
+#include "internal.h"
+
+#include <errno.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------ send queue */
+
+/* Copies the message's bytes from iov (after skipping `skip`) to the tail of
+ * q. All memory is allocated before copying, so a failure leaves q as it was. */
+static int queue_append(kn_queue *q, const struct iovec *iov, size_t n, size_t skip) {
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++) total += iov[i].iov_len;
+    if (skip >= total) return 0;
+    total -= skip;
+    kn_chunk *t = q->tail;
+    size_t room = t ? t->cap - t->len : 0;
+    if (room < total) {
+        size_t need = total - room, cap = need > KN_CHUNK ? need : KN_CHUNK;
+        kn_chunk *k = malloc(sizeof *k + cap);
+        if (!k) return -ENOMEM;
+        k->next = NULL;
+        k->len = k->off = k->nmsgs = 0;
+        k->cap = cap;
+        if (room == 0) {
+            if (t) t->next = k;
+            else q->head = k;
+            q->tail = k;
+            t = k;
+        } else {
+            t->next = k; /* filled after t */
+            q->tail = k;
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        const char *p = iov[i].iov_base;
+        size_t len = iov[i].iov_len;
+        if (skip >= len) {
+            skip -= len;
+            continue;
+        }
+        p += skip;
+        len -= skip;
+        skip = 0;
+        while (len) {
+            if (t->len == t->cap) t = t->next;
+            size_t m = t->cap - t->len < len ? t->cap - t->len : len;
+            memcpy(t->data + t->len, p, m);
+            t->len += m;
+            p += m;
+            len -= m;
+        }
+    }
+    q->tail->nmsgs++;
+    return 0;
+}
+
+static void queue_splice(kn_queue *dst, kn_queue *src) {
+    if (!src->head) return;
+    if (dst->tail) dst->tail->next = src->head;
+    else dst->head = src->head;
+    dst->tail = src->tail;
+    src->head = src->tail = NULL;
+}
+
+static void queue_free(kn_queue *q) {
+    kn_chunk *k = q->head;
+    while (k) {
+        kn_chunk *next = k->next;
+        free(k);
+        k = next;
+    }
+    q->head = q->tail = NULL;
+}
+
+/* Drops n written bytes from the head of c's queue, counting finished messages. */
+static void queue_consume(knet_conn *c, size_t n) {
+    kn_queue *q = &c->outq;
+    size_t done_msgs = 0;
+    while (q->head) {
+        kn_chunk *k = q->head;
+        size_t avail = k->len - k->off;
+        if (n < avail) {
+            k->off += n;
+            break;
+        }
+        n -= avail;
+        done_msgs += k->nmsgs;
+        q->head = k->next;
+        if (!q->head) q->tail = NULL;
+        free(k);
+    }
+    if (done_msgs) atomic_fetch_sub_explicit(&c->npending, done_msgs, memory_order_relaxed);
+}
+
+static ssize_t send_iov(int fd, const struct iovec *iov, size_t n) {
+    if (n == 1) return send(fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL);
+    struct msghdr m;
+    memset(&m, 0, sizeof m);
+    m.msg_iov = (struct iovec *)iov;
+    m.msg_iovlen = n;
+    return sendmsg(fd, &m, MSG_NOSIGNAL);
+}
+
+/* ------------------------------------------------------------ lifecycle */
+
+knet_conn *kn_conn_new(int fd, kn_owner *o, const kn_sockaddr *peer) {
+    knet_conn *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->io.fd = fd;
+    c->owner = o;
+    c->loop = kn_loop_next();
+    atomic_init(&c->refs, 1); /* the loop's */
+    atomic_init(&c->state, KN_OPEN);
+    atomic_init(&c->reason, 1);
+    kn_timer_init(&c->timer, NULL);
+    pthread_mutex_init(&c->mu, NULL);
+    if (peer) c->peer = *peer;
+    pthread_mutex_lock(&o->mu);
+    o->live++;
+    pthread_mutex_unlock(&o->mu);
+    return c;
+}
+
+static void conn_set_events(knet_conn *c, uint32_t ev) {
+    if (ev == c->events) return;
+    if (kn_loop_ctl(c->loop, EPOLL_CTL_MOD, &c->io, ev) == 0) c->events = ev;
+}
+
+void kn_conn_finish(knet_conn *c, int reason) {
+    if (c->io.fd < 0) return;
+    kn_loop *L = c->loop;
+    kn_owner *o = c->owner;
+    pthread_mutex_lock(&c->mu);
+    int fd = c->io.fd;
+    c->io.fd = -1;
+    atomic_store(&c->state, KN_CLOSED);
+    atomic_store(&c->reason, reason);
+    kn_queue in = c->inbox;
+    c->inbox.head = c->inbox.tail = NULL;
+    atomic_store(&c->inbox_full, false);
+    pthread_mutex_unlock(&c->mu);
+
+    close(fd); /* also removes it from epoll */
+    queue_free(&in);
+    queue_free(&c->outq);
+    atomic_store(&c->npending, 0);
+    free(c->ibuf);
+    c->ibuf = NULL;
+    c->ilen = c->icap = 0;
+    kn_timer_stop(L, &c->timer);
+    if (c->attached) {
+        if (c->prev) c->prev->next = c->next;
+        else L->conns = c->next;
+        if (c->next) c->next->prev = c->prev;
+        c->prev = c->next = NULL;
+        if (o->handler.connect) o->handler.connect(c, false, o->handler.ud);
+    }
+    c->reap_next = L->reap;
+    L->reap = c;
+    kn_owner_conn_done(o); /* last: the serving thread may return and free o */
+}
+
+static void conn_timeout(kn_loop *L, kn_timer *t) {
+    (void)L;
+    knet_conn *c = (knet_conn *)((char *)t - offsetof(knet_conn, timer));
+    kn_conn_finish(c, -ETIMEDOUT);
+}
+
+static void conn_on_io(kn_loop *L, kn_io *io, uint32_t ev);
+
+void kn_conn_attach(kn_loop *L, knet_conn *c) {
+    kn_owner *o = c->owner;
+    if (atomic_load(&o->closing)) {
+        kn_conn_finish(c, KNET_ECLOSED); /* never connected: no callbacks */
+        return;
+    }
+    c->io.cb = conn_on_io;
+    c->timer.cb = conn_timeout;
+    c->events = EPOLLIN;
+    int rc = kn_loop_ctl(L, EPOLL_CTL_ADD, &c->io, EPOLLIN);
+    if (rc < 0) {
+        kn_log(KNET_LOG_ERROR, "epoll_ctl(ADD): %s", knet_strerror(rc));
+        kn_conn_finish(c, rc);
+        return;
+    }
+    c->attached = true;
+    c->next = L->conns;
+    if (L->conns) L->conns->prev = c;
+    L->conns = c;
+    if (o->handler.connect) o->handler.connect(c, true, o->handler.ud);
+}
+
+static void attach_task(kn_loop *L, void *arg) { kn_conn_attach(L, arg); }
+
+void kn_conn_start(knet_conn *c) {
+    if (kn_loop_current() == c->loop) {
+        kn_conn_attach(c->loop, c);
+        return;
+    }
+    if (kn_loop_post(c->loop, attach_task, c) < 0) {
+        /* Never reached the loop: undo here (nothing else knows c yet). */
+        kn_log(KNET_LOG_ERROR, "cannot hand a connection to its loop: out of memory");
+        close(c->io.fd);
+        kn_owner *o = c->owner;
+        knet_conn_release(c);
+        kn_owner_conn_done(o);
+    }
+}
+
+/* Puts c on its loop's ready list (once) and wakes the loop if needed. */
+static void conn_schedule(knet_conn *c) {
+    kn_loop *L = c->loop;
+    pthread_mutex_lock(&L->mu);
+    bool push = !c->ready;
+    if (push) {
+        c->ready = true;
+        knet_conn_retain(c);
+        c->ready_next = NULL;
+        if (L->ready_tail) L->ready_tail->ready_next = c;
+        else L->ready_head = c;
+        L->ready_tail = c;
+    }
+    pthread_mutex_unlock(&L->mu);
+    if (push && kn_loop_current() != L) kn_loop_wake(L);
+}
+
+/* Takes what other threads queued (under mu) behind what the loop holds. */
+static void conn_take_inbox(knet_conn *c) {
+    pthread_mutex_lock(&c->mu);
+    queue_splice(&c->outq, &c->inbox);
+    c->inbox_sched = false;
+    atomic_store_explicit(&c->inbox_full, false, memory_order_relaxed);
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* Writes as much of the queue as the socket takes; once it is empty, a
+ * graceful close moves on: FIN after our last byte, or the end. */
+static void conn_flush(knet_conn *c) {
+    while (c->outq.head) {
+        struct iovec iov[KN_IOV_MAX];
+        size_t n = 0, want = 0;
+        for (kn_chunk *k = c->outq.head; k && n < KN_IOV_MAX; k = k->next) {
+            if (k->len == k->off) continue;
+            iov[n].iov_base = k->data + k->off;
+            iov[n].iov_len = k->len - k->off;
+            want += iov[n++].iov_len;
+        }
+        if (n == 0) {
+            queue_consume(c, 0);
+            break;
+        }
+        ssize_t w = send_iov(c->io.fd, iov, n);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            kn_conn_finish(c, -errno);
+            return;
+        }
+        queue_consume(c, (size_t)w);
+        if ((size_t)w < want) break; /* the socket buffer is full */
+    }
+    if (c->outq.head) {
+        conn_set_events(c, c->events | EPOLLOUT);
+        return;
+    }
+    conn_set_events(c, c->events & ~(uint32_t)EPOLLOUT);
+    if (!c->graceful) return;
+    if (c->peer_eof) {
+        kn_conn_finish(c, c->close_as);
+    } else if (!c->wr_shut) {
+        c->wr_shut = true;
+        shutdown(c->io.fd, SHUT_WR);
+    }
+}
+
+/* Starts flushing-then-closing: refuse new sends, take what is queued;
+ * reason is what the close reports when it completes. */
+static void conn_begin_graceful(kn_loop *L, knet_conn *c, uint32_t ms, int reason) {
+    pthread_mutex_lock(&c->mu);
+    atomic_store(&c->state, KN_CLOSING);
+    pthread_mutex_unlock(&c->mu);
+    conn_take_inbox(c);
+    c->graceful = true;
+    c->close_as = reason;
+    kn_timer_start(L, &c->timer, ms);
+}
+
+/* The peer sent FIN. Outside a graceful close, knet closes the connection —
+ * after writing what is already queued (bounded by the default timeout), so
+ * a peer that half-closes still gets its answers. */
+static void conn_on_eof(kn_loop *L, knet_conn *c) {
+    if (!c->graceful) conn_begin_graceful(L, c, KN_DEFAULT_GRACE_MS, KNET_EOF);
+    c->peer_eof = true;
+    conn_set_events(c, c->events & ~(uint32_t)EPOLLIN);
+    conn_flush(c);
+}
+
+void kn_conn_service(kn_loop *L, knet_conn *c) {
+    if (c->io.fd < 0 || !c->attached) return;
+    unsigned req = atomic_exchange(&c->req, 0);
+    if (req & KN_REQ_CLOSE) {
+        pthread_mutex_lock(&c->mu);
+        int reason = c->req_reason;
+        pthread_mutex_unlock(&c->mu);
+        kn_conn_finish(c, reason);
+        return;
+    }
+    conn_take_inbox(c);
+    if ((req & KN_REQ_GRACEFUL) && !c->graceful) {
+        pthread_mutex_lock(&c->mu);
+        uint32_t ms = c->grace_ms;
+        pthread_mutex_unlock(&c->mu);
+        conn_begin_graceful(L, c, ms, 0);
+    }
+    conn_flush(c);
+}
+
+/* ------------------------------------------------------------ reading */
+
+static void conn_read(kn_loop *L, knet_conn *c) {
+    kn_owner *o = c->owner;
+    const knet_codec *k = &o->codec;
+    for (int budget = KN_READ_BUDGET; budget > 0; budget--) {
+        size_t len = c->ilen, cap;
+        char *buf;
+        bool own = len > KN_READ_BUF / 2; /* a large partial frame reads into its own buffer */
+        if (!own) {
+            buf = L->rbuf;
+            cap = KN_READ_BUF;
+            if (len) memcpy(buf, c->ibuf, len);
+        } else {
+            if (c->icap - len < KN_READ_BUF / 4) {
+                size_t ncap = c->icap * 2 > len + KN_READ_BUF ? c->icap * 2 : len + KN_READ_BUF;
+                if (ncap > o->max_frame + KN_READ_BUF) ncap = o->max_frame + KN_READ_BUF;
+                char *p = realloc(c->ibuf, ncap);
+                if (!p) {
+                    kn_conn_finish(c, -ENOMEM);
+                    return;
+                }
+                c->ibuf = p;
+                c->icap = ncap;
+            }
+            buf = c->ibuf;
+            cap = c->icap;
+        }
+        ssize_t n = read(c->io.fd, buf + len, cap - len);
+        if (n <= 0) {
+            if (n == 0) {
+                conn_on_eof(L, c);
+            } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                kn_conn_finish(c, -errno);
+            }
+            return; /* c->ibuf still holds the partial frame */
+        }
+        size_t total = len + (size_t)n, off = 0;
+        int err = 0;
+        while (off < total) {
+            const void *msg = buf + off;
+            size_t mlen = total - off;
+            ptrdiff_t r = k->read ? k->read(buf + off, total - off, &msg, &mlen, k->ud)
+                                  : (ptrdiff_t)(total - off);
+            if (r == 0) break;
+            if (r < 0 || (size_t)r > total - off) {
+                err = r < 0 ? (int)r : KNET_ECODEC;
+                break;
+            }
+            off += (size_t)r;
+            if (o->handler.receive) o->handler.receive(c, msg, mlen, o->handler.ud);
+            /* A close asked for inside receive drops what is still unread. */
+            if (atomic_load_explicit(&c->req, memory_order_relaxed) & KN_REQ_CLOSE) return;
+        }
+        if (err) {
+            kn_conn_finish(c, err);
+            return;
+        }
+        size_t left = total - off;
+        if (left == 0) {
+            free(c->ibuf);
+            c->ibuf = NULL;
+            c->ilen = c->icap = 0;
+        } else if (left > o->max_frame) {
+            kn_conn_finish(c, KNET_ECODEC);
+            return;
+        } else if (own) {
+            memmove(c->ibuf, c->ibuf + off, left);
+            c->ilen = left;
+        } else {
+            if (c->icap < left) {
+                char *p = realloc(c->ibuf, left);
+                if (!p) {
+                    kn_conn_finish(c, -ENOMEM);
+                    return;
+                }
+                c->ibuf = p;
+                c->icap = left;
+            }
+            memcpy(c->ibuf, buf + off, left);
+            c->ilen = left;
+        }
+        if ((size_t)n < cap - len) return; /* a short read: the socket is drained */
+    }
+}
+
+static void conn_on_io(kn_loop *L, kn_io *io, uint32_t ev) {
+    knet_conn *c = (knet_conn *)io;
+    if ((ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) && !c->peer_eof) {
+        conn_read(L, c);
+        if (c->io.fd < 0) return;
+    }
+    if ((ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) && c->outq.head) conn_flush(c);
+}
+
+/* ------------------------------------------------------------ sending */
+
+/* Frames buf with the connection's codec into w. */
+static int conn_frame(knet_conn *c, knet_writer *w, const void *buf, size_t len) {
+    kn_writer_init(w, buf, len);
+    const knet_codec *k = &c->owner->codec;
+    int rc = k->write ? k->write(w, buf, len, k->ud) : knet_writer_write(w, buf, len);
+    if (rc < 0) kn_writer_free(w);
+    return rc;
+}
+
+/* Records a failure found on the loop outside the loop's own handlers (a
+ * direct write inside a callback): the close happens after the callback. */
+static void conn_fail_later(knet_conn *c, int err) { kn_conn_close_reason(c, err); }
+
+static int send_on_loop(knet_conn *c, const void *buf, size_t len) {
+    if (atomic_load_explicit(&c->state, memory_order_relaxed) != KN_OPEN) return KNET_ECLOSED;
+    size_t max = atomic_load_explicit(&c->max_pending, memory_order_relaxed);
+    if (max && atomic_load_explicit(&c->npending, memory_order_relaxed) >= max)
+        return KNET_EPENDINGFULL;
+    knet_writer w;
+    int rc = conn_frame(c, &w, buf, len);
+    if (rc < 0) return rc;
+    struct iovec iovs[8];
+    size_t n;
+    struct iovec *iov = kn_writer_iov(&w, iovs, 8, &n);
+    if (!iov) {
+        kn_writer_free(&w);
+        return -ENOMEM;
+    }
+    size_t done = 0;
+    bool direct = !c->outq.head && !atomic_load_explicit(&c->inbox_full, memory_order_acquire);
+    if (direct && w.total > 0) {
+        ssize_t sent = send_iov(c->io.fd, iov, n);
+        if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+            rc = -errno;
+            conn_fail_later(c, rc);
+        } else {
+            done = sent < 0 ? 0 : (size_t)sent;
+        }
+    } else if (!direct) {
+        conn_take_inbox(c); /* others' earlier sends go first */
+    }
+    if (rc == 0 && done < w.total) {
+        rc = queue_append(&c->outq, iov, n, done);
+        if (rc == 0) {
+            atomic_fetch_add_explicit(&c->npending, 1, memory_order_relaxed);
+            if (direct) conn_set_events(c, c->events | EPOLLOUT); /* the socket is full */
+            else if (!(c->events & EPOLLOUT)) conn_schedule(c);   /* flush in this iteration */
+        } else if (done > 0) {
+            conn_fail_later(c, rc); /* half a frame is on the wire: the stream is lost */
+        }
+    }
+    if (iov != iovs) free(iov);
+    kn_writer_free(&w);
+    return rc;
+}
+
+static int send_off_loop(knet_conn *c, const void *buf, size_t len) {
+    pthread_mutex_lock(&c->mu);
+    int rc = 0;
+    bool sched = false;
+    size_t max = atomic_load_explicit(&c->max_pending, memory_order_relaxed);
+    if (atomic_load_explicit(&c->state, memory_order_relaxed) != KN_OPEN) {
+        rc = KNET_ECLOSED;
+    } else if (max && atomic_load_explicit(&c->npending, memory_order_relaxed) >= max) {
+        rc = KNET_EPENDINGFULL;
+    } else {
+        /* Framing under the lock: the codec (owned by the server or client)
+         * stays valid while the connection is not closed. */
+        knet_writer w;
+        rc = conn_frame(c, &w, buf, len);
+        if (rc == 0) {
+            struct iovec iovs[8];
+            size_t n;
+            struct iovec *iov = kn_writer_iov(&w, iovs, 8, &n);
+            rc = iov ? queue_append(&c->inbox, iov, n, 0) : -ENOMEM;
+            if (rc == 0 && w.total > 0) {
+                atomic_fetch_add_explicit(&c->npending, 1, memory_order_relaxed);
+                atomic_store_explicit(&c->inbox_full, true, memory_order_release);
+                sched = !c->inbox_sched;
+                c->inbox_sched = true;
+            }
+            if (iov && iov != iovs) free(iov);
+            kn_writer_free(&w);
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (sched) conn_schedule(c);
+    return rc;
+}
+
+int knet_conn_send(knet_conn *c, const void *buf, size_t len) {
+    if (!c || (!buf && len)) return -EINVAL;
+    if (kn_loop_current() == c->loop) return send_on_loop(c, buf, len);
+    return send_off_loop(c, buf, len);
+}
+
+/* ------------------------------------------------------------ control */
+
+void kn_conn_close_reason(knet_conn *c, int reason) {
+    pthread_mutex_lock(&c->mu);
+    bool sched = atomic_load(&c->state) != KN_CLOSED && !(atomic_load(&c->req) & KN_REQ_CLOSE);
+    if (sched) {
+        atomic_store(&c->state, KN_CLOSING);
+        c->req_reason = reason;
+        atomic_fetch_or(&c->req, KN_REQ_CLOSE);
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (sched) conn_schedule(c);
+}
+
+void knet_conn_close(knet_conn *c) {
+    if (c) kn_conn_close_reason(c, 0);
+}
+
+void knet_conn_close_with_timeout(knet_conn *c, uint32_t ms) {
+    if (!c) return;
+    pthread_mutex_lock(&c->mu);
+    bool sched = atomic_load(&c->state) == KN_OPEN;
+    if (sched) {
+        atomic_store(&c->state, KN_CLOSING);
+        c->grace_ms = ms;
+        atomic_fetch_or(&c->req, KN_REQ_GRACEFUL);
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (sched) conn_schedule(c);
+}
+
+void knet_conn_shutdown(knet_conn *c) { knet_conn_close_with_timeout(c, KN_DEFAULT_GRACE_MS); }
+
+void knet_conn_set_pending_send(knet_conn *c, size_t max_messages) {
+    if (c) atomic_store(&c->max_pending, max_messages);
+}
+
+int knet_conn_set_nodelay(knet_conn *c, bool on) {
+    int v = on ? 1 : 0, rc = 0;
+    pthread_mutex_lock(&c->mu);
+    if (c->io.fd < 0) rc = KNET_ECLOSED;
+    else if (setsockopt(c->io.fd, IPPROTO_TCP, TCP_NODELAY, &v, sizeof v) < 0) rc = -errno;
+    pthread_mutex_unlock(&c->mu);
+    return rc;
+}
+
+void knet_conn_set_userdata(knet_conn *c, void *ud) { atomic_store(&c->userdata, ud); }
+
+void *knet_conn_userdata(const knet_conn *c) {
+    return atomic_load(&((knet_conn *)c)->userdata);
+}
+
+int knet_conn_local_addr(knet_conn *c, char *buf, size_t len) {
+    pthread_mutex_lock(&c->mu);
+    if (!c->has_local && c->io.fd >= 0) {
+        socklen_t sl = sizeof c->local;
+        c->has_local = getsockname(c->io.fd, &c->local.sa, &sl) == 0;
+    }
+    bool ok = c->has_local;
+    kn_sockaddr a = c->local;
+    pthread_mutex_unlock(&c->mu);
+    return ok ? kn_addr_format(&a, buf, len) : KNET_ECLOSED;
+}
+
+int knet_conn_remote_addr(knet_conn *c, char *buf, size_t len) {
+    return kn_addr_format(&c->peer, buf, len);
+}
+
+int knet_conn_close_reason(const knet_conn *c) {
+    return atomic_load(&((knet_conn *)c)->reason);
+}
+
+void knet_conn_retain(knet_conn *c) { atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed); }
+
+void knet_conn_release(knet_conn *c) {
+    if (!c) return;
+    if (atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel) != 1) return;
+    queue_free(&c->outq);
+    queue_free(&c->inbox);
+    free(c->ibuf);
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+}

@@ -1,0 +1,225 @@
+/* Private state of the knet core. Nothing here is part of the public API. */
+#ifndef KNET_INTERNAL_H
+#define KNET_INTERNAL_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+
+#include "knet/knet.h"
+
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#define KN_READ_BUF (64u * 1024u)  /* per-loop read buffer */
+#define KN_CHUNK (64u * 1024u)     /* send-queue chunk payload */
+#define KN_READ_BUDGET 16          /* full reads per readiness event (fairness) */
+#define KN_ACCEPT_BUDGET 64        /* accepts per readiness event */
+#define KN_IOV_MAX 64              /* iovecs per sendmsg */
+#define KN_DEFAULT_GRACE_MS 3000u
+
+typedef struct kn_loop kn_loop;
+typedef struct kn_io kn_io;
+typedef struct kn_timer kn_timer;
+typedef struct kn_owner kn_owner;
+
+/* ------------------------------------------------------------ log / errors */
+void kn_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* ------------------------------------------------------------ addresses */
+typedef union kn_sockaddr {
+    struct sockaddr sa;
+    struct sockaddr_in in;
+    struct sockaddr_in6 in6;
+} kn_sockaddr;
+
+socklen_t kn_sockaddr_len(const kn_sockaddr *a);
+/* Resolves addr into at most max addresses, IPv4 first. passive: for bind
+ * (empty host = every interface). Returns the count or KNET_EADDR/KNET_ERESOLVE. */
+int kn_addr_resolve(const char *addr, bool passive, kn_sockaddr *out, int max);
+/* Formats "ip:port" / "[ip]:port" (v4-mapped v6 shown as v4). Returns length or -ENOSPC. */
+int kn_addr_format(const kn_sockaddr *a, char *buf, size_t len);
+
+/* ------------------------------------------------------------ event loop */
+
+/* Anything registered with epoll starts with a kn_io: the loop calls cb. */
+typedef void (*kn_io_cb)(kn_loop *L, kn_io *io, uint32_t events);
+struct kn_io {
+    int fd;
+    kn_io_cb cb;
+};
+
+typedef void (*kn_timer_cb)(kn_loop *L, kn_timer *t);
+struct kn_timer {
+    uint64_t deadline; /* monotonic ms */
+    size_t idx;        /* position in the loop's heap; SIZE_MAX when stopped */
+    kn_timer_cb cb;
+};
+
+typedef void (*kn_task_fn)(kn_loop *L, void *arg);
+typedef struct kn_task {
+    struct kn_task *next;
+    kn_task_fn fn;
+    void *arg;
+} kn_task;
+
+struct kn_loop {
+    kn_io wake; /* eventfd: other threads post work */
+    int epfd;
+    unsigned index;
+    pthread_t thread;
+
+    pthread_mutex_t mu; /* guards tasks and ready */
+    kn_task *tasks_head, *tasks_tail;
+    knet_conn *ready_head, *ready_tail; /* conns with queued sends or requests */
+    atomic_bool wake_pending;           /* coalesces eventfd writes */
+
+    /* owned by the loop thread */
+    char *rbuf;
+    uint64_t now;
+    kn_timer **heap;
+    size_t heap_len, heap_cap;
+    knet_conn *conns; /* live connections (doubly linked) */
+    knet_conn *reap;  /* finished conns; the loop's reference drops at the end of the iteration */
+};
+
+kn_loop *kn_loop_next(void);   /* round-robin pick; starts the loops on first use */
+kn_loop *kn_loop_at(unsigned i);
+unsigned kn_loop_count(void);  /* starts the loops */
+kn_loop *kn_loop_current(void); /* the loop of the calling thread, or NULL */
+/* Runs fn(L, arg) on L's thread, after what is already queued (never inline). */
+int kn_loop_post(kn_loop *L, kn_task_fn fn, void *arg);
+void kn_loop_wake(kn_loop *L);
+int kn_loop_ctl(kn_loop *L, int op, kn_io *io, uint32_t events);
+void kn_timer_init(kn_timer *t, kn_timer_cb cb);
+void kn_timer_start(kn_loop *L, kn_timer *t, uint64_t ms);
+void kn_timer_stop(kn_loop *L, kn_timer *t);
+uint64_t kn_now_ms(void);
+
+/* ------------------------------------------------------------ owner */
+
+/* What a server or client shares with its connections: handler, codec and
+ * the count the serving thread waits on. */
+struct kn_owner {
+    knet_handler handler;
+    knet_codec codec;
+    size_t max_frame;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    size_t live;          /* connections created and not yet finished */
+    size_t tasks;         /* loop tasks that still reference this owner */
+    atomic_bool closing;  /* no new connections; attach closes them */
+    int close_reason;     /* what connections closed by the owner report */
+};
+
+void kn_owner_init(kn_owner *o);
+void kn_owner_destroy(kn_owner *o);
+void kn_owner_set(kn_owner *o, const knet_handler *h, const knet_codec *c);
+void kn_owner_conn_done(kn_owner *o); /* live-- and wake the serving thread */
+/* Posts fn(L, o) to L, counted in o->tasks; fn must end with kn_owner_task_done. */
+int kn_owner_post(kn_owner *o, kn_loop *L, kn_task_fn fn);
+/* kn_owner_post to every loop. */
+void kn_owner_broadcast(kn_owner *o, kn_task_fn fn);
+void kn_owner_task_done(kn_owner *o);
+/* Closes (reason) every connection of o on loop L. */
+void kn_owner_close_conns(kn_loop *L, kn_owner *o, int reason);
+/* Broadcast task: closes o's connections with o->close_reason. */
+void kn_owner_close_task(kn_loop *L, void *arg);
+
+/* ------------------------------------------------------------ send queue */
+typedef struct kn_chunk {
+    struct kn_chunk *next;
+    size_t len, off, cap;
+    size_t nmsgs; /* messages that end in this chunk */
+    char data[];
+} kn_chunk;
+
+typedef struct kn_queue {
+    kn_chunk *head, *tail;
+} kn_queue;
+
+/* One framed message: pieces referencing the caller's buffer or the writer's
+ * scratch (offsets, resolved once the codec is done, so scratch may grow). */
+typedef struct kn_piece {
+    const char *base; /* NULL: offset into scratch */
+    size_t off, len;
+} kn_piece;
+
+struct knet_writer {
+    const char *msg;
+    size_t msg_len; /* the message being framed: referencing it needs no copy */
+    kn_piece *pieces;
+    size_t npieces, cap_pieces;
+    char *scratch;
+    size_t scratch_len, scratch_cap;
+    size_t total;
+    kn_piece inline_pieces[4];
+    char inline_scratch[64];
+};
+
+void kn_writer_init(knet_writer *w, const void *msg, size_t len);
+void kn_writer_free(knet_writer *w);
+/* The framed message as iovecs: into stack (cap entries) when it fits, else a
+ * malloc'd array the caller frees; NULL when out of memory. */
+struct iovec *kn_writer_iov(knet_writer *w, struct iovec *stack, size_t cap, size_t *n);
+
+/* ------------------------------------------------------------ connection */
+enum { KN_OPEN = 0, KN_CLOSING = 1, KN_CLOSED = 2 };
+enum { KN_REQ_CLOSE = 1u, KN_REQ_GRACEFUL = 2u };
+
+struct knet_conn {
+    kn_io io; /* first: epoll hands back &conn->io */
+    kn_loop *loop;
+    kn_owner *owner;
+    atomic_int refs;
+    atomic_int state;  /* KN_OPEN / KN_CLOSING (sends refused) / KN_CLOSED */
+    atomic_int reason; /* 1 while open, then why it closed */
+    atomic_uint req;   /* KN_REQ_* for the loop */
+    atomic_size_t npending;
+    atomic_size_t max_pending;
+    _Atomic(void *) userdata;
+
+    /* owned by the loop thread */
+    kn_queue outq;
+    char *ibuf; /* unconsumed partial frame */
+    size_t ilen, icap;
+    uint32_t events; /* epoll interest */
+    bool graceful;   /* flushing before close */
+    int close_as;    /* the reason a graceful close ends with */
+    bool peer_eof;   /* the peer finished sending */
+    bool wr_shut;    /* SHUT_WR done */
+    bool attached;
+    kn_timer timer;
+    knet_conn *prev, *next; /* loop's live list */
+    knet_conn *ready_next;  /* loop's ready list (under loop mu) */
+    bool ready;             /* on the ready list (under loop mu) */
+    knet_conn *reap_next;
+
+    /* shared with senders, under mu */
+    pthread_mutex_t mu;
+    kn_queue inbox;
+    bool inbox_sched;         /* a service of the inbox is scheduled */
+    atomic_bool inbox_full;   /* inbox non-empty: the loop must not write around it */
+    int req_reason;
+    uint32_t grace_ms;
+    bool has_local;
+    kn_sockaddr local, peer;
+};
+
+/* Creates a connection for a connected non-blocking fd (owner->live++ first). */
+knet_conn *kn_conn_new(int fd, kn_owner *o, const kn_sockaddr *peer);
+/* Registers c on loop L and delivers connect(true); runs on L. */
+void kn_conn_attach(kn_loop *L, knet_conn *c);
+/* Posts the attach to c->loop (inline when called on it). */
+void kn_conn_start(knet_conn *c);
+/* Closes at once with reason (loop thread only); delivers connect(false). */
+void kn_conn_finish(knet_conn *c, int reason);
+/* Requests a close with reason from any thread. */
+void kn_conn_close_reason(knet_conn *c, int reason);
+/* Services a conn taken from the ready list (loop thread). */
+void kn_conn_service(kn_loop *L, knet_conn *c);
+
+#endif

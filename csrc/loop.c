@@ -1,0 +1,299 @@
+/* The event loops: N threads, each with an epoll instance, an eventfd for
+ * cross-thread wake-ups, a timer heap, a task queue and a ready list of
+ * connections that other threads gave work. Read it like Redis's ae.c. */
+#include "internal.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#define KN_MAX_EVENTS 256
+
+static kn_loop *g_loops;
+static unsigned g_nloops;
+static unsigned g_requested; /* 0 = default */
+static atomic_bool g_started;
+static atomic_uint g_next;
+static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+static pthread_mutex_t g_cfg_mu = PTHREAD_MUTEX_INITIALIZER;
+static _Thread_local kn_loop *tls_loop;
+
+uint64_t kn_now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* ------------------------------------------------------------ timers (min-heap) */
+
+void kn_timer_init(kn_timer *t, kn_timer_cb cb) {
+    t->deadline = 0;
+    t->idx = SIZE_MAX;
+    t->cb = cb;
+}
+
+static void heap_swap(kn_loop *L, size_t a, size_t b) {
+    kn_timer *t = L->heap[a];
+    L->heap[a] = L->heap[b];
+    L->heap[b] = t;
+    L->heap[a]->idx = a;
+    L->heap[b]->idx = b;
+}
+
+static void heap_up(kn_loop *L, size_t i) {
+    while (i > 0) {
+        size_t p = (i - 1) / 2;
+        if (L->heap[p]->deadline <= L->heap[i]->deadline) break;
+        heap_swap(L, p, i);
+        i = p;
+    }
+}
+
+static void heap_down(kn_loop *L, size_t i) {
+    for (;;) {
+        size_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < L->heap_len && L->heap[l]->deadline < L->heap[m]->deadline) m = l;
+        if (r < L->heap_len && L->heap[r]->deadline < L->heap[m]->deadline) m = r;
+        if (m == i) return;
+        heap_swap(L, i, m);
+        i = m;
+    }
+}
+
+void kn_timer_stop(kn_loop *L, kn_timer *t) {
+    size_t i = t->idx;
+    if (i == SIZE_MAX) return;
+    t->idx = SIZE_MAX;
+    L->heap_len--;
+    if (i == L->heap_len) return;
+    L->heap[i] = L->heap[L->heap_len];
+    L->heap[i]->idx = i;
+    heap_up(L, i);
+    heap_down(L, i);
+}
+
+void kn_timer_start(kn_loop *L, kn_timer *t, uint64_t ms) {
+    kn_timer_stop(L, t);
+    if (L->heap_len == L->heap_cap) {
+        size_t cap = L->heap_cap ? L->heap_cap * 2 : 64;
+        kn_timer **h = realloc(L->heap, cap * sizeof *h);
+        if (!h) abort(); /* a timer that silently never fires would hang a shutdown */
+        L->heap = h;
+        L->heap_cap = cap;
+    }
+    t->deadline = kn_now_ms() + ms;
+    t->idx = L->heap_len++;
+    L->heap[t->idx] = t;
+    heap_up(L, t->idx);
+}
+
+static int timers_timeout(kn_loop *L) {
+    if (L->heap_len == 0) return -1;
+    uint64_t now = kn_now_ms(), d = L->heap[0]->deadline;
+    if (d <= now) return 0;
+    return d - now > 60000 ? 60000 : (int)(d - now);
+}
+
+static void timers_run(kn_loop *L) {
+    uint64_t now = L->now;
+    while (L->heap_len > 0 && L->heap[0]->deadline <= now) {
+        kn_timer *t = L->heap[0];
+        kn_timer_stop(L, t);
+        t->cb(L, t);
+    }
+}
+
+/* ------------------------------------------------------------ cross-thread work */
+
+void kn_loop_wake(kn_loop *L) {
+    if (!atomic_exchange_explicit(&L->wake_pending, true, memory_order_acq_rel)) {
+        uint64_t one = 1;
+        ssize_t n;
+        do n = write(L->wake.fd, &one, sizeof one);
+        while (n < 0 && errno == EINTR);
+    }
+}
+
+int kn_loop_post(kn_loop *L, kn_task_fn fn, void *arg) {
+    kn_task *t = malloc(sizeof *t);
+    if (!t) return -ENOMEM;
+    t->next = NULL;
+    t->fn = fn;
+    t->arg = arg;
+    pthread_mutex_lock(&L->mu);
+    if (L->tasks_tail) L->tasks_tail->next = t;
+    else L->tasks_head = t;
+    L->tasks_tail = t;
+    pthread_mutex_unlock(&L->mu);
+    if (tls_loop != L) kn_loop_wake(L);
+    return 0;
+}
+
+static void on_wake(kn_loop *L, kn_io *io, uint32_t events) {
+    (void)events;
+    uint64_t v;
+    ssize_t n = read(io->fd, &v, sizeof v);
+    (void)n;
+    /* Clear before draining, so a post that races with the drain wakes us again. */
+    atomic_store_explicit(&L->wake_pending, false, memory_order_release);
+}
+
+/* Runs posted tasks and services ready connections; returns true if more
+ * work was queued meanwhile by this loop itself. */
+static bool drain(kn_loop *L) {
+    pthread_mutex_lock(&L->mu);
+    kn_task *t = L->tasks_head;
+    knet_conn *c = L->ready_head;
+    L->tasks_head = L->tasks_tail = NULL;
+    L->ready_head = L->ready_tail = NULL;
+    for (knet_conn *r = c; r; r = r->ready_next) r->ready = false;
+    pthread_mutex_unlock(&L->mu);
+
+    while (t) {
+        kn_task *next = t->next;
+        t->fn(L, t->arg);
+        free(t);
+        t = next;
+    }
+    while (c) {
+        knet_conn *next = c->ready_next;
+        kn_conn_service(L, c);
+        knet_conn_release(c); /* the ready list's reference */
+        c = next;
+    }
+    pthread_mutex_lock(&L->mu);
+    bool more = L->tasks_head || L->ready_head;
+    pthread_mutex_unlock(&L->mu);
+    return more;
+}
+
+static void reap(kn_loop *L) {
+    while (L->reap) {
+        knet_conn *c = L->reap;
+        L->reap = c->reap_next;
+        knet_conn_release(c); /* the loop's reference */
+    }
+}
+
+static void *loop_main(void *arg) {
+    kn_loop *L = arg;
+    tls_loop = L;
+    char name[16];
+    snprintf(name, sizeof name, "knet-loop-%u", L->index);
+    pthread_setname_np(pthread_self(), name);
+
+    struct epoll_event evs[KN_MAX_EVENTS];
+    bool more = false;
+    for (;;) {
+        int timeout = more ? 0 : timers_timeout(L);
+        int n = epoll_wait(L->epfd, evs, KN_MAX_EVENTS, timeout);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            kn_log(KNET_LOG_ERROR, "epoll_wait: %s", strerror(errno));
+            abort();
+        }
+        L->now = kn_now_ms();
+        for (int i = 0; i < n; i++) {
+            kn_io *io = evs[i].data.ptr;
+            if (io->fd >= 0) io->cb(L, io, evs[i].events);
+        }
+        timers_run(L);
+        more = drain(L);
+        reap(L);
+    }
+    return NULL;
+}
+
+int kn_loop_ctl(kn_loop *L, int op, kn_io *io, uint32_t events) {
+    struct epoll_event ev = {.events = events, .data.ptr = io};
+    return epoll_ctl(L->epfd, op, io->fd, &ev) < 0 ? -errno : 0;
+}
+
+static unsigned default_threads(void) {
+    const char *env = getenv("KNET_LOOP_THREADS");
+    if (env && *env) {
+        char *end;
+        unsigned long v = strtoul(env, &end, 10);
+        if (*end == '\0' && v > 0 && v <= 1024) return (unsigned)v;
+        kn_log(KNET_LOG_WARN, "ignoring KNET_LOOP_THREADS=%s", env);
+    }
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (unsigned)n : 1;
+}
+
+static void start_loops(void) {
+    pthread_mutex_lock(&g_cfg_mu);
+    unsigned n = g_requested ? g_requested : default_threads();
+    g_nloops = n;
+    atomic_store(&g_started, true);
+    pthread_mutex_unlock(&g_cfg_mu);
+
+    g_loops = calloc(n, sizeof *g_loops);
+    if (!g_loops) abort();
+    /* Loop threads take no asynchronous signals: those belong to the application. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    for (unsigned i = 0; i < n; i++) {
+        kn_loop *L = &g_loops[i];
+        L->index = i;
+        L->epfd = epoll_create1(EPOLL_CLOEXEC);
+        L->wake.fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        L->wake.cb = on_wake;
+        L->rbuf = malloc(KN_READ_BUF);
+        if (L->epfd < 0 || L->wake.fd < 0 || !L->rbuf) {
+            kn_log(KNET_LOG_ERROR, "cannot create event loop: %s", strerror(errno));
+            abort();
+        }
+        pthread_mutex_init(&L->mu, NULL);
+        if (kn_loop_ctl(L, EPOLL_CTL_ADD, &L->wake, EPOLLIN) < 0) abort();
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        if (pthread_create(&L->thread, &attr, loop_main, L) != 0) {
+            kn_log(KNET_LOG_ERROR, "cannot start event loop thread");
+            abort();
+        }
+        pthread_attr_destroy(&attr);
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+unsigned kn_loop_count(void) {
+    pthread_once(&g_once, start_loops);
+    return g_nloops;
+}
+
+kn_loop *kn_loop_at(unsigned i) {
+    return &g_loops[i % kn_loop_count()];
+}
+
+kn_loop *kn_loop_next(void) {
+    unsigned n = kn_loop_count();
+    return &g_loops[atomic_fetch_add_explicit(&g_next, 1, memory_order_relaxed) % n];
+}
+
+kn_loop *kn_loop_current(void) { return tls_loop; }
+
+int knet_set_loop_threads(unsigned n) {
+    pthread_mutex_lock(&g_cfg_mu);
+    int rc = atomic_load(&g_started) ? KNET_EBUSY : 0;
+    if (rc == 0) g_requested = n;
+    pthread_mutex_unlock(&g_cfg_mu);
+    return rc;
+}
+
+unsigned knet_loop_threads(void) {
+    pthread_mutex_lock(&g_cfg_mu);
+    unsigned n = atomic_load(&g_started) ? g_nloops : 0;
+    unsigned req = g_requested;
+    pthread_mutex_unlock(&g_cfg_mu);
+    if (n) return n;
+    return req ? req : default_threads();
+}

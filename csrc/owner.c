@@ -1,0 +1,77 @@
+/* What servers and clients share: the handler and codec their connections
+ * use, and the counts their serving thread waits on before it returns. */
+#include "internal.h"
+
+#include <errno.h>
+#include <string.h>
+
+const knet_handler knet_default_handler = {NULL, NULL, NULL};
+
+void kn_owner_init(kn_owner *o) {
+    memset(o, 0, sizeof *o);
+    pthread_mutex_init(&o->mu, NULL);
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&o->cv, &attr);
+    pthread_condattr_destroy(&attr);
+    atomic_init(&o->closing, false);
+    kn_owner_set(o, NULL, NULL);
+}
+
+void kn_owner_destroy(kn_owner *o) {
+    pthread_cond_destroy(&o->cv);
+    pthread_mutex_destroy(&o->mu);
+}
+
+void kn_owner_set(kn_owner *o, const knet_handler *h, const knet_codec *c) {
+    o->handler = h ? *h : knet_default_handler;
+    o->codec = c ? *c : knet_default_codec;
+    o->max_frame = o->codec.max_frame ? o->codec.max_frame : KNET_DEFAULT_MAX_FRAME;
+}
+
+void kn_owner_conn_done(kn_owner *o) {
+    pthread_mutex_lock(&o->mu);
+    o->live--;
+    pthread_cond_broadcast(&o->cv);
+    pthread_mutex_unlock(&o->mu);
+}
+
+void kn_owner_task_done(kn_owner *o) {
+    pthread_mutex_lock(&o->mu);
+    o->tasks--;
+    pthread_cond_broadcast(&o->cv);
+    pthread_mutex_unlock(&o->mu);
+}
+
+int kn_owner_post(kn_owner *o, kn_loop *L, kn_task_fn fn) {
+    pthread_mutex_lock(&o->mu);
+    o->tasks++;
+    pthread_mutex_unlock(&o->mu);
+    int rc = kn_loop_post(L, fn, o);
+    if (rc < 0) kn_owner_task_done(o);
+    return rc;
+}
+
+void kn_owner_broadcast(kn_owner *o, kn_task_fn fn) {
+    unsigned n = kn_loop_count();
+    for (unsigned i = 0; i < n; i++) {
+        if (kn_owner_post(o, kn_loop_at(i), fn) < 0)
+            kn_log(KNET_LOG_ERROR, "cannot post to loop %u: out of memory", i);
+    }
+}
+
+void kn_owner_close_conns(kn_loop *L, kn_owner *o, int reason) {
+    knet_conn *c = L->conns;
+    while (c) {
+        knet_conn *next = c->next;
+        if (c->owner == o) kn_conn_finish(c, reason);
+        c = next;
+    }
+}
+
+void kn_owner_close_task(kn_loop *L, void *arg) {
+    kn_owner *o = arg;
+    kn_owner_close_conns(L, o, o->close_reason);
+    kn_owner_task_done(o);
+}

@@ -1,0 +1,247 @@
+/* The server: a listening socket on one loop; accepted connections are
+ * spread round-robin over all loops. */
+#include "internal.h"
+
+#include <errno.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BACKOFF_MIN_MS 5u
+#define BACKOFF_MAX_MS 1000u
+
+struct knet_server {
+    kn_owner o; /* first: loop tasks get &s->o */
+    char *addr;
+    kn_io lio;
+    kn_loop *lloop;
+    kn_timer backoff;
+    uint32_t backoff_ms;
+    /* under o.mu */
+    int port; /* 0 before listening, the port once listening, or the listen error */
+    bool serving, closed, listener_open;
+};
+
+knet_server *knet_server_new(const char *addr) {
+    knet_server *s = calloc(1, sizeof *s);
+    if (!s) return NULL;
+    s->addr = strdup(addr ? addr : "");
+    if (!s->addr) {
+        free(s);
+        return NULL;
+    }
+    kn_owner_init(&s->o);
+    s->o.close_reason = KNET_ESERVERCLOSED;
+    s->lio.fd = -1;
+    return s;
+}
+
+void knet_server_free(knet_server *s) {
+    if (!s) return;
+    if (s->lio.fd >= 0) close(s->lio.fd);
+    kn_owner_destroy(&s->o);
+    free(s->addr);
+    free(s);
+}
+
+static int open_listener(kn_sockaddr *sa) {
+    int fd = socket(sa->sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    bool wild6 = sa->sa.sa_family == AF_INET6 && IN6_IS_ADDR_UNSPECIFIED(&sa->in6.sin6_addr);
+    if (fd < 0 && wild6 && errno == EAFNOSUPPORT) { /* no IPv6 here: every IPv4 interface */
+        uint16_t port = sa->in6.sin6_port;
+        memset(sa, 0, sizeof *sa);
+        sa->in.sin_family = AF_INET;
+        sa->in.sin_port = port;
+        wild6 = false;
+        fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    }
+    if (fd < 0) return -errno;
+    int one = 1, zero = 0;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (wild6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+    if (bind(fd, &sa->sa, kn_sockaddr_len(sa)) < 0 || listen(fd, 4096) < 0) {
+        int err = -errno;
+        close(fd);
+        return err;
+    }
+    return fd;
+}
+
+static void on_accept(kn_loop *L, kn_io *io, uint32_t events);
+
+static void backoff_fired(kn_loop *L, kn_timer *t) {
+    knet_server *s = (knet_server *)((char *)t - offsetof(knet_server, backoff));
+    if (s->lio.fd < 0) return;
+    kn_loop_ctl(L, EPOLL_CTL_MOD, &s->lio, EPOLLIN);
+    on_accept(L, &s->lio, EPOLLIN);
+}
+
+static void on_accept(kn_loop *L, kn_io *io, uint32_t events) {
+    (void)events;
+    knet_server *s = (knet_server *)((char *)io - offsetof(knet_server, lio));
+    for (int i = 0; i < KN_ACCEPT_BUDGET; i++) {
+        kn_sockaddr peer;
+        socklen_t sl = sizeof peer;
+        int fd = accept4(io->fd, &peer.sa, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            int e = errno;
+            if (e == EAGAIN || e == EWOULDBLOCK) return;
+            if (e == EINTR || e == ECONNABORTED || e == EPROTO || e == EPERM) continue;
+            /* EMFILE, ENFILE, ENOBUFS, ENOMEM...: pause accepting and retry later
+             * (as Go's http server does), keeping every live connection. */
+            s->backoff_ms = s->backoff_ms ? s->backoff_ms * 2 : BACKOFF_MIN_MS;
+            if (s->backoff_ms > BACKOFF_MAX_MS) s->backoff_ms = BACKOFF_MAX_MS;
+            kn_log(KNET_LOG_WARN, "accept error: %s; retrying in %u ms", knet_strerror(-e),
+                   s->backoff_ms);
+            kn_loop_ctl(L, EPOLL_CTL_MOD, io, 0);
+            kn_timer_start(L, &s->backoff, s->backoff_ms);
+            return;
+        }
+        s->backoff_ms = 0;
+        if (atomic_load_explicit(&s->o.closing, memory_order_relaxed)) {
+            close(fd);
+            continue;
+        }
+        int one = 1; /* Go's default, and what a request/response protocol wants */
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        knet_conn *c = kn_conn_new(fd, &s->o, &peer);
+        if (!c) {
+            close(fd);
+            continue;
+        }
+        kn_conn_start(c);
+    }
+}
+
+static void listener_start(kn_loop *L, void *arg) {
+    knet_server *s = arg;
+    if (s->lio.fd >= 0) {
+        s->lio.cb = on_accept;
+        kn_timer_init(&s->backoff, backoff_fired);
+        int rc = kn_loop_ctl(L, EPOLL_CTL_ADD, &s->lio, EPOLLIN);
+        if (rc < 0) kn_log(KNET_LOG_ERROR, "cannot watch the listener: %s", knet_strerror(rc));
+    }
+    kn_owner_task_done(&s->o);
+}
+
+static void listener_close(kn_loop *L, void *arg) {
+    knet_server *s = arg;
+    if (s->lio.fd >= 0) {
+        kn_timer_stop(L, &s->backoff);
+        close(s->lio.fd); /* also leaves epoll */
+        s->lio.fd = -1;
+    }
+    pthread_mutex_lock(&s->o.mu);
+    s->listener_open = false;
+    pthread_mutex_unlock(&s->o.mu);
+    kn_owner_task_done(&s->o);
+}
+
+int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
+                                 const knet_codec *codec) {
+    if (!s) return -EINVAL;
+    pthread_mutex_lock(&s->o.mu);
+    int rc = s->closed ? KNET_ESERVERCLOSED : s->serving ? KNET_EBUSY : 0;
+    if (rc == 0) s->serving = true;
+    pthread_mutex_unlock(&s->o.mu);
+    if (rc < 0) return rc;
+    kn_owner_set(&s->o, handler, codec);
+
+    kn_sockaddr sa;
+    rc = kn_addr_resolve(s->addr, true, &sa, 1);
+    int fd = rc < 0 ? rc : open_listener(&sa);
+    int port = 0;
+    kn_loop *lloop = NULL;
+    if (fd >= 0) {
+        kn_sockaddr bound;
+        socklen_t sl = sizeof bound;
+        getsockname(fd, &bound.sa, &sl);
+        port = ntohs(bound.sa.sa_family == AF_INET6 ? bound.in6.sin6_port : bound.in.sin_port);
+        lloop = kn_loop_next();
+    } else {
+        kn_log(KNET_LOG_DEBUG, "listen on \"%s\": %s", s->addr, knet_strerror(fd));
+    }
+
+    pthread_mutex_lock(&s->o.mu);
+    if (fd < 0) {
+        s->port = fd;
+        s->serving = false;
+        pthread_cond_broadcast(&s->o.cv);
+        pthread_mutex_unlock(&s->o.mu);
+        return fd;
+    }
+    s->port = port;
+    s->lio.fd = fd;
+    s->lloop = lloop;
+    if (!s->closed) {
+        /* Posted under the lock so a concurrent close queues its listener_close after it. */
+        s->listener_open = true;
+        s->o.tasks++;
+        if (kn_loop_post(s->lloop, listener_start, s) < 0) {
+            s->o.tasks--;
+            s->listener_open = false;
+        }
+    }
+    pthread_cond_broadcast(&s->o.cv);
+    while (!(s->closed && !s->listener_open && s->o.live == 0 && s->o.tasks == 0))
+        pthread_cond_wait(&s->o.cv, &s->o.mu);
+    s->serving = false;
+    pthread_mutex_unlock(&s->o.mu);
+    if (s->lio.fd >= 0) { /* closed before the listener reached its loop */
+        close(s->lio.fd);
+        s->lio.fd = -1;
+    }
+    return KNET_ESERVERCLOSED;
+}
+
+int knet_server_close(knet_server *s) {
+    if (!s) return -EINVAL;
+    pthread_mutex_lock(&s->o.mu);
+    if (s->closed) {
+        pthread_mutex_unlock(&s->o.mu);
+        return KNET_ESERVERCLOSED;
+    }
+    s->closed = true;
+    atomic_store(&s->o.closing, true);
+    bool serving = s->serving && s->lloop;
+    if (s->listener_open) {
+        s->o.tasks++;
+        if (kn_loop_post(s->lloop, listener_close, s) < 0) {
+            s->o.tasks--;
+            kn_log(KNET_LOG_ERROR, "cannot close the listener: out of memory");
+        }
+    }
+    pthread_cond_broadcast(&s->o.cv);
+    pthread_mutex_unlock(&s->o.mu);
+    if (serving) kn_owner_broadcast(&s->o, kn_owner_close_task);
+    return 0;
+}
+
+int knet_server_port(const knet_server *s) {
+    knet_server *m = (knet_server *)s;
+    pthread_mutex_lock(&m->o.mu);
+    int p = m->port;
+    pthread_mutex_unlock(&m->o.mu);
+    return p;
+}
+
+int knet_server_wait_listening(knet_server *s, uint32_t timeout_ms) {
+    struct timespec dl;
+    clock_gettime(CLOCK_MONOTONIC, &dl);
+    dl.tv_sec += timeout_ms / 1000;
+    dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (dl.tv_nsec >= 1000000000L) {
+        dl.tv_sec++;
+        dl.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&s->o.mu);
+    int rc = 0;
+    while (s->port == 0 && !s->closed && rc == 0)
+        rc = pthread_cond_timedwait(&s->o.cv, &s->o.mu, &dl);
+    int p = s->port != 0 ? s->port : s->closed ? KNET_ESERVERCLOSED : -ETIMEDOUT;
+    pthread_mutex_unlock(&s->o.mu);
+    return p;
+}

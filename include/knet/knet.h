@@ -1,0 +1,277 @@
+/*
+ * knet — a TCP networking library: event loops, servers, persistent clients,
+ * framed connections with a thread-safe send queue and graceful half-close.
+ *
+ * Conventions (as in libuv):
+ *  - every call is prefixed knet_; calls that can fail return 0 (or a
+ *    non-negative value) on success and a negative error code otherwise;
+ *    system errors are returned as -errno; knet_strerror() names every code.
+ *  - handles (server, client, conn) own their memory; the library never frees
+ *    what the caller passed in, and copies what it needs to keep.
+ *
+ * Threading (the contract every caller relies on):
+ *  - knet runs N event-loop threads (default: online CPUs; see
+ *    knet_set_loop_threads). Every connection belongs to one loop for its whole
+ *    life; all of its handler callbacks — connect(true), every receive,
+ *    connect(false) — run on that loop thread, in that order, never
+ *    concurrently and never nested. connect(false) runs exactly once for every
+ *    connection that got connect(true). A callback that blocks stalls every
+ *    connection of its loop.
+ *  - knet_conn_* calls may be made from any thread, including from inside any
+ *    callback. A close requested inside a callback takes effect (and delivers
+ *    connect(false)) after that callback returns.
+ *  - codec callbacks: read runs on the connection's loop thread; write runs on
+ *    the thread that called knet_conn_send, and must not call back into knet
+ *    for the same connection.
+ */
+#ifndef KNET_KNET_H
+#define KNET_KNET_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KNET_VERSION_MAJOR 0
+#define KNET_VERSION_MINOR 1
+#define KNET_VERSION_PATCH 0
+
+/* ---------------------------------------------------------------- errors */
+
+/* knet's own error codes; everything else negative is -errno. */
+#define KNET_ESERVERCLOSED (-20001) /* the server was closed on purpose */
+#define KNET_ECLIENTCLOSED (-20002) /* the client was closed on purpose */
+#define KNET_EPENDINGFULL  (-20003) /* the connection's pending-send limit is reached */
+#define KNET_ECLOSED       (-20004) /* the connection is closed or shutting down */
+#define KNET_EADDR         (-20005) /* the address string cannot be parsed */
+#define KNET_ECODEC        (-20006) /* the codec rejected a frame (bad or oversized) */
+#define KNET_ERESOLVE      (-20007) /* the host name could not be resolved */
+#define KNET_EOF           (-20008) /* the peer closed the connection */
+#define KNET_EBUSY         (-20009) /* already serving, or too late to change this */
+
+/* Returns a static, human-readable description of any knet error code or -errno. */
+const char *knet_strerror(int err);
+
+/* ---------------------------------------------------------------- logging */
+
+enum knet_log_level { KNET_LOG_DEBUG = 0, KNET_LOG_INFO = 1, KNET_LOG_WARN = 2, KNET_LOG_ERROR = 3 };
+
+/* A log sink: called on whichever thread logs (loop, serving or dialing thread). */
+typedef void (*knet_log_fn)(int level, const char *msg, void *ud);
+
+/* Routes knet's log lines at or above min_level to fn (NULL = the default: stderr). */
+void knet_set_log(knet_log_fn fn, int min_level, void *ud);
+
+/* ---------------------------------------------------------------- event loops */
+
+/* Sets the number of loop threads (0 = online CPUs); returns KNET_EBUSY once the
+ * loops have started (they start with the first server or client). The
+ * environment variable KNET_LOOP_THREADS is read when this was not called. */
+int knet_set_loop_threads(unsigned n);
+
+/* Returns the number of loop threads that run, or will run once started. */
+unsigned knet_loop_threads(void);
+
+/* ---------------------------------------------------------------- handles */
+
+typedef struct knet_conn knet_conn;     /* one TCP connection, reference counted */
+typedef struct knet_server knet_server; /* a listening server */
+typedef struct knet_client knet_client; /* a persistent dialing client */
+typedef struct knet_writer knet_writer; /* where a codec writes one framed message */
+
+/* ---------------------------------------------------------------- handler */
+
+/* Connection events; NULL members are ignored. Both callbacks run on the
+ * connection's loop thread. buf in receive is valid only during the call. */
+typedef struct knet_handler {
+    void (*connect)(knet_conn *conn, bool connected, void *ud);
+    void (*receive)(knet_conn *conn, const void *buf, size_t len, void *ud);
+    void *ud;
+} knet_handler;
+
+/* The handler that ignores every event (knet's DefaultTCPHandler). */
+extern const knet_handler knet_default_handler;
+
+/* ---------------------------------------------------------------- codec */
+
+/* Decodes one message from the buffered input in[0..in_len) (in_len > 0).
+ * Returns the bytes consumed (> 0) and sets *msg and *msg_len (inside in, or
+ * codec-owned storage valid until the next call); 0 when more bytes are
+ * needed; a negative code to close the connection with that error.
+ * Runs on the connection's loop thread. */
+typedef ptrdiff_t (*knet_codec_read_fn)(const void *in, size_t in_len, const void **msg,
+                                        size_t *msg_len, void *ud);
+
+/* Frames one message into w (knet_writer_write / knet_writer_reserve).
+ * Returns 0 or a negative code (which knet_conn_send then returns).
+ * Runs on the sending thread; must not call knet functions on the conn. */
+typedef int (*knet_codec_write_fn)(knet_writer *w, const void *msg, size_t len, void *ud);
+
+/* Default bound on one buffered partial frame when a codec sets max_frame = 0. */
+#define KNET_DEFAULT_MAX_FRAME ((size_t)16 << 20)
+
+/* A frame reader/writer. NULL read = raw stream; NULL write = raw bytes.
+ * max_frame bounds the unconsumed input knet buffers for one connection
+ * (0 = KNET_DEFAULT_MAX_FRAME); exceeding it closes that connection with
+ * KNET_ECODEC. */
+typedef struct knet_codec {
+    knet_codec_read_fn read;
+    knet_codec_write_fn write;
+    void *ud;
+    size_t max_frame;
+} knet_codec;
+
+/* Raw stream: a message is whatever bytes are buffered (knet's DefaultCodec). */
+extern const knet_codec knet_default_codec;
+
+/* 2-byte big-endian length prefix, frames up to 65535 bytes (knet's StdCodec). */
+extern const knet_codec knet_std_codec;
+
+/* Configuration of a length-prefixed codec (see knet_length_codec). */
+typedef struct knet_length_field {
+    unsigned length_bytes; /* 1, 2, 4 or 8 */
+    bool little_endian;    /* false = network byte order */
+    uint64_t max_frame;    /* largest body accepted or sent; 0 = KNET_DEFAULT_MAX_FRAME */
+} knet_length_field;
+
+/* Fills *codec with a length-prefixed codec described by *lf, which must stay
+ * valid (and unchanged) for as long as the codec is used. Returns 0 or
+ * -EINVAL for an unsupported length_bytes. An incoming length above
+ * max_frame closes that connection with KNET_ECODEC; a larger outgoing
+ * message makes knet_conn_send return KNET_ECODEC. */
+int knet_length_codec(knet_codec *codec, const knet_length_field *lf);
+
+/* Appends len bytes to the frame being written; returns 0 or -ENOMEM. */
+int knet_writer_write(knet_writer *w, const void *buf, size_t len);
+
+/* Appends len uninitialised bytes and returns where to fill them (valid until
+ * the next writer call), or NULL when out of memory. */
+void *knet_writer_reserve(knet_writer *w, size_t len);
+
+/* ---------------------------------------------------------------- server */
+
+/* Creates a server for addr: "host:port", "[v6]:port", ":port" (every
+ * interface) or "" (= ":0", a kernel-chosen port). The address is checked by
+ * knet_server_listen_and_serve. Returns NULL only when out of memory. */
+knet_server *knet_server_new(const char *addr);
+
+/* Listens and serves every accepted connection with handler and codec (NULL =
+ * defaults; both are copied). Blocks until the server is closed and every one
+ * of its connections has delivered connect(false); then returns
+ * KNET_ESERVERCLOSED. Returns another negative code at once on an
+ * unrecoverable error: KNET_EADDR, KNET_ERESOLVE, -EADDRINUSE, -EACCES...
+ * Callbacks run on loop threads, never on the calling thread. */
+int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
+                                 const knet_codec *codec);
+
+/* Stops accepting and closes every connection at once (thread-safe, does not
+ * block, callable from callbacks). Returns 0, or KNET_ESERVERCLOSED if already closed. */
+int knet_server_close(knet_server *s);
+
+/* Returns the bound port once listening, 0 before, or a negative listen error. */
+int knet_server_port(const knet_server *s);
+
+/* Blocks until the server listens (returns its port), failed to listen
+ * (returns the error), or timeout_ms passed (-ETIMEDOUT). */
+int knet_server_wait_listening(knet_server *s, uint32_t timeout_ms);
+
+/* Frees the server; only after knet_server_listen_and_serve has returned (or
+ * was never called). */
+void knet_server_free(knet_server *s);
+
+/* ---------------------------------------------------------------- client */
+
+/* Creates a client that dials addr ("host:port" or "[v6]:port"). Retry is
+ * off. Returns NULL only when out of memory. */
+knet_client *knet_client_new(const char *addr);
+
+/* Retries failed dials with exponential backoff (thread-safe). */
+void knet_client_enable_retry(knet_client *c);
+
+/* Makes a failed dial return its error from knet_client_dial_and_serve. */
+void knet_client_disable_retry(knet_client *c);
+
+/* Sets the retry backoff: first wait initial_ms, doubling up to max_ms
+ * (defaults 1000 and 60000). */
+void knet_client_set_retry_backoff(knet_client *c, uint32_t initial_ms, uint32_t max_ms);
+
+/* Dials, serves the connection until it closes, then dials again (knet's
+ * persistent client). Blocks. Returns KNET_ECLIENTCLOSED after
+ * knet_client_close, or a dial error when retry is off. Callbacks run on a
+ * loop thread. handler and codec (NULL = defaults) are copied. */
+int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
+                               const knet_codec *codec);
+
+/* Closes the current connection and stops dialing; interrupts a backoff wait
+ * at once (thread-safe, does not block). Returns 0 or KNET_ECLIENTCLOSED. */
+int knet_client_close(knet_client *c);
+
+/* Returns the current connection, retained (knet_conn_release it), or NULL. */
+knet_conn *knet_client_conn(knet_client *c);
+
+/* Frees the client; only after knet_client_dial_and_serve has returned (or was
+ * never called). */
+void knet_client_free(knet_client *c);
+
+/* ---------------------------------------------------------------- connection */
+
+/* Frames buf with the connection's codec and queues a copy for sending
+ * (thread-safe; on the connection's own loop with nothing queued it writes at
+ * once). Returns 0, KNET_EPENDINGFULL at the pending-send limit, KNET_ECLOSED
+ * after close or shutdown began, or the codec's error. */
+int knet_conn_send(knet_conn *conn, const void *buf, size_t len);
+
+/* Limits the messages queued and not yet written (0 = unlimited, the default). */
+void knet_conn_set_pending_send(knet_conn *conn, size_t max_messages);
+
+/* Sets TCP_NODELAY (on by default, as in Go). Returns 0, KNET_ECLOSED or -errno. */
+int knet_conn_set_nodelay(knet_conn *conn, bool on);
+
+/* Graceful close with the default timeout: knet_conn_close_with_timeout(conn, 3000). */
+void knet_conn_shutdown(knet_conn *conn);
+
+/* Graceful close: refuse new sends, write every queued byte, shutdown(SHUT_WR),
+ * keep reading and delivering until the peer closes, force-close after ms. */
+void knet_conn_close_with_timeout(knet_conn *conn, uint32_t ms);
+
+/* Closes at once: queued and unread bytes are dropped. connect(false) follows
+ * on the loop thread (after the current callback, when called from one). */
+void knet_conn_close(knet_conn *conn);
+
+/* Attaches a caller pointer to the connection (knet never touches it). */
+void knet_conn_set_userdata(knet_conn *conn, void *ud);
+
+/* Returns the pointer given to knet_conn_set_userdata, or NULL. */
+void *knet_conn_userdata(const knet_conn *conn);
+
+/* Longest address string knet writes, with its terminating NUL. */
+#define KNET_ADDRSTRLEN 64
+
+/* Writes the local address as "ip:port" ("[v6]:port") into buf. Returns the
+ * string length, -ENOSPC when buf is too small, or KNET_ECLOSED if it was
+ * never asked for while the connection was open. */
+int knet_conn_local_addr(knet_conn *conn, char *buf, size_t len);
+
+/* Writes the peer address as "ip:port" ("[v6]:port") into buf. Returns the
+ * string length or -ENOSPC. */
+int knet_conn_remote_addr(knet_conn *conn, char *buf, size_t len);
+
+/* Why the connection closed: 1 while it is open; 0 after a local close or
+ * shutdown; KNET_EOF, KNET_ECODEC, -ECONNRESET, -ETIMEDOUT (graceful close
+ * timed out), KNET_ESERVERCLOSED, KNET_ECLIENTCLOSED, ... after others. */
+int knet_conn_close_reason(const knet_conn *conn);
+
+/* Takes a reference, so the handle stays valid past connect(false). */
+void knet_conn_retain(knet_conn *conn);
+
+/* Drops a reference taken with knet_conn_retain (or given by knet_client_conn). */
+void knet_conn_release(knet_conn *conn);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KNET_KNET_H */
