@@ -35,6 +35,11 @@
 extern "C" {
 #endif
 
+/* The library builds with hidden visibility; everything declared here is exported. */
+#if defined(__GNUC__)
+#pragma GCC visibility push(default)
+#endif
+
 #define KNET_VERSION_MAJOR 0
 #define KNET_VERSION_MINOR 1
 #define KNET_VERSION_PATCH 0
@@ -269,6 +274,10 @@ void knet_conn_retain(knet_conn *conn);
 
 /* Drops a reference taken with knet_conn_retain (or given by knet_client_conn). */
 void knet_conn_release(knet_conn *conn);
+
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif
 
 #ifdef __cplusplus
 }

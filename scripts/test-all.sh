@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Runs every test of knet: the C suite (ctest) plainly, under ASan+UBSan and
+# under TSan; the Swift suite (swift test); and each fuzzer for a short time.
+# Usage: scripts/test-all.sh            (from anywhere; builds into build-test-*)
+# Env:   KNET_TEST_SKIP="tsan fuzz ..."  skips parts: plain asan tsan swift swift-tsan fuzz
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+skip=" ${KNET_TEST_SKIP:-} "
+jobs=$(nproc 2>/dev/null || echo 2)
+failed=()
+
+step() { echo; echo "==== $*"; }
+run_ctest() { # name, cmake args...
+  local name=$1; shift
+  local dir="$root/build-test-$name"
+  step "C suite ($name)"
+  cmake -S "$root" -B "$dir" -DKNET_BUILD_BENCHMARKS=ON "$@" >/dev/null &&
+  cmake --build "$dir" -j"$jobs" >/dev/null &&
+  ctest --test-dir "$dir" --output-on-failure -j2 || failed+=("ctest-$name")
+}
+
+[[ $skip == *" plain "* ]] || run_ctest plain -DCMAKE_BUILD_TYPE=RelWithDebInfo
+[[ $skip == *" asan "* ]]  || run_ctest asan -DCMAKE_BUILD_TYPE=Debug "-DKNET_SANITIZE=address;undefined"
+[[ $skip == *" tsan "* ]]  || run_ctest tsan -DCMAKE_BUILD_TYPE=Debug -DKNET_SANITIZE=thread
+
+if [[ $skip != *" swift "* ]]; then
+  step "Swift suite (swift test)"
+  swift build -Xswiftc -warnings-as-errors --build-tests && swift test || failed+=("swift-test")
+fi
+if [[ $skip != *" swift-tsan "* ]] && [[ -x "$root/scripts/swift-tsan.sh" ]]; then
+  step "Swift suite under TSan"
+  "$root/scripts/swift-tsan.sh" || failed+=("swift-tsan")
+fi
+if [[ $skip != *" fuzz "* ]] && [[ -x "$root/fuzz/run.sh" ]]; then
+  step "fuzzers (short run)"
+  "$root/fuzz/run.sh" 20 || failed+=("fuzz")
+fi
+
+echo
+if ((${#failed[@]})); then
+  echo "FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "all test suites passed"
