@@ -115,6 +115,8 @@ static int dial(knet_client *c, int *out, kn_sockaddr *peer) {
     return rc;
 }
 
+static void client_stop_conn(knet_client *c, knet_conn *conn);
+
 int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
                                const knet_codec *codec) {
     if (!c) return -EINVAL;
@@ -124,7 +126,13 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
     pthread_mutex_unlock(&c->o.mu);
     if (rc < 0) return rc;
     kn_owner_set(&c->o, handler, codec);
-    kn_loop_count(); /* start the loops before the first connection needs one */
+    rc = kn_owner_start(&c->o);
+    if (rc < 0) {
+        pthread_mutex_lock(&c->o.mu);
+        c->serving = false;
+        pthread_mutex_unlock(&c->o.mu);
+        return rc;
+    }
 
     uint32_t wait = 0;
     for (;;) {
@@ -152,9 +160,11 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
             continue;
         }
         wait = 0;
+        kn_owner_admit(&c->o); /* a client has no connection limit */
         knet_conn *conn = kn_conn_new(fd, &c->o, &peer);
         if (!conn) {
             close(fd);
+            kn_owner_conn_done(&c->o);
             rc = -ENOMEM;
             break;
         }
@@ -164,7 +174,7 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
         c->conn = conn;
         closed = c->closed;
         pthread_mutex_unlock(&c->o.mu);
-        if (closed) kn_conn_close_reason(conn, KNET_ECLIENTCLOSED);
+        if (closed) client_stop_conn(c, conn);
         pthread_mutex_lock(&c->o.mu);
         while (c->o.live > 0) pthread_cond_wait(&c->o.cv, &c->o.mu);
         c->conn = NULL;
@@ -178,14 +188,24 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
     return rc;
 }
 
-int knet_client_close(knet_client *c) {
+/* Ends conn as the client's close or shutdown asked (grace_ms: 0 = at once). */
+static void client_stop_conn(knet_client *c, knet_conn *conn) {
+    pthread_mutex_lock(&c->o.mu);
+    uint32_t ms = c->o.grace_ms;
+    pthread_mutex_unlock(&c->o.mu);
+    if (ms) knet_conn_close_with_timeout(conn, ms);
+    else kn_conn_close_reason(conn, KNET_ECLIENTCLOSED);
+}
+
+static int client_stop(knet_client *c, uint32_t grace_ms) {
     if (!c) return -EINVAL;
     pthread_mutex_lock(&c->o.mu);
-    if (c->closed) {
+    if (c->closed && (grace_ms || c->o.grace_ms == 0)) {
         pthread_mutex_unlock(&c->o.mu);
         return KNET_ECLIENTCLOSED;
     }
     c->closed = true;
+    c->o.grace_ms = grace_ms;
     atomic_store(&c->o.closing, true);
     knet_conn *conn = c->conn;
     if (conn) knet_conn_retain(conn);
@@ -194,10 +214,28 @@ int knet_client_close(knet_client *c) {
     ssize_t n = write(c->wake_fd, &one, sizeof one);
     (void)n;
     if (conn) {
-        kn_conn_close_reason(conn, KNET_ECLIENTCLOSED);
+        client_stop_conn(c, conn);
         knet_conn_release(conn);
     }
     return 0;
+}
+
+int knet_client_close(knet_client *c) { return client_stop(c, 0); }
+
+int knet_client_shutdown(knet_client *c, uint32_t timeout_ms) {
+    return client_stop(c, timeout_ms ? timeout_ms : 1);
+}
+
+void knet_client_set_idle_timeout(knet_client *c, uint32_t idle_ms) {
+    pthread_mutex_lock(&c->o.mu);
+    c->o.idle_ms = idle_ms;
+    pthread_mutex_unlock(&c->o.mu);
+}
+
+void knet_client_set_max_queued_bytes(knet_client *c, size_t max_queued_bytes) {
+    pthread_mutex_lock(&c->o.mu);
+    c->o.max_qbytes = max_queued_bytes;
+    pthread_mutex_unlock(&c->o.mu);
 }
 
 knet_conn *knet_client_conn(knet_client *c) {

@@ -84,6 +84,7 @@ static void queue_free(kn_queue *q) {
 static void queue_consume(knet_conn *c, size_t n) {
     kn_queue *q = &c->outq;
     size_t done_msgs = 0;
+    if (n) atomic_fetch_sub_explicit(&c->qbytes, n, memory_order_relaxed);
     while (q->head) {
         kn_chunk *k = q->head;
         size_t avail = k->len - k->off;
@@ -109,6 +110,12 @@ static ssize_t send_iov(int fd, const struct iovec *iov, size_t n) {
     return sendmsg(fd, &m, MSG_NOSIGNAL);
 }
 
+/* Adds to a counter only this loop thread writes: no read-modify-write needed. */
+static inline void slot_add(atomic_uint_least64_t *v, uint64_t n) {
+    atomic_store_explicit(v, atomic_load_explicit(v, memory_order_relaxed) + n,
+                          memory_order_relaxed);
+}
+
 /* ------------------------------------------------------------ lifecycle */
 
 knet_conn *kn_conn_new(int fd, kn_owner *o, const kn_sockaddr *peer) {
@@ -124,7 +131,9 @@ knet_conn *kn_conn_new(int fd, kn_owner *o, const kn_sockaddr *peer) {
     pthread_mutex_init(&c->mu, NULL);
     if (peer) c->peer = *peer;
     pthread_mutex_lock(&o->mu);
-    o->live++;
+    c->idle_ms = o->idle_ms;
+    atomic_init(&c->max_qbytes, o->max_qbytes);
+    c->slot = &o->slots[c->loop->index];
     pthread_mutex_unlock(&o->mu);
     return c;
 }
@@ -152,6 +161,7 @@ void kn_conn_finish(knet_conn *c, int reason) {
     queue_free(&in);
     queue_free(&c->outq);
     atomic_store(&c->npending, 0);
+    atomic_store(&c->qbytes, 0);
     free(c->ibuf);
     c->ibuf = NULL;
     c->ilen = c->icap = 0;
@@ -168,9 +178,20 @@ void kn_conn_finish(knet_conn *c, int reason) {
     kn_owner_conn_done(o); /* last: the serving thread may return and free o */
 }
 
+/* The one timer: a graceful close's deadline, or else the idle timeout,
+ * re-armed lazily from last_io so traffic costs no timer updates. */
 static void conn_timeout(kn_loop *L, kn_timer *t) {
-    (void)L;
     knet_conn *c = (knet_conn *)((char *)t - offsetof(knet_conn, timer));
+    if (!c->graceful) {
+        uint64_t now = kn_now_ms(), idle = now - c->last_io;
+        if (idle < c->idle_ms) {
+            kn_timer_start(L, t, c->idle_ms - idle);
+            return;
+        }
+        pthread_mutex_lock(&c->owner->mu);
+        c->owner->idle_closed++;
+        pthread_mutex_unlock(&c->owner->mu);
+    }
     kn_conn_finish(c, -ETIMEDOUT);
 }
 
@@ -192,6 +213,8 @@ void kn_conn_attach(kn_loop *L, knet_conn *c) {
         return;
     }
     c->attached = true;
+    c->last_io = kn_now_ms();
+    if (c->idle_ms) kn_timer_start(L, &c->timer, c->idle_ms);
     c->next = L->conns;
     if (L->conns) L->conns->prev = c;
     L->conns = c;
@@ -265,6 +288,8 @@ static void conn_flush(knet_conn *c) {
             return;
         }
         queue_consume(c, (size_t)w);
+        slot_add(&c->slot->bytes_out, (uint64_t)w);
+        c->last_io = c->loop->now;
         if ((size_t)w < want) break; /* the socket buffer is full */
     }
     if (c->outq.head) {
@@ -300,6 +325,12 @@ static void conn_on_eof(kn_loop *L, knet_conn *c) {
     if (!c->graceful) conn_begin_graceful(L, c, KN_DEFAULT_GRACE_MS, KNET_EOF);
     c->peer_eof = true;
     conn_set_events(c, c->events & ~(uint32_t)EPOLLIN);
+    conn_flush(c);
+}
+
+void kn_conn_graceful(kn_loop *L, knet_conn *c, uint32_t ms) {
+    if (c->io.fd < 0 || c->graceful) return;
+    conn_begin_graceful(L, c, ms, 0);
     conn_flush(c);
 }
 
@@ -360,6 +391,8 @@ static void conn_read(kn_loop *L, knet_conn *c) {
             }
             return; /* c->ibuf still holds the partial frame */
         }
+        slot_add(&c->slot->bytes_in, (uint64_t)n);
+        c->last_io = L->now;
         size_t total = len + (size_t)n, off = 0;
         int err = 0;
         while (off < total) {
@@ -433,11 +466,18 @@ static int conn_frame(knet_conn *c, knet_writer *w, const void *buf, size_t len)
  * direct write inside a callback): the close happens after the callback. */
 static void conn_fail_later(knet_conn *c, int err) { kn_conn_close_reason(c, err); }
 
+/* The pending-send limits: messages (knet's SetPendingSend) and bytes. */
+static bool conn_full(knet_conn *c, size_t more) {
+    size_t max = atomic_load_explicit(&c->max_pending, memory_order_relaxed);
+    if (max && atomic_load_explicit(&c->npending, memory_order_relaxed) >= max) return true;
+    size_t maxb = atomic_load_explicit(&c->max_qbytes, memory_order_relaxed);
+    size_t q = atomic_load_explicit(&c->qbytes, memory_order_relaxed);
+    return maxb && q > 0 && (q > maxb || more > maxb - q);
+}
+
 static int send_on_loop(knet_conn *c, const void *buf, size_t len) {
     if (atomic_load_explicit(&c->state, memory_order_relaxed) != KN_OPEN) return KNET_ECLOSED;
-    size_t max = atomic_load_explicit(&c->max_pending, memory_order_relaxed);
-    if (max && atomic_load_explicit(&c->npending, memory_order_relaxed) >= max)
-        return KNET_EPENDINGFULL;
+    if (conn_full(c, len)) return KNET_EPENDINGFULL;
     knet_writer w;
     int rc = conn_frame(c, &w, buf, len);
     if (rc < 0) return rc;
@@ -457,6 +497,10 @@ static int send_on_loop(knet_conn *c, const void *buf, size_t len) {
             conn_fail_later(c, rc);
         } else {
             done = sent < 0 ? 0 : (size_t)sent;
+            if (done) {
+                slot_add(&c->slot->bytes_out, done);
+                c->last_io = c->loop->now;
+            }
         }
     } else if (!direct) {
         conn_take_inbox(c); /* others' earlier sends go first */
@@ -465,6 +509,7 @@ static int send_on_loop(knet_conn *c, const void *buf, size_t len) {
         rc = queue_append(&c->outq, iov, n, done);
         if (rc == 0) {
             atomic_fetch_add_explicit(&c->npending, 1, memory_order_relaxed);
+            atomic_fetch_add_explicit(&c->qbytes, w.total - done, memory_order_relaxed);
             if (direct) conn_set_events(c, c->events | EPOLLOUT); /* the socket is full */
             else if (!(c->events & EPOLLOUT)) conn_schedule(c);   /* flush in this iteration */
         } else if (done > 0) {
@@ -480,10 +525,9 @@ static int send_off_loop(knet_conn *c, const void *buf, size_t len) {
     pthread_mutex_lock(&c->mu);
     int rc = 0;
     bool sched = false;
-    size_t max = atomic_load_explicit(&c->max_pending, memory_order_relaxed);
     if (atomic_load_explicit(&c->state, memory_order_relaxed) != KN_OPEN) {
         rc = KNET_ECLOSED;
-    } else if (max && atomic_load_explicit(&c->npending, memory_order_relaxed) >= max) {
+    } else if (conn_full(c, len)) {
         rc = KNET_EPENDINGFULL;
     } else {
         /* Framing under the lock: the codec (owned by the server or client)
@@ -497,6 +541,7 @@ static int send_off_loop(knet_conn *c, const void *buf, size_t len) {
             rc = iov ? queue_append(&c->inbox, iov, n, 0) : -ENOMEM;
             if (rc == 0 && w.total > 0) {
                 atomic_fetch_add_explicit(&c->npending, 1, memory_order_relaxed);
+                atomic_fetch_add_explicit(&c->qbytes, w.total, memory_order_relaxed);
                 atomic_store_explicit(&c->inbox_full, true, memory_order_release);
                 sched = !c->inbox_sched;
                 c->inbox_sched = true;
@@ -551,6 +596,10 @@ void knet_conn_shutdown(knet_conn *c) { knet_conn_close_with_timeout(c, KN_DEFAU
 
 void knet_conn_set_pending_send(knet_conn *c, size_t max_messages) {
     if (c) atomic_store(&c->max_pending, max_messages);
+}
+
+void knet_conn_set_max_queued_bytes(knet_conn *c, size_t max_bytes) {
+    if (c) atomic_store(&c->max_qbytes, max_bytes);
 }
 
 int knet_conn_set_nodelay(knet_conn *c, bool on) {

@@ -103,22 +103,43 @@ uint64_t kn_now_ms(void);
 
 /* What a server or client shares with its connections: handler, codec and
  * the count the serving thread waits on. */
+/* Byte counters of one owner on one loop: written by that loop thread only
+ * (a plain load+store, no read-modify-write), summed by readers. */
+typedef struct kn_slot {
+    _Alignas(64) atomic_uint_least64_t bytes_in;
+    atomic_uint_least64_t bytes_out;
+} kn_slot;
+
 struct kn_owner {
     knet_handler handler;
     knet_codec codec;
     size_t max_frame;
+    kn_slot *slots; /* one per loop, while serving */
+    /* limits given to new connections (under mu) */
+    size_t max_conns, max_qbytes;
+    uint32_t idle_ms;
+    /* counters (under mu) */
+    uint64_t accepted, refused, idle_closed;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     size_t live;          /* connections created and not yet finished */
     size_t tasks;         /* loop tasks that still reference this owner */
     atomic_bool closing;  /* no new connections; attach closes them */
     int close_reason;     /* what connections closed by the owner report */
+    uint32_t grace_ms;    /* for kn_owner_shutdown_task */
 };
 
 void kn_owner_init(kn_owner *o);
 void kn_owner_destroy(kn_owner *o);
 void kn_owner_set(kn_owner *o, const knet_handler *h, const knet_codec *c);
 void kn_owner_conn_done(kn_owner *o); /* live-- and wake the serving thread */
+/* Counts a new connection in (live++), unless max_conns is reached: refused++, false. */
+bool kn_owner_admit(kn_owner *o);
+/* Allocates the per-loop byte counters (starts the loops); 0 or -ENOMEM. */
+int kn_owner_start(kn_owner *o);
+/* Broadcast task: graceful close of o's connections with o->grace_ms. */
+void kn_owner_shutdown_task(kn_loop *L, void *arg);
+void kn_owner_stats(kn_owner *o, knet_stats *out);
 /* Posts fn(L, o) to L, counted in o->tasks; fn must end with kn_owner_task_done. */
 int kn_owner_post(kn_owner *o, kn_loop *L, kn_task_fn fn);
 /* kn_owner_post to every loop. */
@@ -180,6 +201,8 @@ struct knet_conn {
     atomic_uint req;   /* KN_REQ_* for the loop */
     atomic_size_t npending;
     atomic_size_t max_pending;
+    atomic_size_t qbytes; /* bytes in outq + inbox */
+    atomic_size_t max_qbytes;
     _Atomic(void *) userdata;
 
     /* owned by the loop thread */
@@ -192,7 +215,10 @@ struct knet_conn {
     bool peer_eof;   /* the peer finished sending */
     bool wr_shut;    /* SHUT_WR done */
     bool attached;
-    kn_timer timer;
+    uint32_t idle_ms;
+    uint64_t last_io; /* loop time of the last read or write */
+    kn_slot *slot;    /* the owner's counters on this loop */
+    kn_timer timer;   /* the idle timeout, then the graceful-close deadline */
     knet_conn *prev, *next; /* loop's live list */
     knet_conn *ready_next;  /* loop's ready list (under loop mu) */
     bool ready;             /* on the ready list (under loop mu) */
@@ -209,7 +235,7 @@ struct knet_conn {
     kn_sockaddr local, peer;
 };
 
-/* Creates a connection for a connected non-blocking fd (owner->live++ first). */
+/* Creates a connection for a connected non-blocking fd (the caller counted it in with kn_owner_admit). */
 knet_conn *kn_conn_new(int fd, kn_owner *o, const kn_sockaddr *peer);
 /* Registers c on loop L and delivers connect(true); runs on L. */
 void kn_conn_attach(kn_loop *L, knet_conn *c);
@@ -219,6 +245,8 @@ void kn_conn_start(knet_conn *c);
 void kn_conn_finish(knet_conn *c, int reason);
 /* Requests a close with reason from any thread. */
 void kn_conn_close_reason(knet_conn *c, int reason);
+/* Starts a graceful close with a deadline of ms on the loop thread. */
+void kn_conn_graceful(kn_loop *L, knet_conn *c, uint32_t ms);
 /* Services a conn taken from the ready list (loop thread). */
 void kn_conn_service(kn_loop *L, knet_conn *c);
 

@@ -3,6 +3,7 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 
 const knet_handler knet_default_handler = {NULL, NULL, NULL};
@@ -16,10 +17,56 @@ void kn_owner_init(kn_owner *o) {
     pthread_cond_init(&o->cv, &attr);
     pthread_condattr_destroy(&attr);
     atomic_init(&o->closing, false);
+    o->max_qbytes = KNET_DEFAULT_MAX_QUEUED;
     kn_owner_set(o, NULL, NULL);
 }
 
+int kn_owner_start(kn_owner *o) {
+    if (o->slots) return 0;
+    unsigned n = kn_loop_count();
+    kn_slot *s = aligned_alloc(_Alignof(kn_slot), n * sizeof *s);
+    if (!s) return -ENOMEM;
+    for (unsigned i = 0; i < n; i++) {
+        atomic_init(&s[i].bytes_in, 0);
+        atomic_init(&s[i].bytes_out, 0);
+    }
+    pthread_mutex_lock(&o->mu);
+    o->slots = s;
+    pthread_mutex_unlock(&o->mu);
+    return 0;
+}
+
+bool kn_owner_admit(kn_owner *o) {
+    pthread_mutex_lock(&o->mu);
+    bool ok = !o->max_conns || o->live < o->max_conns;
+    if (ok) {
+        o->live++;
+        o->accepted++;
+    } else {
+        o->refused++;
+    }
+    pthread_mutex_unlock(&o->mu);
+    return ok;
+}
+
+void kn_owner_stats(kn_owner *o, knet_stats *out) {
+    memset(out, 0, sizeof *out);
+    pthread_mutex_lock(&o->mu);
+    out->live = o->live;
+    out->accepted = o->accepted;
+    out->refused = o->refused;
+    out->idle_closed = o->idle_closed;
+    kn_slot *s = o->slots;
+    pthread_mutex_unlock(&o->mu);
+    if (!s) return;
+    for (unsigned i = 0, n = kn_loop_count(); i < n; i++) {
+        out->bytes_in += atomic_load_explicit(&s[i].bytes_in, memory_order_relaxed);
+        out->bytes_out += atomic_load_explicit(&s[i].bytes_out, memory_order_relaxed);
+    }
+}
+
 void kn_owner_destroy(kn_owner *o) {
+    free(o->slots);
     pthread_cond_destroy(&o->cv);
     pthread_mutex_destroy(&o->mu);
 }
@@ -73,5 +120,19 @@ void kn_owner_close_conns(kn_loop *L, kn_owner *o, int reason) {
 void kn_owner_close_task(kn_loop *L, void *arg) {
     kn_owner *o = arg;
     kn_owner_close_conns(L, o, o->close_reason);
+    kn_owner_task_done(o);
+}
+
+void kn_owner_shutdown_task(kn_loop *L, void *arg) {
+    kn_owner *o = arg;
+    pthread_mutex_lock(&o->mu);
+    uint32_t ms = o->grace_ms;
+    pthread_mutex_unlock(&o->mu);
+    knet_conn *c = L->conns;
+    while (c) {
+        knet_conn *next = c->next; /* c may finish at once when nothing is queued */
+        if (c->owner == o) kn_conn_graceful(L, c, ms);
+        c = next;
+    }
     kn_owner_task_done(o);
 }

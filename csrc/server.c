@@ -22,7 +22,7 @@ struct knet_server {
     uint32_t backoff_ms;
     /* under o.mu */
     int port; /* 0 before listening, the port once listening, or the listen error */
-    bool serving, closed, listener_open;
+    bool serving, closed, forced, listener_open;
 };
 
 knet_server *knet_server_new(const char *addr) {
@@ -101,8 +101,8 @@ static void on_accept(kn_loop *L, kn_io *io, uint32_t events) {
             return;
         }
         s->backoff_ms = 0;
-        if (atomic_load_explicit(&s->o.closing, memory_order_relaxed)) {
-            close(fd);
+        if (atomic_load_explicit(&s->o.closing, memory_order_relaxed) || !kn_owner_admit(&s->o)) {
+            close(fd); /* stopping, or over the connection limit (counted as refused) */
             continue;
         }
         int one = 1; /* Go's default, and what a request/response protocol wants */
@@ -110,6 +110,7 @@ static void on_accept(kn_loop *L, kn_io *io, uint32_t events) {
         knet_conn *c = kn_conn_new(fd, &s->o, &peer);
         if (!c) {
             close(fd);
+            kn_owner_conn_done(&s->o);
             continue;
         }
         kn_conn_start(c);
@@ -151,7 +152,8 @@ int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
     kn_owner_set(&s->o, handler, codec);
 
     kn_sockaddr sa;
-    rc = kn_addr_resolve(s->addr, true, &sa, 1);
+    rc = kn_owner_start(&s->o);
+    if (rc == 0) rc = kn_addr_resolve(s->addr, true, &sa, 1);
     int fd = rc < 0 ? rc : open_listener(&sa);
     int port = 0;
     kn_loop *lloop = NULL;
@@ -197,17 +199,22 @@ int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
     return KNET_ESERVERCLOSED;
 }
 
-int knet_server_close(knet_server *s) {
+/* Stops accepting, then closes (force) or shuts down (graceful, ms) every
+ * connection. A force close may follow a graceful one; nothing else repeats. */
+static int server_stop(knet_server *s, bool force, uint32_t ms) {
     if (!s) return -EINVAL;
     pthread_mutex_lock(&s->o.mu);
-    if (s->closed) {
+    if (s->closed && (!force || s->forced)) {
         pthread_mutex_unlock(&s->o.mu);
         return KNET_ESERVERCLOSED;
     }
+    bool first = !s->closed;
     s->closed = true;
+    s->forced = force;
+    s->o.grace_ms = ms;
     atomic_store(&s->o.closing, true);
     bool serving = s->serving && s->lloop;
-    if (s->listener_open) {
+    if (first && s->listener_open) {
         s->o.tasks++;
         if (kn_loop_post(s->lloop, listener_close, s) < 0) {
             s->o.tasks--;
@@ -216,9 +223,35 @@ int knet_server_close(knet_server *s) {
     }
     pthread_cond_broadcast(&s->o.cv);
     pthread_mutex_unlock(&s->o.mu);
-    if (serving) kn_owner_broadcast(&s->o, kn_owner_close_task);
+    if (serving) kn_owner_broadcast(&s->o, force ? kn_owner_close_task : kn_owner_shutdown_task);
     return 0;
 }
+
+int knet_server_close(knet_server *s) { return server_stop(s, true, 0); }
+
+int knet_server_shutdown(knet_server *s, uint32_t timeout_ms) {
+    return server_stop(s, false, timeout_ms);
+}
+
+static void set_limit(knet_server *s, size_t *field, size_t v) {
+    pthread_mutex_lock(&s->o.mu);
+    *field = v;
+    pthread_mutex_unlock(&s->o.mu);
+}
+
+void knet_server_set_max_conns(knet_server *s, size_t max) { set_limit(s, &s->o.max_conns, max); }
+
+void knet_server_set_max_queued_bytes(knet_server *s, size_t max) {
+    set_limit(s, &s->o.max_qbytes, max);
+}
+
+void knet_server_set_idle_timeout(knet_server *s, uint32_t ms) {
+    pthread_mutex_lock(&s->o.mu);
+    s->o.idle_ms = ms;
+    pthread_mutex_unlock(&s->o.mu);
+}
+
+void knet_server_stats(knet_server *s, knet_stats *out) { kn_owner_stats(&s->o, out); }
 
 int knet_server_port(const knet_server *s) {
     knet_server *m = (knet_server *)s;

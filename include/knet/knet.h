@@ -176,6 +176,40 @@ int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
  * block, callable from callbacks). Returns 0, or KNET_ESERVERCLOSED if already closed. */
 int knet_server_close(knet_server *s);
 
+/* Graceful shutdown: stop accepting, shut every connection down gracefully
+ * (queued bytes written, FIN, wait for the peer to close), force-close what
+ * remains after timeout_ms; then knet_server_listen_and_serve returns
+ * KNET_ESERVERCLOSED. Thread-safe, does not block. A later knet_server_close
+ * force-closes at once. Returns 0, or KNET_ESERVERCLOSED if already stopping. */
+int knet_server_shutdown(knet_server *s, uint32_t timeout_ms);
+
+/* Default bound on the bytes queued per connection (knet_conn_set_max_queued_bytes). */
+#define KNET_DEFAULT_MAX_QUEUED ((size_t)64 << 20)
+
+/* Limits for the connections a server accepts from now on (thread-safe; set
+ * them before knet_server_listen_and_serve). max_conns: beyond it a new
+ * connection is closed at once and counted as refused (0 = unlimited, the
+ * default). idle_ms: a connection with no bytes either way for idle_ms is
+ * closed with -ETIMEDOUT (0 = off, the default). max_queued_bytes: per
+ * connection, see knet_conn_set_max_queued_bytes (default
+ * KNET_DEFAULT_MAX_QUEUED; 0 = unlimited). */
+void knet_server_set_max_conns(knet_server *s, size_t max_conns);
+void knet_server_set_idle_timeout(knet_server *s, uint32_t idle_ms);
+void knet_server_set_max_queued_bytes(knet_server *s, size_t max_queued_bytes);
+
+/* A server's counters (monotonic totals except live). */
+typedef struct knet_stats {
+    uint64_t live;        /* connections open now */
+    uint64_t accepted;    /* connections accepted in total */
+    uint64_t refused;     /* closed at once by the max_conns limit */
+    uint64_t idle_closed; /* closed by the idle timeout */
+    uint64_t bytes_in;    /* bytes read from all connections */
+    uint64_t bytes_out;   /* bytes written to all connections */
+} knet_stats;
+
+/* Fills *out with the server's counters (thread-safe). */
+void knet_server_stats(knet_server *s, knet_stats *out);
+
 /* Returns the bound port once listening, 0 before, or a negative listen error. */
 int knet_server_port(const knet_server *s);
 
@@ -214,6 +248,16 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
  * at once (thread-safe, does not block). Returns 0 or KNET_ECLIENTCLOSED. */
 int knet_client_close(knet_client *c);
 
+/* Graceful stop: no more dialing; the current connection is shut down as
+ * with knet_conn_close_with_timeout(conn, timeout_ms); then
+ * knet_client_dial_and_serve returns KNET_ECLIENTCLOSED. Thread-safe. */
+int knet_client_shutdown(knet_client *c, uint32_t timeout_ms);
+
+/* Idle timeout and per-connection queue bound for the client's connections,
+ * as for a server (defaults: off, KNET_DEFAULT_MAX_QUEUED). */
+void knet_client_set_idle_timeout(knet_client *c, uint32_t idle_ms);
+void knet_client_set_max_queued_bytes(knet_client *c, size_t max_queued_bytes);
+
 /* Returns the current connection, retained (knet_conn_release it), or NULL. */
 knet_conn *knet_client_conn(knet_client *c);
 
@@ -231,6 +275,11 @@ int knet_conn_send(knet_conn *conn, const void *buf, size_t len);
 
 /* Limits the messages queued and not yet written (0 = unlimited, the default). */
 void knet_conn_set_pending_send(knet_conn *conn, size_t max_messages);
+
+/* Bounds the bytes queued and not yet written: a send that would go beyond
+ * returns KNET_EPENDINGFULL (one message is always accepted into an empty
+ * queue). 0 = unlimited; the default comes from the server or client. */
+void knet_conn_set_max_queued_bytes(knet_conn *conn, size_t max_bytes);
 
 /* Sets TCP_NODELAY (on by default, as in Go). Returns 0, KNET_ECLOSED or -errno. */
 int knet_conn_set_nodelay(knet_conn *conn, bool on);
