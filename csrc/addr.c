@@ -45,38 +45,46 @@ static int split(const char *addr, char *host, size_t hostcap, unsigned *port) {
     return 0;
 }
 
-int kn_addr_resolve(const char *addr, bool passive, kn_sockaddr *out, int max) {
-    char host[256];
-    unsigned port;
-    if (!addr || max < 1) return KNET_EADDR;
+int kn_addr_parse(const char *addr, bool passive, kn_sockaddr *out, char *host, size_t hostcap,
+                  unsigned *port) {
+    if (!addr) return KNET_EADDR;
     if (*addr == '\0') addr = ":0";
-    int rc = split(addr, host, sizeof host, &port);
+    int rc = split(addr, host, hostcap, port);
     if (rc < 0) return rc;
     memset(out, 0, sizeof *out);
     if (host[0] == '\0') {
         if (passive) { /* every interface: dual-stack IPv6 wildcard (the server falls back to IPv4) */
             out->in6.sin6_family = AF_INET6;
             out->in6.sin6_addr = in6addr_any;
-            out->in6.sin6_port = htons((uint16_t)port);
+            out->in6.sin6_port = htons((uint16_t)*port);
         } else { /* like Go, dialing ":port" means the local system */
             out->in.sin_family = AF_INET;
             out->in.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-            out->in.sin_port = htons((uint16_t)port);
+            out->in.sin_port = htons((uint16_t)*port);
         }
         return 1;
     }
     if (inet_pton(AF_INET, host, &out->in.sin_addr) == 1) {
         out->in.sin_family = AF_INET;
-        out->in.sin_port = htons((uint16_t)port);
+        out->in.sin_port = htons((uint16_t)*port);
         return 1;
     }
     if (inet_pton(AF_INET6, host, &out->in6.sin6_addr) == 1) {
         if (addr[0] != '[') return KNET_EADDR;
         out->in6.sin6_family = AF_INET6;
-        out->in6.sin6_port = htons((uint16_t)port);
+        out->in6.sin6_port = htons((uint16_t)*port);
         return 1;
     }
     if (addr[0] == '[') return KNET_EADDR; /* brackets hold literals only */
+    return 0;
+}
+
+int kn_addr_resolve(const char *addr, bool passive, kn_sockaddr *out, int max) {
+    char host[256];
+    unsigned port;
+    if (max < 1) return KNET_EADDR;
+    int rc = kn_addr_parse(addr, passive, out, host, sizeof host, &port);
+    if (rc != 0) return rc;
     struct addrinfo hints, *res = NULL;
     memset(&hints, 0, sizeof hints);
     hints.ai_family = AF_UNSPEC;

@@ -37,6 +37,10 @@ typedef union kn_sockaddr {
 } kn_sockaddr;
 
 socklen_t kn_sockaddr_len(const kn_sockaddr *a);
+/* Parses addr without resolving: 1 = *out holds a literal or wildcard address;
+ * 0 = host names a host to resolve (port set); or KNET_EADDR. */
+int kn_addr_parse(const char *addr, bool passive, kn_sockaddr *out, char *host, size_t hostcap,
+                  unsigned *port);
 /* Resolves addr into at most max addresses, IPv4 first. passive: for bind
  * (empty host = every interface). Returns the count or KNET_EADDR/KNET_ERESOLVE. */
 int kn_addr_resolve(const char *addr, bool passive, kn_sockaddr *out, int max);
