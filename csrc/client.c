@@ -169,11 +169,11 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
             break;
         }
         knet_conn_retain(conn); /* the client's reference, for knet_client_conn */
-        kn_conn_start(conn);
         pthread_mutex_lock(&c->o.mu);
-        c->conn = conn;
+        c->conn = conn; /* before connect(true) can run */
         closed = c->closed;
         pthread_mutex_unlock(&c->o.mu);
+        kn_conn_start(conn);
         if (closed) client_stop_conn(c, conn);
         pthread_mutex_lock(&c->o.mu);
         while (c->o.live > 0) pthread_cond_wait(&c->o.cv, &c->o.mu);

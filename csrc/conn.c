@@ -444,6 +444,9 @@ static void conn_read(kn_loop *L, knet_conn *c) {
 
 static void conn_on_io(kn_loop *L, kn_io *io, uint32_t ev) {
     knet_conn *c = (knet_conn *)io;
+    /* A close asked for (e.g. inside connect(true)) drops unread input; the
+     * ready list finishes the conn in this iteration: deliver nothing more. */
+    if (atomic_load_explicit(&c->req, memory_order_relaxed) & KN_REQ_CLOSE) return;
     if ((ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) && !c->peer_eof) {
         conn_read(L, c);
         if (c->io.fd < 0) return;

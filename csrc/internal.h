@@ -146,7 +146,8 @@ void kn_owner_shutdown_task(kn_loop *L, void *arg);
 void kn_owner_stats(kn_owner *o, knet_stats *out);
 /* Posts fn(L, o) to L, counted in o->tasks; fn must end with kn_owner_task_done. */
 int kn_owner_post(kn_owner *o, kn_loop *L, kn_task_fn fn);
-/* kn_owner_post to every loop. */
+/* Posts fn(L, o) to every loop; the caller already added kn_loop_count() to
+ * o->tasks under o->mu (in the same critical section that made the work due). */
 void kn_owner_broadcast(kn_owner *o, kn_task_fn fn);
 void kn_owner_task_done(kn_owner *o);
 /* Closes (reason) every connection of o on loop L. */
@@ -225,6 +226,8 @@ struct knet_conn {
     kn_timer timer;   /* the idle timeout, then the graceful-close deadline */
     knet_conn *prev, *next; /* loop's live list */
     knet_conn *ready_next;  /* loop's ready list (under loop mu) */
+    knet_conn *batch_next;  /* the ready list a drain took (loop thread): a conn
+                               re-queued while in it must not relink it */
     bool ready;             /* on the ready list (under loop mu) */
     knet_conn *reap_next;
 

@@ -152,7 +152,12 @@ static bool drain(kn_loop *L) {
     knet_conn *c = L->ready_head;
     L->tasks_head = L->tasks_tail = NULL;
     L->ready_head = L->ready_tail = NULL;
-    for (knet_conn *r = c; r; r = r->ready_next) r->ready = false;
+    /* The batch gets its own links: once ready is false, another thread may put
+     * a conn of this batch on the new ready list, overwriting ready_next. */
+    for (knet_conn *r = c; r; r = r->ready_next) {
+        r->ready = false;
+        r->batch_next = r->ready_next;
+    }
     pthread_mutex_unlock(&L->mu);
 
     while (t) {
@@ -162,7 +167,7 @@ static bool drain(kn_loop *L) {
         t = next;
     }
     while (c) {
-        knet_conn *next = c->ready_next;
+        knet_conn *next = c->batch_next;
         kn_conn_service(L, c);
         knet_conn_release(c); /* the ready list's reference */
         c = next;

@@ -103,8 +103,10 @@ int kn_owner_post(kn_owner *o, kn_loop *L, kn_task_fn fn) {
 void kn_owner_broadcast(kn_owner *o, kn_task_fn fn) {
     unsigned n = kn_loop_count();
     for (unsigned i = 0; i < n; i++) {
-        if (kn_owner_post(o, kn_loop_at(i), fn) < 0)
+        if (kn_loop_post(kn_loop_at(i), fn, o) < 0) {
             kn_log(KNET_LOG_ERROR, "cannot post to loop %u: out of memory", i);
+            kn_owner_task_done(o);
+        }
     }
 }
 

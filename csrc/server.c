@@ -214,6 +214,9 @@ static int server_stop(knet_server *s, bool force, uint32_t ms) {
     s->o.grace_ms = ms;
     atomic_store(&s->o.closing, true);
     bool serving = s->serving && s->lloop;
+    /* Reserve the per-loop tasks under the lock, or the serving thread could see
+     * no work left, return, and let the caller free s before they run. */
+    if (serving) s->o.tasks += kn_loop_count();
     if (first && s->listener_open) {
         s->o.tasks++;
         if (kn_loop_post(s->lloop, listener_close, s) < 0) {
@@ -224,6 +227,7 @@ static int server_stop(knet_server *s, bool force, uint32_t ms) {
     pthread_cond_broadcast(&s->o.cv);
     pthread_mutex_unlock(&s->o.mu);
     if (serving) kn_owner_broadcast(&s->o, force ? kn_owner_close_task : kn_owner_shutdown_task);
+
     return 0;
 }
 
