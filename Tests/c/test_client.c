@@ -1,0 +1,260 @@
+/* The persistent client: a refused dial with retry off returns -ECONNREFUSED at once;
+ * with retry on it connects once a server appears; knet_client_close interrupts a
+ * long backoff; it re-dials after the server closes the connection; knet_client_conn
+ * returns the live connection; dial retries are logged at WARN through knet_set_log. */
+#include "testutil.h"
+
+/* ------------------------------------------------------------------ log sink */
+
+static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
+static tu_counter log_warns;  /* WARN-or-above lines received */
+static int log_min_seen = 99; /* lowest level received */
+static char log_last[512];
+static int log_ud_token;
+
+/* Custom sink: counts lines, keeps the last one, checks its ud. */
+static void log_sink(int level, const char *msg, void *ud)
+{
+    CHECK(ud == &log_ud_token);
+    CHECK(msg != NULL);
+    pthread_mutex_lock(&log_mu);
+    if (level < log_min_seen)
+        log_min_seen = level;
+    snprintf(log_last, sizeof log_last, "%s", msg);
+    pthread_mutex_unlock(&log_mu);
+    if (level >= KNET_LOG_WARN)
+        tu_counter_add(&log_warns, 1);
+}
+
+static void addr_of(char *buf, size_t n, int port)
+{
+    snprintf(buf, n, "127.0.0.1:%d", port);
+}
+
+/* ------------------------------------------------------------------ tests */
+
+static void test_refused_without_retry(void)
+{
+    char addr[64];
+    addr_of(addr, sizeof addr, tu_free_port());
+    knet_client *c = knet_client_new(addr);
+    CHECK(c != NULL);
+    CHECK(knet_client_conn(c) == NULL);
+    int64_t t0 = tu_now_ms();
+    CHECK_EQ(knet_client_dial_and_serve(c, NULL, NULL), -ECONNREFUSED);
+    CHECK_LT(tu_now_ms() - t0, 2000);
+    knet_client_free(c);
+}
+
+static void test_bad_client_address(void)
+{
+    static const char *const bad[] = {"nonsense", "127.0.0.1:99999", "[::1", "127.0.0.1:"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        knet_client *c = knet_client_new(bad[i]);
+        CHECK(c != NULL);
+        int rc = knet_client_dial_and_serve(c, NULL, NULL);
+        if (rc != KNET_EADDR) {
+            fprintf(stderr, "address \"%s\"\n", bad[i]);
+            CHECK_EQ(rc, KNET_EADDR);
+        }
+        knet_client_free(c);
+    }
+}
+
+/* Retry on (20..200 ms backoff): the client keeps dialing (logging each failure at
+ * WARN through the custom sink) and connects once a server appears on the port. */
+static void test_retry_until_server_appears(void)
+{
+    int port = tu_free_port();
+    char addr[64];
+    addr_of(addr, sizeof addr, port);
+    long warns0 = tu_counter_get(&log_warns);
+
+    tu_tracker *ct = tu_tracker_new();
+    knet_handler ch = tu_tracker_handler(ct);
+    knet_client *c = knet_client_new(addr);
+    CHECK(c != NULL);
+    knet_client_enable_retry(c);
+    knet_client_set_retry_backoff(c, 20, 200);
+    tu_client tc;
+    tu_client_start(&tc, c, &ch, NULL);
+    WAIT_GE(&log_warns, warns0 + 2); /* it failed and retried at least twice */
+    pthread_mutex_lock(&log_mu);
+    CHECK_GT(strlen(log_last), 0);
+    CHECK_GE(log_min_seen, KNET_LOG_WARN); /* nothing below the sink's min_level */
+    printf("  last log line: %s\n", log_last);
+    pthread_mutex_unlock(&log_mu);
+    CHECK_EQ(tu_counter_get(&ct->connects), 0);
+
+    tu_tracker *st = tu_tracker_new();
+    st->echo = true;
+    knet_handler sh = tu_tracker_handler(st);
+    tu_server ts;
+    CHECK_EQ(tu_server_start(&ts, addr, &sh, NULL), port);
+    tu_rec *cr = tu_tracker_rec(ct, 0);
+    CHECK_EQ(knet_conn_send(cr->conn, "hello", 5), 0);
+    WAIT_GE(&ct->bytes, 5);
+    CHECK_EQ(knet_client_close(c), 0);
+    CHECK_EQ(knet_client_close(c), KNET_ECLIENTCLOSED);
+    CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    knet_client_free(c);
+    CHECK_EQ(tu_counter_get(&ct->connects), 1);
+    CHECK_EQ(tu_counter_get(&ct->disconnects), 1);
+    CHECK_EQ(atomic_load(&cr->reason), KNET_ECLIENTCLOSED);
+    WAIT_GE(&st->disconnects, 1);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(ct);
+    tu_tracker_free(st);
+}
+
+/* knet_client_close during a 10 s backoff returns KNET_ECLIENTCLOSED promptly. */
+static void test_close_during_backoff(void)
+{
+    char addr[64];
+    addr_of(addr, sizeof addr, tu_free_port());
+    long warns0 = tu_counter_get(&log_warns);
+    knet_client *c = knet_client_new(addr);
+    CHECK(c != NULL);
+    knet_client_enable_retry(c);
+    knet_client_set_retry_backoff(c, 10000, 60000);
+    tu_client tc;
+    tu_client_start(&tc, c, NULL, NULL);
+    WAIT_GE(&log_warns, warns0 + 1); /* the first dial failed: now in the 10 s wait */
+    int64_t t0 = tu_now_ms();
+    CHECK_EQ(knet_client_close(c), 0);
+    CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    int64_t elapsed = tu_now_ms() - t0;
+    printf("  dial_and_serve returned %lld ms after close\n", (long long)elapsed);
+    CHECK_LT(elapsed, 2000);
+    knet_client_free(c);
+}
+
+/* Closed before dial_and_serve ran: it returns KNET_ECLIENTCLOSED at once. */
+static void test_close_before_dial(void)
+{
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", NULL, NULL);
+    CHECK_GT(port, 0);
+    char addr[64];
+    addr_of(addr, sizeof addr, port);
+    knet_client *c = knet_client_new(addr);
+    CHECK(c != NULL);
+    CHECK_EQ(knet_client_close(c), 0);
+    int64_t t0 = tu_now_ms();
+    CHECK_EQ(knet_client_dial_and_serve(c, NULL, NULL), KNET_ECLIENTCLOSED);
+    CHECK_LT(tu_now_ms() - t0, 2000);
+    knet_client_free(c);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+}
+
+/* The persistent client dials again after the server closes its connection, and
+ * knet_client_conn follows the live connection. */
+static void test_redial_after_server_closes_conn(void)
+{
+    tu_tracker *st = tu_tracker_new();
+    knet_handler sh = tu_tracker_handler(st);
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &sh, NULL);
+    CHECK_GT(port, 0);
+    char addr[64];
+    addr_of(addr, sizeof addr, port);
+
+    tu_tracker *ct = tu_tracker_new();
+    knet_handler ch = tu_tracker_handler(ct);
+    knet_client *c = knet_client_new(addr);
+    CHECK(c != NULL);
+    tu_client tc;
+    tu_client_start(&tc, c, &ch, NULL);
+
+    tu_rec *first = tu_tracker_rec(ct, 0);
+    knet_conn *live = knet_client_conn(c);
+    CHECK(live == first->conn);
+    knet_conn_release(live);
+
+    knet_conn_close(tu_tracker_rec(st, 0)->conn); /* the server drops the client */
+    WAIT_GE(&ct->disconnects, 1);
+    CHECK_EQ(atomic_load(&first->reason), KNET_EOF);
+    tu_rec *second = tu_tracker_rec(ct, 1); /* connect(true) again: re-dialed */
+    CHECK(second->conn != first->conn);
+    WAIT_GE(&st->connects, 2);
+
+    /* connect(true) of the second connection was delivered: it is the live one. */
+    knet_conn *now = knet_client_conn(c);
+    CHECK(now == second->conn);
+    CHECK_EQ(knet_conn_send(now, "via client_conn", 15), 0);
+    knet_conn_release(now);
+    WAIT_GE(&st->bytes, 15);
+    CHECK_EQ(atomic_load(&st->recs[1].rx_bytes), 15);
+
+    CHECK_EQ(knet_client_close(c), 0);
+    CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    CHECK(knet_client_conn(c) == NULL);
+    knet_client_free(c);
+    CHECK_EQ(tu_counter_get(&ct->connects), 2);
+    CHECK_EQ(tu_counter_get(&ct->disconnects), 2);
+    CHECK_EQ(atomic_load(&second->reason), KNET_ECLIENTCLOSED);
+    WAIT_GE(&st->disconnects, 2);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(ct);
+    tu_tracker_free(st);
+}
+
+/* Retry off: when the server goes away, the re-dial is refused and dial_and_serve
+ * returns that error (the connection itself ended with KNET_EOF). */
+static void test_server_gone_without_retry(void)
+{
+    tu_tracker *st = tu_tracker_new();
+    knet_handler sh = tu_tracker_handler(st);
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &sh, NULL);
+    CHECK_GT(port, 0);
+    char addr[64];
+    addr_of(addr, sizeof addr, port);
+    tu_tracker *ct = tu_tracker_new();
+    knet_handler ch = tu_tracker_handler(ct);
+    knet_client *c = knet_client_new(addr);
+    CHECK(c != NULL);
+    tu_client tc;
+    tu_client_start(&tc, c, &ch, NULL);
+    WAIT_GE(&ct->connects, 1);
+    /* Accepted by the server too (a connection still in the backlog would be reset). */
+    WAIT_GE(&st->connects, 1);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    CHECK_EQ(atomic_load(&st->recs[0].reason), KNET_ESERVERCLOSED);
+    CHECK_EQ(tu_client_join(&tc), -ECONNREFUSED);
+    knet_client_free(c);
+    CHECK_EQ(tu_counter_get(&ct->disconnects), 1);
+    CHECK_EQ(atomic_load(&ct->recs[0].reason), KNET_EOF);
+    tu_tracker_free(ct);
+    tu_tracker_free(st);
+}
+
+/* disable_retry after enable_retry: a refused dial returns again. */
+static void test_disable_retry(void)
+{
+    char addr[64];
+    addr_of(addr, sizeof addr, tu_free_port());
+    knet_client *c = knet_client_new(addr);
+    CHECK(c != NULL);
+    knet_client_enable_retry(c);
+    knet_client_disable_retry(c);
+    CHECK_EQ(knet_client_dial_and_serve(c, NULL, NULL), -ECONNREFUSED);
+    knet_client_free(c);
+}
+
+int main(void)
+{
+    tu_counter_init(&log_warns);
+    knet_set_log(log_sink, KNET_LOG_WARN, &log_ud_token);
+    tu_begin();
+    RUN(test_refused_without_retry);
+    RUN(test_bad_client_address);
+    RUN(test_retry_until_server_appears);
+    RUN(test_close_during_backoff);
+    RUN(test_close_before_dial);
+    RUN(test_redial_after_server_closes_conn);
+    RUN(test_server_gone_without_retry);
+    RUN(test_disable_retry);
+    knet_set_log(NULL, KNET_LOG_WARN, NULL); /* back to stderr */
+    return tu_end();
+}

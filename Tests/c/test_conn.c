@@ -1,0 +1,255 @@
+/* Connection accessors: userdata, local/remote "ip:port" strings matching the sockets,
+ * set_nodelay, retain/release keeping a handle valid after connect(false), close
+ * reasons, knet_strerror for every code, and the loop-thread setting. */
+#include "testutil.h"
+
+/* Loop threads can be set before the first server/client starts, not after. */
+static void check_loop_threads_before_start(void)
+{
+    CHECK_GE(knet_loop_threads(), 1);
+    CHECK_EQ(knet_set_loop_threads(2), 0);
+    CHECK_EQ(knet_loop_threads(), 2);
+}
+
+static void test_loop_threads_busy_after_start(void)
+{
+    CHECK_EQ(knet_set_loop_threads(3), KNET_EBUSY);
+    CHECK_EQ(knet_loop_threads(), 2);
+}
+
+/* ------------------------------------------------------------------ userdata */
+
+static int ud_token_a, ud_token_b;
+
+/* Hook: userdata set in connect(true) is what receive and connect(false) see. The
+ * tracker itself stores its record as userdata, so swap and restore around checks. */
+static void ud_receive(tu_rec *r, const void *buf, size_t len)
+{
+    (void)buf;
+    (void)len;
+    knet_conn_set_userdata(r->conn, &ud_token_a);
+    CHECK(knet_conn_userdata(r->conn) == &ud_token_a);
+    knet_conn_set_userdata(r->conn, NULL);
+    CHECK(knet_conn_userdata(r->conn) == NULL);
+    knet_conn_set_userdata(r->conn, r);
+}
+
+static void test_userdata(void)
+{
+    tu_tracker *t = tu_tracker_new(); /* checks userdata is NULL at connect(true) */
+    t->on_receive = ud_receive;
+    knet_handler h = tu_tracker_handler(t);
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &h, NULL);
+    CHECK_GT(port, 0);
+    int fd = tu_connect(port);
+    tu_write_str(fd, "x");
+    WAIT_GE(&t->msgs, 1);
+    knet_conn *conn = t->recs[0].conn;
+    CHECK(knet_conn_userdata(conn) == &t->recs[0]); /* from another thread too */
+    close(fd);
+    WAIT_GE(&t->disconnects, 1); /* connect(false) found the record through userdata */
+    /* Still readable and settable on a retained, closed conn. */
+    knet_conn_set_userdata(conn, &ud_token_b);
+    CHECK(knet_conn_userdata(conn) == &ud_token_b);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
+/* ------------------------------------------------------------------ addresses */
+
+/* Hook: asks for both addresses while open (so they stay available after close). */
+static void ask_addrs(tu_rec *r, bool connected)
+{
+    if (!connected)
+        return;
+    char b[KNET_ADDRSTRLEN];
+    CHECK_GT(knet_conn_local_addr(r->conn, b, sizeof b), 0);
+    CHECK_GT(knet_conn_remote_addr(r->conn, b, sizeof b), 0);
+}
+
+static void expect_addr(int rc, const char *got, const char *want)
+{
+    if (rc != (int)strlen(want) || strcmp(got, want) != 0) {
+        fprintf(stderr, "address: got %d \"%s\", want \"%s\"\n", rc, rc >= 0 ? got : "", want);
+        CHECK(0);
+    }
+}
+
+static void test_addresses(void)
+{
+    tu_tracker *st = tu_tracker_new();
+    st->on_connect = ask_addrs;
+    knet_handler sh = tu_tracker_handler(st);
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &sh, NULL);
+    CHECK_GT(port, 0);
+    int fd = tu_connect(port);
+    knet_conn *conn = tu_tracker_rec(st, 0)->conn;
+    char got[KNET_ADDRSTRLEN], want[KNET_ADDRSTRLEN];
+
+    snprintf(want, sizeof want, "127.0.0.1:%d", port);
+    expect_addr(knet_conn_local_addr(conn, got, sizeof got), got, want);
+    char server_side_remote[KNET_ADDRSTRLEN];
+    snprintf(server_side_remote, sizeof server_side_remote, "127.0.0.1:%d", tu_sock_port(fd));
+    expect_addr(knet_conn_remote_addr(conn, got, sizeof got), got, server_side_remote);
+
+    /* Too small a buffer: -ENOSPC (exactly strlen bytes leaves no room for the NUL). */
+    CHECK_EQ(knet_conn_remote_addr(conn, got, 5), -ENOSPC);
+    CHECK_EQ(knet_conn_local_addr(conn, got, strlen(want)), -ENOSPC);
+    expect_addr(knet_conn_local_addr(conn, got, strlen(want) + 1), got, want);
+
+    /* A knet client's view is the mirror image. */
+    tu_tracker *ct = tu_tracker_new();
+    ct->on_connect = ask_addrs;
+    knet_handler ch = tu_tracker_handler(ct);
+    knet_client *c = knet_client_new(want);
+    CHECK(c != NULL);
+    tu_client tc;
+    tu_client_start(&tc, c, &ch, NULL);
+    knet_conn *cconn = tu_tracker_rec(ct, 0)->conn;
+    knet_conn *sconn = tu_tracker_rec(st, 1)->conn;
+    char cl[KNET_ADDRSTRLEN], cr[KNET_ADDRSTRLEN], sl[KNET_ADDRSTRLEN], sr[KNET_ADDRSTRLEN];
+    CHECK_GT(knet_conn_local_addr(cconn, cl, sizeof cl), 0);
+    CHECK_GT(knet_conn_remote_addr(cconn, cr, sizeof cr), 0);
+    CHECK_GT(knet_conn_local_addr(sconn, sl, sizeof sl), 0);
+    CHECK_GT(knet_conn_remote_addr(sconn, sr, sizeof sr), 0);
+    CHECK(strcmp(cr, want) == 0);
+    CHECK(strcmp(sl, want) == 0);
+    CHECK(strcmp(cl, sr) == 0);
+    CHECK(strncmp(cl, "127.0.0.1:", 10) == 0);
+
+    /* After close: the strings asked for while open are still there. */
+    close(fd);
+    WAIT_GE(&st->disconnects, 1);
+    snprintf(want, sizeof want, "127.0.0.1:%d", port);
+    expect_addr(knet_conn_local_addr(conn, got, sizeof got), got, want);
+    expect_addr(knet_conn_remote_addr(conn, got, sizeof got), got, server_side_remote);
+
+    CHECK_EQ(knet_client_close(c), 0);
+    CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    knet_client_free(c);
+    WAIT_GE(&st->disconnects, 2);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(st);
+    tu_tracker_free(ct);
+}
+
+/* Never asked while open: after close the local address is KNET_ECLOSED (or, if the
+ * core kept it anyway, the right string); the remote one is always known. */
+static void test_addresses_never_asked(void)
+{
+    tu_tracker *t = tu_tracker_new();
+    knet_handler h = tu_tracker_handler(t);
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &h, NULL);
+    CHECK_GT(port, 0);
+    int fd = tu_connect(port);
+    char remote[KNET_ADDRSTRLEN], want[KNET_ADDRSTRLEN], got[KNET_ADDRSTRLEN];
+    snprintf(remote, sizeof remote, "127.0.0.1:%d", tu_sock_port(fd));
+    knet_conn *conn = tu_tracker_rec(t, 0)->conn;
+    close(fd);
+    WAIT_GE(&t->disconnects, 1);
+    int rc = knet_conn_local_addr(conn, got, sizeof got);
+    snprintf(want, sizeof want, "127.0.0.1:%d", port);
+    if (rc != KNET_ECLOSED)
+        expect_addr(rc, got, want);
+    expect_addr(knet_conn_remote_addr(conn, got, sizeof got), got, remote);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
+/* ------------------------------------------------------------------ nodelay, retain */
+
+static void test_nodelay_and_retain(void)
+{
+    tu_tracker *t = tu_tracker_new();
+    t->echo = true;
+    knet_handler h = tu_tracker_handler(t);
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &h, NULL);
+    CHECK_GT(port, 0);
+    int fd = tu_connect(port);
+    knet_conn *conn = tu_tracker_rec(t, 0)->conn;
+    CHECK_EQ(knet_conn_close_reason(conn), 1); /* open */
+    CHECK_EQ(knet_conn_set_nodelay(conn, false), 0);
+    CHECK_EQ(knet_conn_set_nodelay(conn, true), 0);
+    char b[4];
+    tu_write_str(fd, "abcd");
+    READ_EXACT(fd, b, 4);
+
+    /* An extra reference (besides the tracker's) keeps the handle valid after
+     * connect(false) and after the server is gone. */
+    knet_conn_retain(conn);
+    close(fd);
+    WAIT_GE(&t->disconnects, 1);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t); /* drops the tracker's reference */
+    CHECK_EQ(knet_conn_send(conn, "x", 1), KNET_ECLOSED);
+    CHECK_EQ(knet_conn_set_nodelay(conn, true), KNET_ECLOSED);
+    CHECK_EQ(knet_conn_close_reason(conn), KNET_EOF);
+    knet_conn_set_pending_send(conn, 3);
+    knet_conn_shutdown(conn);
+    knet_conn_close(conn);
+    CHECK_EQ(knet_conn_close_reason(conn), KNET_EOF); /* a late close does not rewrite it */
+    knet_conn_release(conn); /* last reference: ASan/LSan check it is freed exactly once */
+}
+
+/* ------------------------------------------------------------------ strerror */
+
+static void test_strerror(void)
+{
+    static const int codes[] = {KNET_ESERVERCLOSED, KNET_ECLIENTCLOSED, KNET_EPENDINGFULL,
+                                KNET_ECLOSED,       KNET_EADDR,         KNET_ECODEC,
+                                KNET_ERESOLVE,      KNET_EOF,           KNET_EBUSY};
+    enum { N = sizeof codes / sizeof codes[0] };
+    for (int i = 0; i < N; i++) {
+        const char *s = knet_strerror(codes[i]);
+        CHECK(s != NULL);
+        CHECK_GT(strlen(s), 0);
+        for (int j = 0; j < i; j++)
+            CHECK(strcmp(s, knet_strerror(codes[j])) != 0); /* each code its own text */
+    }
+    static const int sys[] = {-ECONNREFUSED, -EADDRINUSE, -ETIMEDOUT, -ECONNRESET, -EINVAL,
+                              -ENOSPC,       -EPROTO,     -ENOMEM};
+    for (size_t i = 0; i < sizeof sys / sizeof sys[0]; i++) {
+        const char *s = knet_strerror(sys[i]);
+        CHECK(s != NULL);
+        CHECK_GT(strlen(s), 0);
+    }
+    static const int odd[] = {0, 1, -99999, -20000, -20010, INT_MIN, INT_MAX};
+    for (size_t i = 0; i < sizeof odd / sizeof odd[0]; i++) {
+        const char *s = knet_strerror(odd[i]);
+        CHECK(s != NULL);
+        CHECK_GT(strlen(s), 0);
+    }
+    CHECK(strcmp(knet_strerror(-ECONNREFUSED), knet_strerror(-EADDRINUSE)) != 0);
+}
+
+/* The default handler ignores everything; a server using it still serves. */
+static void test_default_handler(void)
+{
+    CHECK(knet_default_handler.connect == NULL);
+    CHECK(knet_default_handler.receive == NULL);
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &knet_default_handler, NULL);
+    CHECK_GT(port, 0);
+    int fd = tu_connect(port);
+    tu_write_str(fd, "ignored");
+    close(fd);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+}
+
+int main(void)
+{
+    check_loop_threads_before_start(); /* before tu_begin starts the loops */
+    tu_begin();
+    RUN(test_loop_threads_busy_after_start);
+    RUN(test_userdata);
+    RUN(test_addresses);
+    RUN(test_addresses_never_asked);
+    RUN(test_nodelay_and_retain);
+    RUN(test_strerror);
+    RUN(test_default_handler);
+    return tu_end();
+}
