@@ -1,0 +1,80 @@
+import CKNet
+
+/// A persistent dialing client (knet's TCPClient): `dialAndServe` dials, serves the
+/// connection until it closes, then dials again, blocking the calling thread. Every
+/// callback runs on a loop thread. All methods are thread-safe.
+public final class TCPClient: Sendable {
+    /// The C client (thread-safe by the C contract); freed in deinit, which can only run
+    /// once no `dialAndServe` call is running, since that call keeps `self` alive.
+    nonisolated(unsafe) let handle: OpaquePointer
+    let current = ConnectionSlot()
+
+    /// Creates a client that dials `address` ("host:port" or "[v6]:port"); retry is off.
+    public init(_ address: String) {
+        _ = knetLoggingInstalled
+        guard let handle = knet_client_new(address) else { fatalError("knet_client_new: out of memory") }
+        self.handle = handle
+    }
+
+    deinit {
+        knet_client_free(handle)
+    }
+
+    /// Retries failed dials with exponential backoff (1 s doubling to 60 s by default).
+    public func enableRetry() {
+        knet_client_enable_retry(handle)
+    }
+
+    /// Makes a failed dial throw its error from `dialAndServe`.
+    public func disableRetry() {
+        knet_client_disable_retry(handle)
+    }
+
+    /// Sets the retry backoff: first wait `initial`, doubling up to `max`.
+    public func setRetryBackoff(initial: Duration, max: Duration) {
+        knet_client_set_retry_backoff(handle, knetMilliseconds(initial), knetMilliseconds(max))
+    }
+
+    /// Dials and serves with `handler` and `codec` (nil = defaults), dialing again each
+    /// time the connection ends. Blocks; throws `KNetError.clientClosed` after `close()`,
+    /// or the dial error (e.g. `.system(errno: ECONNREFUSED)`) when retry is off.
+    public func dialAndServe(handler: (any TCPHandler)? = nil, codec: (any Codec)? = nil) throws {
+        let rc = withExtendedLifetime(self) {
+            withServeContext(handler: handler, codec: codec, clientSlot: current) { cHandler, cCodec in
+                knet_client_dial_and_serve(handle, cHandler, cCodec)
+            }
+        }
+        throw KNetError(code: rc)
+    }
+
+    /// Closes the current connection and stops dialing (does not block; callable from
+    /// callbacks). Closing twice is harmless.
+    public func close() {
+        _ = knet_client_close(handle)
+    }
+
+    /// Graceful stop: no more dialing; the current connection is shut down as with
+    /// `TCPConnection.close(timeout:)`; then `dialAndServe` throws `.clientClosed`.
+    /// Does not block.
+    public func shutdown(timeout: Duration) {
+        _ = knet_client_shutdown(handle, knetMilliseconds(timeout))
+    }
+
+    /// Closes a connection with no bytes either way for `timeout` (reason
+    /// `.system(errno: ETIMEDOUT)`); nil or zero turns it off (the default).
+    public func setIdleTimeout(_ timeout: Duration?) {
+        knet_client_set_idle_timeout(handle, timeout.map(knetMilliseconds) ?? 0)
+    }
+
+    /// Bounds the bytes queued per connection (default 64 MiB, 0 = unlimited); a send
+    /// beyond it throws `.pendingSendFull`.
+    public func setMaxQueuedBytes(_ maxBytes: Int) {
+        knet_client_set_max_queued_bytes(handle, max(0, maxBytes))
+    }
+
+    /// The current connection: set just before its `connect(true)`, nil again from its
+    /// `connect(false)` on.
+    public var connection: TCPConnection? {
+        current.value.withLock { $0 }
+    }
+}

@@ -1,0 +1,138 @@
+import CKNet
+
+/// One TCP connection. The same object is passed to every callback of the connection,
+/// so `===` and `userdata` work across them. Its methods may be called from any thread,
+/// also from inside callbacks. It stays valid when kept past `connect(false)`; sends then
+/// throw `KNetError.connectionClosed`.
+public final class TCPConnection: Sendable {
+    /// The retained C connection (thread-safe by the C contract).
+    @usableFromInline nonisolated(unsafe) let handle: OpaquePointer
+    /// True when a Swift codec frames this connection's messages.
+    @usableFromInline let swiftCodec: Bool
+    /// Keeps the codec's storage alive while this object can send through it.
+    let codecOwner: (any AnyObject & Sendable)?
+    /// Guards `userdataValue` (a pthread mutex, so ThreadSanitizer sees it).
+    private let userdataLock = PThreadMutex()
+    nonisolated(unsafe) private var userdataValue: (any Sendable)?
+
+    init(handle: OpaquePointer, swiftCodec: Bool, codecOwner: (any AnyObject & Sendable)?) {
+        knet_conn_retain(handle)
+        self.handle = handle
+        self.swiftCodec = swiftCodec
+        self.codecOwner = codecOwner
+    }
+
+    deinit {
+        knet_conn_release(handle)
+        userdataLock.destroy()
+    }
+
+    /// Frames and queues a copy of `bytes` for sending (thread-safe). Throws
+    /// `.pendingSendFull` at the pending-send limit, `.connectionClosed` after close or
+    /// shutdown began, or the codec's error.
+    @inlinable
+    public func send(_ bytes: [UInt8]) throws {
+        if swiftCodec { return try sendThroughSwiftCodec(bytes) }
+        let rc = bytes.withUnsafeBytes { knet_conn_send(handle, $0.baseAddress, $0.count) }
+        if rc != 0 { throw KNetError(code: rc) }
+    }
+
+    /// Frames and queues a copy of the bytes in `buffer` for sending (thread-safe).
+    @inlinable
+    public func send(_ buffer: UnsafeRawBufferPointer) throws {
+        let rc = knet_conn_send(handle, buffer.baseAddress, buffer.count)
+        if rc != 0 { throw KNetError(code: rc) }
+    }
+
+    /// Frames and queues a copy of any byte sequence (thread-safe); contiguous ones
+    /// (`ArraySlice`, `ContiguousArray`, ...) are sent without an extra copy.
+    @inlinable
+    public func send<Bytes: Sequence>(_ bytes: Bytes) throws where Bytes.Element == UInt8 {
+        let done: Void? = try bytes.withContiguousStorageIfAvailable { try send(UnsafeRawBufferPointer($0)) }
+        if done == nil { try send(Array(bytes)) }
+    }
+
+    /// Sends through a Swift codec, handing it this very array instead of a copy.
+    @usableFromInline
+    func sendThroughSwiftCodec(_ bytes: [UInt8]) throws {
+        let slot = ThreadSlot.current
+        let rc: Int32 = bytes.withUnsafeBytes { raw in
+            slot.outgoing = bytes
+            slot.outgoingBase = raw.baseAddress
+            defer {
+                slot.outgoing = nil
+                slot.outgoingBase = nil
+            }
+            return knet_conn_send(handle, raw.baseAddress, raw.count)
+        }
+        if rc != 0 { throw KNetError(code: rc) }
+    }
+
+    /// Limits the messages queued and not yet written (0 = unlimited, the default).
+    public func setPendingSend(_ maxMessages: Int) {
+        knet_conn_set_pending_send(handle, maxMessages < 0 ? 0 : maxMessages)
+    }
+
+    /// Bounds the bytes queued and not yet written (0 = unlimited; the default comes from the
+    /// server or client, 64 MiB unless set there): a send beyond it throws
+    /// `.pendingSendFull`; one message is always accepted into an empty queue.
+    public func setMaxQueuedBytes(_ maxBytes: Int) {
+        knet_conn_set_max_queued_bytes(handle, maxBytes < 0 ? 0 : maxBytes)
+    }
+
+    /// Sets TCP_NODELAY (on by default). Throws `.connectionClosed` or a system error.
+    public func setNoDelay(_ on: Bool) throws {
+        let rc = knet_conn_set_nodelay(handle, on)
+        if rc != 0 { throw KNetError(code: rc) }
+    }
+
+    /// Graceful close with the default 3 s timeout (see `close(timeout:)`).
+    public func shutdown() {
+        knet_conn_shutdown(handle)
+    }
+
+    /// Graceful close: refuses new sends, writes every queued byte, half-closes, keeps
+    /// delivering what the peer sends until it closes, and force-closes after `timeout`.
+    public func close(timeout: Duration) {
+        knet_conn_close_with_timeout(handle, knetMilliseconds(timeout))
+    }
+
+    /// Closes at once: queued and unread bytes are dropped. `connect(false)` follows on
+    /// the loop thread (after the current callback, when called from one).
+    public func close() {
+        knet_conn_close(handle)
+    }
+
+    /// The local address as "ip:port" ("[v6]:port"), or nil when it is not known.
+    public var localAddress: String? {
+        address { knet_conn_local_addr(handle, $0, $1) }
+    }
+
+    /// The peer address as "ip:port" ("[v6]:port"), or nil when it is not known.
+    public var remoteAddress: String? {
+        address { knet_conn_remote_addr(handle, $0, $1) }
+    }
+
+    private func address(_ fetch: (UnsafeMutablePointer<CChar>, Int) -> Int32) -> String? {
+        withUnsafeTemporaryAllocation(of: CChar.self, capacity: 64 /* KNET_ADDRSTRLEN */) { buf in
+            guard let base = buf.baseAddress, fetch(base, buf.count) >= 0 else { return nil }
+            return String(cString: base)
+        }
+    }
+
+    /// Any value the application attaches to this connection (thread-safe).
+    public var userdata: (any Sendable)? {
+        get { userdataLock.withLock { userdataValue } }
+        set { userdataLock.withLock { userdataValue = newValue } }
+    }
+
+    /// Why the connection closed, or `.open` while it is open.
+    public var closeReason: CloseReason {
+        let rc = knet_conn_close_reason(handle)
+        switch rc {
+        case 1: return .open
+        case 0: return .local
+        default: return .error(KNetError(code: rc))
+        }
+    }
+}

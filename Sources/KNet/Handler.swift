@@ -1,0 +1,25 @@
+/// Connection events of a server or client. Every callback of one connection runs on
+/// that connection's loop thread, in order (`connect(true)`, every `receive`,
+/// `connect(false)`), never concurrently with each other; a callback that blocks stalls
+/// every connection of its loop. `connect(false)` comes exactly once for every
+/// connection that got `connect(true)`.
+public protocol TCPHandler: Sendable {
+    /// The connection was established (`connected == true`) or has closed (`false`);
+    /// runs on the connection's loop thread.
+    func connect(_ conn: TCPConnection, connected: Bool)
+    /// One message decoded by the codec arrived; runs on the connection's loop thread.
+    func receive(_ conn: TCPConnection, _ buf: [UInt8])
+}
+
+extension TCPHandler {
+    /// Ignores connection events by default.
+    public func connect(_ conn: TCPConnection, connected: Bool) {}
+    /// Ignores received messages by default.
+    public func receive(_ conn: TCPConnection, _ buf: [UInt8]) {}
+}
+
+/// The handler that ignores every event (knet's DefaultTCPHandler).
+public struct DefaultTCPHandler: TCPHandler {
+    /// Creates the handler that ignores every event.
+    public init() {}
+}

@@ -1,0 +1,195 @@
+// knet-pingpong: the raw-echo throughput test (knet's pingpong test) as a program.
+//
+//   knet-pingpong                                   server + clients in one process
+//   knet-pingpong server PORT THREADS               echo server until SIGINT/SIGTERM
+//   knet-pingpong client PORT CONNS BLOCK SECONDS THREADS
+//   options: --host H (default 127.0.0.1); for the one-process run also --conns N,
+//   --block BYTES, --seconds S, --threads N (or KNET_PINGPONG_CONNS/_BLOCK/_SECONDS/_THREADS).
+//
+// Protocol: the server echoes everything; each client connection sends one block
+// (byte i = i % 128) when it connects, then echoes whatever it reads.
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Dispatch
+import Foundation
+import KNet
+import Synchronization
+
+/// Echoes every received buffer back (the server side).
+struct EchoHandler: TCPHandler {
+    func receive(_ conn: TCPConnection, _ buf: [UInt8]) {
+        try? conn.send(buf)
+    }
+}
+
+/// The client side of one connection: sends the block on connect, then echoes and counts
+/// what it reads. One per client, so only its connection's loop thread writes the counters.
+final class PingPongHandler: TCPHandler {
+    let block: [UInt8]
+    let bytesRead = Atomic<Int>(0)
+    let messagesRead = Atomic<Int>(0)
+    // Keeps two handlers' counters off one cache line.
+    private let padding: (Int, Int, Int, Int, Int, Int, Int, Int) = (0, 0, 0, 0, 0, 0, 0, 0)
+
+    init(block: [UInt8]) {
+        self.block = block
+    }
+
+    func connect(_ conn: TCPConnection, connected: Bool) {
+        if connected { try? conn.send(block) }
+    }
+
+    func receive(_ conn: TCPConnection, _ buf: [UInt8]) {
+        // Single writer: a plain load and store instead of a read-modify-write.
+        bytesRead.store(bytesRead.load(ordering: .relaxed) + buf.count, ordering: .relaxed)
+        messagesRead.store(messagesRead.load(ordering: .relaxed) + 1, ordering: .relaxed)
+        try? conn.send(buf)
+    }
+}
+
+func fail(_ message: String) -> Never {
+    var stderr = FileHandle.standardError
+    print("knet-pingpong: \(message)", to: &stderr)
+    exit(2)
+}
+
+extension FileHandle: @retroactive TextOutputStream {
+    public func write(_ string: String) { write(Data(string.utf8)) }
+}
+
+/// Runs `body` on a new thread; the returned semaphore is signalled when it returns.
+func spawn(_ body: @escaping @Sendable () -> Void) -> DispatchSemaphore {
+    let done = DispatchSemaphore(value: 0)
+    let thread = Thread {
+        body()
+        done.signal()
+    }
+    thread.stackSize = 1 << 20
+    thread.start()
+    return done
+}
+
+func setThreads(_ threads: Int) {
+    do { try setLoopThreads(threads) } catch { fail("cannot set \(threads) loop threads: \(error)") }
+}
+
+/// "host:port", with an IPv6 host in brackets as knet expects.
+func formatAddress(_ host: String, _ port: Int) -> String {
+    host.contains(":") && !host.hasPrefix("[") ? "[\(host)]:\(port)" : "\(host):\(port)"
+}
+
+/// Runs CONNS clients against host:port for `seconds` and prints the four result lines.
+func runClients(host: String, port: Int, conns: Int, blockSize: Int, seconds: Double) {
+    let block = (0..<blockSize).map { UInt8($0 % 128) }
+    let handlers = (0..<conns).map { _ in PingPongHandler(block: block) }
+    let clients = (0..<conns).map { _ in TCPClient(formatAddress(host, port)) }
+    let finished = zip(clients, handlers).map { client, handler in
+        spawn {
+            client.disableRetry()
+            do {
+                try client.dialAndServe(handler: handler, codec: nil)
+            } catch KNetError.clientClosed {
+            } catch {
+                fail("client: \(error)")
+            }
+        }
+    }
+    Thread.sleep(forTimeInterval: seconds) // the measuring period itself
+    let bytes = handlers.reduce(0) { $0 + $1.bytesRead.load(ordering: .relaxed) }
+    let messages = handlers.reduce(0) { $0 + $1.messagesRead.load(ordering: .relaxed) }
+    for client in clients { client.close() }
+    for done in finished { done.wait() }
+    // The same four lines, and the same arithmetic, as the C knet_pingpong.
+    print("\(bytes) total bytes read")
+    print("\(messages) total messages read")
+    print("\(messages == 0 ? 0 : bytes / messages) average message size")
+    print(String(format: "%.1f MiB/s throughput", Double(bytes) / seconds / 1_048_576))
+}
+
+/// Starts an echo server on host:port in the background and returns it once listening.
+func startServer(host: String, port: Int) -> (TCPServer, DispatchSemaphore) {
+    let server = TCPServer(formatAddress(host, port))
+    let done = spawn {
+        do {
+            try server.listenAndServe(handler: EchoHandler(), codec: nil)
+        } catch KNetError.serverClosed {
+        } catch {
+            fail("server: \(error)")
+        }
+    }
+    do { try server.waitUntilListening(timeout: .seconds(10)) } catch { fail("server: \(error)") }
+    return (server, done)
+}
+
+// ---------------------------------------------------------------- arguments
+
+var positional: [String] = []
+var options: [String: String] = [:]
+do {
+    var arguments = CommandLine.arguments.dropFirst()
+    while let argument = arguments.popFirst() {
+        if argument.hasPrefix("--") {
+            guard let value = arguments.popFirst() else { fail("\(argument) needs a value") }
+            options[String(argument.dropFirst(2))] = value
+        } else {
+            positional.append(argument)
+        }
+    }
+}
+let host = options["host"] ?? "127.0.0.1"
+
+func number(_ text: String?, _ name: String) -> Int {
+    guard let text, let value = Int(text), value >= 0 else { fail("bad \(name): \(text ?? "missing")") }
+    return value
+}
+
+/// A one-process setting: --name, else KNET_PINGPONG_NAME, else the default.
+func setting(_ name: String, _ fallback: Double, _ options: [String: String]) -> Double {
+    let text = options[name] ?? ProcessInfo.processInfo.environment["KNET_PINGPONG_\(name.uppercased())"]
+    guard let text else { return fallback }
+    guard let value = Double(text), value >= 0 else { fail("bad \(name): \(text)") }
+    return value
+}
+
+switch positional.first {
+case "server":
+    guard positional.count == 3 else { fail("usage: knet-pingpong server PORT THREADS [--host H]") }
+    let port = number(positional[1], "PORT")
+    setThreads(number(positional[2], "THREADS"))
+    // Block the stop signals before any thread exists, then wait for one here.
+    var signals = sigset_t()
+    sigemptyset(&signals)
+    sigaddset(&signals, SIGINT)
+    sigaddset(&signals, SIGTERM)
+    pthread_sigmask(SIG_BLOCK, &signals, nil)
+    let (server, done) = startServer(host: host, port: port)
+    var stderr = FileHandle.standardError
+    print("knet-pingpong server listening on \(host):\(server.port)", to: &stderr)
+    var received: Int32 = 0
+    sigwait(&signals, &received)
+    server.close()
+    done.wait()
+case "client":
+    guard positional.count == 6 else {
+        fail("usage: knet-pingpong client PORT CONNS BLOCK SECONDS THREADS [--host H]")
+    }
+    let port = number(positional[1], "PORT")
+    let conns = number(positional[2], "CONNS")
+    let block = number(positional[3], "BLOCK")
+    guard let seconds = Double(positional[4]), seconds > 0 else { fail("bad SECONDS: \(positional[4])") }
+    setThreads(number(positional[5], "THREADS"))
+    runClients(host: host, port: port, conns: conns, blockSize: block, seconds: seconds)
+case nil:
+    let threads = Int(setting("threads", 0, options))
+    setThreads(threads)
+    let (server, done) = startServer(host: host, port: 0)
+    runClients(host: host, port: server.port, conns: Int(setting("conns", 10, options)),
+               blockSize: Int(setting("block", 16384, options)), seconds: setting("seconds", 5, options))
+    server.close()
+    done.wait()
+default:
+    fail("usage: knet-pingpong [server PORT THREADS | client PORT CONNS BLOCK SECONDS THREADS] [--host H]")
+}

@@ -1,0 +1,160 @@
+import Dispatch
+import Foundation
+import KNet
+import Synchronization
+import Testing
+
+/// The codecs the echo test runs with (Swift Testing arguments must be Sendable and printable).
+enum CodecCase: String, CaseIterable, Sendable, CustomTestStringConvertible {
+    case raw, std, lengthField4, lengthField1LittleEndian, lengthField8, swiftHeaderBody
+    /// The built-in codecs' Swift implementations on the server, the C ones on the client.
+    case swiftStdAgainstC, swiftLengthField2LittleEndianAgainstC
+
+    var testDescription: String { rawValue }
+
+    func make() -> (any Codec)? {
+        switch self {
+        case .raw: return nil
+        case .std: return StdCodec()
+        case .lengthField4: return LengthFieldCodec(lengthBytes: 4, endianness: .big, maxFrame: 1 << 20)
+        case .lengthField1LittleEndian: return LengthFieldCodec(lengthBytes: 1, endianness: .little)
+        case .lengthField8: return LengthFieldCodec(lengthBytes: 8, endianness: .little, maxFrame: 1 << 20)
+        case .swiftHeaderBody: return HeaderBodyCodec()
+        case .swiftStdAgainstC: return SwiftOnly(StdCodec())
+        case .swiftLengthField2LittleEndianAgainstC: return SwiftOnly(LengthFieldCodec(lengthBytes: 2, endianness: .little))
+        }
+    }
+
+    /// The client's codec: the same, or the C codec a Swift-only wrapper stands for.
+    func makeClientCodec() -> (any Codec)? {
+        switch self {
+        case .swiftStdAgainstC: return StdCodec()
+        case .swiftLengthField2LittleEndianAgainstC: return LengthFieldCodec(lengthBytes: 2, endianness: .little)
+        default: return make()
+        }
+    }
+
+    var messageSizes: [Int] {
+        switch self {
+        case .raw: return [1, 100, 70_000, 300_000]
+        case .std, .swiftStdAgainstC, .swiftLengthField2LittleEndianAgainstC: return [0, 1, 2, 1000, 65_535, 3]
+        case .lengthField1LittleEndian: return [0, 1, 255, 17]
+        case .lengthField4, .lengthField8, .swiftHeaderBody: return [0, 1, 65_536, 200_000, 5]
+        }
+    }
+}
+
+/// Runs a codec's Swift read/write (knet would otherwise use the C codec it stands for).
+struct SwiftOnly<Inner: Codec>: Codec {
+    let inner: Inner
+    init(_ inner: Inner) { self.inner = inner }
+    func read(from reader: inout ByteReader) throws -> [UInt8] { try inner.read(from: &reader) }
+    func write(to writer: inout ByteWriter, _ message: [UInt8]) throws { try inner.write(to: &writer, message) }
+    var maxFrameSize: Int { inner.maxFrameSize }
+}
+
+extension KNetTests {
+    @Test("echo round trip through a TCPServer and a TCPClient", arguments: CodecCase.allCases)
+    func echo(codecCase: CodecCase) throws {
+        let serverHandler = RecordingHandler(echo: true)
+        let server = try ServerHarness(handler: serverHandler, codec: codecCase.make())
+        let messages = codecCase.messageSizes.enumerated().map { pattern($1, offset: $0) }
+        let clientHandler = RecordingHandler(onConnect: { conn in
+            for message in messages { try? conn.send(message) }
+        })
+        let client = ClientHarness(port: server.port, handler: clientHandler, codec: codecCase.makeClientCodec())
+        let total = messages.reduce(0) { $0 + $1.count }
+        #expect(eventually { clientHandler.totalBytes == total })
+
+        let received = try #require(clientHandler.only)
+        if codecCase == .raw {
+            // A raw stream keeps the bytes, not the message boundaries.
+            #expect(received.bytes == messages.flatMap { $0 })
+        } else {
+            #expect(received.messages == messages)
+            #expect(serverHandler.only?.messages == messages)
+        }
+        #expect(client.client.connection != nil)
+        #expect(client.stop() == .clientClosed)
+        #expect(client.client.connection == nil)
+        #expect(server.stop() == .serverClosed)
+        #expect(clientHandler.snapshot.identityFailures == 0)
+        #expect(serverHandler.snapshot.identityFailures == 0)
+    }
+
+    @Test("a Swift codec reading header and body separately gets every frame from a one-byte-at-a-time peer")
+    func oneByteAtATime() throws {
+        let codec = HeaderBodyCodec()
+        let handler = RecordingHandler()
+        let server = try ServerHarness(handler: handler, codec: codec)
+        let frames = [0, 1, 2, 3, 7, 64, 300].enumerated().map { pattern($1, offset: $0 * 7) }
+        var wire: [UInt8] = []
+        for frame in frames {
+            wire += withUnsafeBytes(of: UInt32(frame.count).bigEndian) { Array($0) }
+            wire += frame
+        }
+        let peer = try PlainSocket(port: server.port)
+        for (index, byte) in wire.enumerated() {
+            try peer.write([byte])
+            // Wait until the codec saw this byte, so every partial frame length is offered.
+            let seen = eventually { codec.observed.load(ordering: .relaxed) >= index + 1 }
+            try #require(seen, "codec never saw byte \(index)")
+        }
+        #expect(eventually { handler.totalMessages == frames.count })
+        #expect(handler.only?.messages == frames)
+        // One call per byte at least: the codec really was called on partial frames.
+        #expect(codec.calls.load(ordering: .relaxed) >= wire.count)
+        #expect(server.stop() == .serverClosed)
+    }
+
+    @Test("sends from several threads arrive in order per thread")
+    func orderingAcrossThreads() throws {
+        let threads = 4
+        let perThread = 1000
+        let handler = RecordingHandler()
+        let server = try ServerHarness(handler: handler, codec: StdCodec())
+        let client = ClientHarness(port: server.port, handler: nil, codec: StdCodec())
+        #expect(eventually { client.client.connection != nil })
+        let conn = try #require(client.client.connection)
+
+        let senders = (0..<threads).map { thread in
+            Background {
+                for seq in 0..<perThread {
+                    var message: [UInt8] = [UInt8(thread)]
+                    message += withUnsafeBytes(of: UInt32(seq).bigEndian) { Array($0) }
+                    try conn.send(message)
+                }
+            }
+        }
+        for sender in senders { #expect(sender.join() == nil) }
+        #expect(eventually { handler.totalMessages == threads * perThread })
+
+        var sequences = [[Int]](repeating: [], count: threads)
+        for message in handler.only?.messages ?? [] {
+            let seq = message[1...].reduce(0) { $0 << 8 | Int($1) }
+            sequences[Int(message[0])].append(seq)
+        }
+        for thread in 0..<threads {
+            #expect(sequences[thread] == Array(0..<perThread), "thread \(thread) out of order")
+        }
+        #expect(client.stop() == .clientClosed)
+        #expect(server.stop() == .serverClosed)
+    }
+
+    @Test("a Swift codec error closes only that connection")
+    func codecErrorClosesOnlyThatConnection() throws {
+        let handler = RecordingHandler(echo: true)
+        let server = try ServerHarness(handler: handler, codec: HeaderBodyCodec(rejectLengthAbove: 100))
+        let good = try PlainSocket(port: server.port)
+        let bad = try PlainSocket(port: server.port)
+        #expect(eventually { handler.connectionCount == 2 })
+        try bad.write([0, 0, 1, 0])  // a 256-byte frame: rejected
+        #expect(try bad.read() == [], "the bad connection is closed")
+        try good.write([0, 0, 0, 2, 42, 43])
+        #expect(try good.read(exactly: 6) == [0, 0, 0, 2, 42, 43], "the other connection still echoes")
+        #expect(eventually { handler.snapshot.connections.values.contains { $0.disconnects == 1 } })
+        let reasons = handler.snapshot.connections.values.compactMap(\.reasonAtDisconnect)
+        #expect(reasons == [.error(.codec)])
+        #expect(server.stop() == .serverClosed)
+    }
+}

@@ -1,0 +1,100 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import KNet
+import Testing
+
+extension KNetTests {
+    @Test("listenAndServe throws serverClosed after close(); a second serve call is refused")
+    func serverClosed() throws {
+        let server = try ServerHarness(handler: nil, codec: nil)
+        #expect(server.server.port == server.port)
+        #expect(throws: KNetError.busy) { try server.server.listenAndServe(handler: nil, codec: nil) }
+        #expect(server.stop() == .serverClosed)
+    }
+
+    @Test("dialAndServe throws clientClosed after close(), also while waiting to retry")
+    func clientClosed() throws {
+        let server = try ServerHarness(handler: nil, codec: nil)
+        let handler = RecordingHandler()
+        let client = ClientHarness(port: server.port, handler: handler, codec: nil)
+        #expect(eventually { handler.only?.connects == 1 })
+        #expect(client.stop() == .clientClosed)
+        #expect(handler.only?.disconnects == 1)
+        #expect(handler.only?.reasonAtDisconnect == .error(.clientClosed))
+        #expect(server.stop() == .serverClosed)
+
+        // Closing interrupts a retry backoff at once.
+        let retrying = TCPClient("127.0.0.1:\(try unusedPort())")
+        retrying.enableRetry()
+        retrying.setRetryBackoff(initial: .seconds(30), max: .seconds(60))
+        let serving = Background { try retrying.dialAndServe(handler: nil, codec: nil) }
+        retrying.close()
+        #expect(serving.join(timeout: 5) as? KNetError == .clientClosed)
+    }
+
+    @Test("a failed dial without retry throws the system error")
+    func dialRefused() throws {
+        let client = TCPClient("127.0.0.1:\(try unusedPort())")
+        #expect(throws: KNetError.system(errno: ECONNREFUSED)) { try client.dialAndServe(handler: nil, codec: nil) }
+    }
+
+    @Test("a bad address is reported by listenAndServe")
+    func invalidAddress() throws {
+        let server = TCPServer("127.0.0.1:notaport")
+        #expect(throws: KNetError.invalidAddress) { try server.listenAndServe(handler: nil, codec: nil) }
+    }
+
+    @Test("send throws pendingSendFull at the pending-send limit")
+    func pendingSendFull() throws {
+        let handler = RecordingHandler()
+        let server = try ServerHarness(handler: handler, codec: nil)
+        let peer = try PlainSocket(port: server.port)  // never reads
+        #expect(eventually { handler.only?.object != nil })
+        let conn = try #require(handler.only?.object)
+        conn.setPendingSend(2)
+        let message = [UInt8](repeating: 7, count: 256 * 1024)
+        var thrown: KNetError?
+        for _ in 0..<2000 {
+            do { try conn.send(message) } catch let error as KNetError {
+                thrown = error
+                break
+            }
+        }
+        #expect(thrown == .pendingSendFull)
+        conn.close()
+        #expect(throws: KNetError.connectionClosed) { try conn.send(message) }
+        #expect(server.stop() == .serverClosed)
+        _ = peer
+    }
+
+    @Test("errors describe themselves and round-trip through their C codes")
+    func errorDescriptions() {
+        let all: [KNetError] = [.serverClosed, .clientClosed, .pendingSendFull, .connectionClosed, .invalidAddress,
+                                .resolveFailed, .codec, .endOfStream, .busy, .system(errno: ECONNREFUSED)]
+        for error in all {
+            #expect(KNetError(code: error.code) == error)
+            #expect(!error.description.isEmpty)
+        }
+        #expect(Set(all.map(\.description)).count == all.count)
+        #expect(KNetError.system(errno: ECONNREFUSED).description == String(cString: strerror(ECONNREFUSED)))
+    }
+
+    @Test("the client retries until a server appears")
+    func clientRetry() throws {
+        let port = try unusedPort()
+        let clientHandler = RecordingHandler()
+        let client = ClientHarness(port: port, handler: clientHandler, codec: nil, retry: true)
+        // Several backoff periods pass with nothing listening: still dialing, not failed.
+        let start = ContinuousClock.now
+        #expect(!eventually(.milliseconds(150)) { clientHandler.connectionCount > 0 })
+        #expect(ContinuousClock.now - start >= .milliseconds(150))
+        let serverHandler = RecordingHandler()
+        let server = TCPServer("127.0.0.1:\(port)")
+        let serving = Background { try server.listenAndServe(handler: serverHandler, codec: nil) }
+        #expect(eventually { clientHandler.only?.connects == 1 && serverHandler.only?.connects == 1 })
+        #expect(client.stop() == .clientClosed)
+        server.close()
+        #expect(serving.join() as? KNetError == .serverClosed)
+    }
+}

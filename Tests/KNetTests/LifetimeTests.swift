@@ -1,0 +1,124 @@
+import KNet
+import Testing
+
+/// Holds weak references to every object a test created.
+final class WeakRefs: @unchecked Sendable {
+    // Written by the test thread only, before the objects are released; read after.
+    weak var server: TCPServer?
+    weak var client: TCPClient?
+    weak var serverHandler: RecordingHandler?
+    weak var clientHandler: RecordingHandler?
+    weak var codec: HeaderBodyCodec?
+    let serverConnection = WeakConnection()
+    weak var clientConnection: TCPConnection?
+
+    var allGone: Bool {
+        server == nil && client == nil && serverHandler == nil && clientHandler == nil && codec == nil
+            && serverConnection.value == nil && clientConnection == nil
+    }
+}
+
+/// A weak reference to a connection that a loop thread sets and the test thread reads.
+final class WeakConnection: Sendable {
+    private struct Ref { weak var conn: TCPConnection? }
+    private let ref = Locked(Ref())
+
+    var value: TCPConnection? {
+        get { ref.withLock { $0.conn } }
+        set { ref.withLock { $0.conn = newValue } }
+    }
+}
+
+extension KNetTests {
+    @Test("servers, clients, handlers, codecs and connections are freed once everything returned")
+    func noLeaks() throws {
+        let refs = WeakRefs()
+        try runAndDropEverything(refs)
+        #expect(eventually { refs.allGone })
+        #expect(refs.server == nil)
+        #expect(refs.client == nil)
+        #expect(refs.serverHandler == nil)
+        #expect(refs.clientHandler == nil)
+        #expect(refs.codec == nil)
+        #expect(refs.serverConnection.value == nil)
+        #expect(refs.clientConnection == nil)
+    }
+
+    private func runAndDropEverything(_ refs: WeakRefs) throws {
+        let codec = HeaderBodyCodec()
+        let serverHandler = RecordingHandler(echo: true, keepObjects: false,
+                                             onConnect: { [weakConnection = refs.serverConnection] conn in
+                                                 weakConnection.value = conn
+                                             })
+        let server = try ServerHarness(handler: serverHandler, codec: codec)
+        let clientHandler = RecordingHandler(keepObjects: false, onConnect: { conn in try? conn.send([1, 2, 3]) })
+        let client = ClientHarness(port: server.port, handler: clientHandler, codec: codec)
+        #expect(eventually { clientHandler.totalMessages == 1 })
+        let clientConnection = try #require(client.client.connection)
+        refs.server = server.server
+        refs.client = client.client
+        refs.serverHandler = serverHandler
+        refs.clientHandler = clientHandler
+        refs.codec = codec
+        refs.clientConnection = clientConnection
+        #expect(refs.serverConnection.value != nil)
+        #expect(client.stop() == .clientClosed)
+        #expect(server.stop() == .serverClosed)
+        // Kept past disconnect, the connection is still a valid object.
+        #expect(clientConnection.closeReason == .error(.clientClosed))
+        #expect(throws: KNetError.connectionClosed) { try clientConnection.send([4]) }
+    }
+
+    @Test("a kept connection outlives its server and is freed when dropped")
+    func connectionOutlivesServer() throws {
+        weak var weakConnection: TCPConnection?
+        do {
+            let handler = RecordingHandler()
+            var server: ServerHarness? = try ServerHarness(handler: handler, codec: LengthFieldCodec())
+            let peer = try PlainSocket(port: server!.port)
+            #expect(eventually { handler.only?.object != nil })
+            let conn = try #require(handler.only?.object)
+            weakConnection = conn
+            #expect(server?.stop() == .serverClosed)
+            server = nil
+            #expect(eventually { handler.only?.disconnects == 1 })
+            // The server is gone; the connection object still answers.
+            #expect(throws: KNetError.connectionClosed) { try conn.send([1]) }
+            #expect(conn.closeReason == .error(.serverClosed))
+            // Every other call on it is harmless.
+            #expect(throws: KNetError.connectionClosed) { try conn.setNoDelay(false) }
+            conn.setPendingSend(1)
+            conn.setMaxQueuedBytes(1)
+            conn.shutdown()
+            conn.close(timeout: .milliseconds(1))
+            conn.close()
+            #expect(conn.remoteAddress?.hasPrefix("127.0.0.1:") == true)
+            #expect(conn.closeReason == .error(.serverClosed))
+            handler.state.withLock { $0.connections.removeAll() }
+            _ = peer
+        }
+        #expect(weakConnection == nil)
+    }
+
+    @Test("userdata set on a connection is seen by every callback and other threads")
+    func userdataAcrossCallbacks() throws {
+        struct Tag: Sendable, Equatable { let name: String }
+        let seen = Locked<[Tag?]>([])
+        struct TagHandler: TCPHandler {
+            let seen: @Sendable (Tag?) -> Void
+            func connect(_ conn: TCPConnection, connected: Bool) {
+                if connected { conn.userdata = Tag(name: "mine") } else { seen(conn.userdata as? Tag) }
+            }
+            func receive(_ conn: TCPConnection, _ buf: [UInt8]) { seen(conn.userdata as? Tag) }
+        }
+        let server = try ServerHarness(handler: TagHandler(seen: { tag in seen.withLock { $0.append(tag) } }), codec: nil)
+        let peer = try PlainSocket(port: server.port)
+        try peer.write([1])
+        #expect(eventually { seen.withLock { $0.count } == 1 })
+        try peer.write([2])
+        #expect(eventually { seen.withLock { $0.count } == 2 })
+        #expect(server.stop() == .serverClosed)
+        #expect(seen.withLock { $0 } == [Tag(name: "mine"), Tag(name: "mine"), Tag(name: "mine")])
+        _ = peer
+    }
+}
