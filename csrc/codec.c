@@ -106,20 +106,10 @@ struct iovec *kn_writer_iov(knet_writer *w, struct iovec *stack, size_t cap, siz
 
 /* ------------------------------------------------------------ raw stream */
 
-static ptrdiff_t raw_read(const void *in, size_t in_len, const void **msg, size_t *msg_len,
-                          void *ud) {
-    (void)ud;
-    *msg = in;
-    *msg_len = in_len;
-    return (ptrdiff_t)in_len;
-}
-
-static int raw_write(knet_writer *w, const void *msg, size_t len, void *ud) {
-    (void)ud;
-    return knet_writer_write(w, msg, len);
-}
-
-const knet_codec knet_default_codec = {raw_read, raw_write, NULL, 0};
+/* No callbacks: the core treats a missing read as "everything buffered is one
+ * message" and a missing write as "the message is its own frame", and then
+ * skips the writer altogether. */
+const knet_codec knet_default_codec = {NULL, NULL, NULL, 0};
 
 /* ------------------------------------------------------------ length prefixes */
 

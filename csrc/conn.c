@@ -416,9 +416,11 @@ static void conn_read(kn_loop *L, knet_conn *c) {
         }
         size_t left = total - off;
         if (left == 0) {
-            free(c->ibuf);
-            c->ibuf = NULL;
-            c->ilen = c->icap = 0;
+            if (c->ibuf) { /* an idle connection holds no read buffer */
+                free(c->ibuf);
+                c->ibuf = NULL;
+                c->ilen = c->icap = 0;
+            }
         } else if (left > o->max_frame) {
             kn_conn_finish(c, KNET_ECODEC);
             return;
@@ -456,13 +458,42 @@ static void conn_on_io(kn_loop *L, kn_io *io, uint32_t ev) {
 
 /* ------------------------------------------------------------ sending */
 
-/* Frames buf with the connection's codec into w. */
-static int conn_frame(knet_conn *c, knet_writer *w, const void *buf, size_t len) {
-    kn_writer_init(w, buf, len);
+/* One message ready to go out, as iovecs: the caller's bytes themselves when
+ * the codec has no write callback (a raw stream), else what the codec wrote. */
+typedef struct kn_frame {
+    struct iovec *iov; /* stack, or malloc'd for many pieces */
+    size_t n, total;
+    bool framed; /* w holds resources */
+    knet_writer w;
+    struct iovec stack[8];
+} kn_frame;
+
+static int frame_make(knet_conn *c, kn_frame *f, const void *buf, size_t len) {
     const knet_codec *k = &c->owner->codec;
-    int rc = k->write ? k->write(w, buf, len, k->ud) : knet_writer_write(w, buf, len);
-    if (rc < 0) kn_writer_free(w);
-    return rc;
+    f->framed = k->write != NULL;
+    f->iov = f->stack;
+    if (!f->framed) {
+        f->stack[0].iov_base = (void *)buf;
+        f->stack[0].iov_len = len;
+        f->n = len ? 1 : 0;
+        f->total = len;
+        return 0;
+    }
+    kn_writer_init(&f->w, buf, len);
+    int rc = k->write(&f->w, buf, len, k->ud);
+    if (rc == 0 && !(f->iov = kn_writer_iov(&f->w, f->stack, 8, &f->n))) rc = -ENOMEM;
+    if (rc < 0) {
+        kn_writer_free(&f->w);
+        return rc;
+    }
+    f->total = f->w.total;
+    return 0;
+}
+
+static void frame_free(kn_frame *f) {
+    if (!f->framed) return;
+    if (f->iov != f->stack) free(f->iov);
+    kn_writer_free(&f->w);
 }
 
 /* Records a failure found on the loop outside the loop's own handlers (a
@@ -481,20 +512,13 @@ static bool conn_full(knet_conn *c, size_t more) {
 static int send_on_loop(knet_conn *c, const void *buf, size_t len) {
     if (atomic_load_explicit(&c->state, memory_order_relaxed) != KN_OPEN) return KNET_ECLOSED;
     if (conn_full(c, len)) return KNET_EPENDINGFULL;
-    knet_writer w;
-    int rc = conn_frame(c, &w, buf, len);
+    kn_frame f;
+    int rc = frame_make(c, &f, buf, len);
     if (rc < 0) return rc;
-    struct iovec iovs[8];
-    size_t n;
-    struct iovec *iov = kn_writer_iov(&w, iovs, 8, &n);
-    if (!iov) {
-        kn_writer_free(&w);
-        return -ENOMEM;
-    }
     size_t done = 0;
     bool direct = !c->outq.head && !atomic_load_explicit(&c->inbox_full, memory_order_acquire);
-    if (direct && w.total > 0) {
-        ssize_t sent = send_iov(c->io.fd, iov, n);
+    if (direct && f.total > 0) {
+        ssize_t sent = send_iov(c->io.fd, f.iov, f.n);
         if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
             rc = -errno;
             conn_fail_later(c, rc);
@@ -508,19 +532,18 @@ static int send_on_loop(knet_conn *c, const void *buf, size_t len) {
     } else if (!direct) {
         conn_take_inbox(c); /* others' earlier sends go first */
     }
-    if (rc == 0 && done < w.total) {
-        rc = queue_append(&c->outq, iov, n, done);
+    if (rc == 0 && done < f.total) {
+        rc = queue_append(&c->outq, f.iov, f.n, done);
         if (rc == 0) {
             atomic_fetch_add_explicit(&c->npending, 1, memory_order_relaxed);
-            atomic_fetch_add_explicit(&c->qbytes, w.total - done, memory_order_relaxed);
+            atomic_fetch_add_explicit(&c->qbytes, f.total - done, memory_order_relaxed);
             if (direct) conn_set_events(c, c->events | EPOLLOUT); /* the socket is full */
             else if (!(c->events & EPOLLOUT)) conn_schedule(c);   /* flush in this iteration */
         } else if (done > 0) {
             conn_fail_later(c, rc); /* half a frame is on the wire: the stream is lost */
         }
     }
-    if (iov != iovs) free(iov);
-    kn_writer_free(&w);
+    frame_free(&f);
     return rc;
 }
 
@@ -535,22 +558,18 @@ static int send_off_loop(knet_conn *c, const void *buf, size_t len) {
     } else {
         /* Framing under the lock: the codec (owned by the server or client)
          * stays valid while the connection is not closed. */
-        knet_writer w;
-        rc = conn_frame(c, &w, buf, len);
+        kn_frame f;
+        rc = frame_make(c, &f, buf, len);
         if (rc == 0) {
-            struct iovec iovs[8];
-            size_t n;
-            struct iovec *iov = kn_writer_iov(&w, iovs, 8, &n);
-            rc = iov ? queue_append(&c->inbox, iov, n, 0) : -ENOMEM;
-            if (rc == 0 && w.total > 0) {
+            rc = queue_append(&c->inbox, f.iov, f.n, 0);
+            if (rc == 0 && f.total > 0) {
                 atomic_fetch_add_explicit(&c->npending, 1, memory_order_relaxed);
-                atomic_fetch_add_explicit(&c->qbytes, w.total, memory_order_relaxed);
+                atomic_fetch_add_explicit(&c->qbytes, f.total, memory_order_relaxed);
                 atomic_store_explicit(&c->inbox_full, true, memory_order_release);
                 sched = !c->inbox_sched;
                 c->inbox_sched = true;
             }
-            if (iov && iov != iovs) free(iov);
-            kn_writer_free(&w);
+            frame_free(&f);
         }
     }
     pthread_mutex_unlock(&c->mu);

@@ -211,7 +211,9 @@ static int server_stop(knet_server *s, bool force, uint32_t ms) {
     bool first = !s->closed;
     s->closed = true;
     s->forced = force;
-    s->o.grace_ms = ms;
+    /* A close after a shutdown must not turn the shutdown's pending tasks into
+     * 0 ms deadlines (their connections would report -ETIMEDOUT). */
+    if (!force) s->o.grace_ms = ms;
     atomic_store(&s->o.closing, true);
     bool serving = s->serving && s->lloop;
     /* Reserve the per-loop tasks under the lock, or the serving thread could see

@@ -129,7 +129,8 @@ typedef struct knet_codec {
     size_t max_frame;
 } knet_codec;
 
-/* Raw stream: a message is whatever bytes are buffered (knet's DefaultCodec). */
+/* Raw stream: a message is whatever bytes are buffered (knet's DefaultCodec);
+ * both callbacks are NULL, so sends skip framing altogether. */
 extern const knet_codec knet_default_codec;
 
 /* 2-byte big-endian length prefix, frames up to 65535 bytes (knet's StdCodec). */
