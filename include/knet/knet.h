@@ -271,7 +271,9 @@ void knet_client_free(knet_client *c);
 /* Frames buf with the connection's codec and queues a copy for sending
  * (thread-safe; on the connection's own loop with nothing queued it writes at
  * once). Returns 0, KNET_EPENDINGFULL at the pending-send limit, KNET_ECLOSED
- * after close or shutdown began, or the codec's error. */
+ * after close or shutdown began, the codec's error, or -errno (-EPIPE,
+ * -ECONNRESET...) when that direct write failed: the connection then closes
+ * with that reason after the current callback. */
 int knet_conn_send(knet_conn *conn, const void *buf, size_t len);
 
 /* Limits the messages queued and not yet written (0 = unlimited, the default). */
