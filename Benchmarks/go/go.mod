@@ -1,0 +1,3 @@
+module knetbench/go
+
+go 1.19

@@ -1,0 +1,222 @@
+/*
+ * knet_pingpong: knet (through its C API) in knet's ping-pong benchmark suite.
+ *
+ *   knet_pingpong [--host H] server PORT THREADS
+ *   knet_pingpong [--host H] client PORT CONNS BLOCK SECONDS THREADS
+ *   knet_pingpong                  (smoke run: server + 10 x 16 KiB client, 5 s)
+ *
+ * Server: raw-stream codec, a handler whose receive sends the bytes back.
+ * Client: CONNS persistent knet clients, each blocking in
+ * knet_client_dial_and_serve on its own thread; connect(true) sends the first
+ * block, receive echoes and counts. Prints the suite's four result lines.
+ */
+#define _GNU_SOURCE
+#include "common/bench.h"
+
+#include <knet/knet.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+
+/* One client connection's counters and state; its handler's ud. Only the
+ * connection's loop thread writes the counters (relaxed load + store, no
+ * read-modify-write); main reads them once at the deadline. */
+struct pp_client {
+    _Atomic uint64_t bytes;
+    _Atomic uint64_t msgs;
+    knet_client *client;
+    pthread_t tid;
+    int rc; /* what knet_client_dial_and_serve returned */
+} __attribute__((aligned(64)));
+
+static const unsigned char *first_block;
+static size_t first_block_len;
+
+/* "host:port", with IPv6 hosts in brackets as knet expects. */
+static void format_addr(char *out, size_t n, const char *host, int port)
+{
+    if (strchr(host, ':') != NULL && host[0] != '[')
+        snprintf(out, n, "[%s]:%d", host, port);
+    else
+        snprintf(out, n, "%s:%d", host, port);
+}
+
+static void echo_receive(knet_conn *conn, const void *buf, size_t len, void *ud)
+{
+    (void)ud;
+    (void)knet_conn_send(conn, buf, len);
+}
+
+static void client_connect(knet_conn *conn, bool connected, void *ud)
+{
+    (void)ud;
+    if (connected)
+        (void)knet_conn_send(conn, first_block, first_block_len);
+}
+
+static void client_receive(knet_conn *conn, const void *buf, size_t len, void *ud)
+{
+    struct pp_client *pc = ud;
+    atomic_store_explicit(&pc->bytes, atomic_load_explicit(&pc->bytes, memory_order_relaxed) + len,
+                          memory_order_relaxed);
+    atomic_store_explicit(&pc->msgs, atomic_load_explicit(&pc->msgs, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
+    (void)knet_conn_send(conn, buf, len);
+}
+
+static void *client_thread(void *arg)
+{
+    struct pp_client *pc = arg;
+    knet_handler h = {client_connect, client_receive, pc};
+    pc->rc = knet_client_dial_and_serve(pc->client, &h, &knet_default_codec);
+    return NULL;
+}
+
+/* Runs CONNS clients for SECONDS and prints the result lines; returns the exit status. */
+static int run_client(const char *host, int port, int conns, int block, int seconds)
+{
+    char addr[300];
+    format_addr(addr, sizeof addr, host, port);
+    unsigned char *blk = malloc((size_t)block);
+    struct pp_client *cs = aligned_alloc(64, sizeof *cs * (size_t)conns);
+    if (blk == NULL || cs == NULL) {
+        perror("alloc");
+        return 1;
+    }
+    memset(cs, 0, sizeof *cs * (size_t)conns);
+    bench_fill_block(blk, (size_t)block);
+    first_block = blk;
+    first_block_len = (size_t)block;
+
+    /* The dialing threads only block in knet: a small stack keeps 1000s cheap. */
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 256 * 1024);
+    int started = 0;
+    for (int i = 0; i < conns; i++) {
+        cs[i].client = knet_client_new(addr);
+        if (cs[i].client == NULL || pthread_create(&cs[i].tid, &attr, client_thread, &cs[i]) != 0) {
+            fprintf(stderr, "cannot start client %d\n", i);
+            break;
+        }
+        started++;
+    }
+    pthread_attr_destroy(&attr);
+
+    if (started == conns)
+        bench_sleep_ms((uint64_t)seconds * 1000);
+    uint64_t bytes = 0, msgs = 0;
+    for (int i = 0; i < started; i++) {
+        bytes += atomic_load_explicit(&cs[i].bytes, memory_order_relaxed);
+        msgs += atomic_load_explicit(&cs[i].msgs, memory_order_relaxed);
+    }
+    int status = started == conns ? 0 : 1;
+    for (int i = 0; i < started; i++)
+        (void)knet_client_close(cs[i].client);
+    for (int i = 0; i < started; i++) {
+        pthread_join(cs[i].tid, NULL);
+        if (cs[i].rc != KNET_ECLIENTCLOSED) {
+            fprintf(stderr, "client %d: %s\n", i, knet_strerror(cs[i].rc));
+            status = 1;
+        }
+        knet_client_free(cs[i].client);
+    }
+    if (started < conns && cs[started].client != NULL)
+        knet_client_free(cs[started].client);
+    bench_print_results(bytes, msgs, seconds);
+    free(cs);
+    free(blk);
+    return status;
+}
+
+static const knet_handler echo_handler = {NULL, echo_receive, NULL};
+
+/* Closes the server on SIGTERM/SIGINT (knet calls are not async-signal-safe,
+ * so the signals are taken synchronously here instead of in a handler). */
+static void *signal_thread(void *arg)
+{
+    knet_server *s = arg;
+    sigset_t set;
+    int sig;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    if (sigwait(&set, &sig) == 0)
+        (void)knet_server_close(s);
+    return NULL;
+}
+
+static int run_server(const char *host, int port)
+{
+    char addr[300];
+    format_addr(addr, sizeof addr, host, port);
+    knet_server *s = knet_server_new(addr);
+    if (s == NULL)
+        return 1;
+    pthread_t sigtid;
+    if (pthread_create(&sigtid, NULL, signal_thread, s) != 0)
+        return 1;
+    int rc = knet_server_listen_and_serve(s, &echo_handler, &knet_default_codec);
+    if (rc != KNET_ESERVERCLOSED) {
+        fprintf(stderr, "listen %s: %s\n", addr, knet_strerror(rc));
+        return 1; /* the signal thread still waits: exit without freeing */
+    }
+    pthread_join(sigtid, NULL);
+    knet_server_free(s);
+    return 0;
+}
+
+static void *smoke_server_thread(void *arg)
+{
+    knet_server *s = arg;
+    int rc = knet_server_listen_and_serve(s, &echo_handler, &knet_default_codec);
+    if (rc != KNET_ESERVERCLOSED)
+        fprintf(stderr, "smoke server: %s\n", knet_strerror(rc));
+    return NULL;
+}
+
+/* No arguments: server and a 10 x 16 KiB client in one process for 5 s. */
+static int run_smoke(void)
+{
+    knet_server *s = knet_server_new("127.0.0.1:0");
+    pthread_t tid;
+    if (s == NULL || pthread_create(&tid, NULL, smoke_server_thread, s) != 0)
+        return 1;
+    int port = knet_server_wait_listening(s, 5000);
+    int status = 1;
+    if (port > 0)
+        status = run_client("127.0.0.1", port, 10, 16384, 5);
+    else
+        fprintf(stderr, "smoke server did not listen: %s\n", knet_strerror(port));
+    (void)knet_server_close(s);
+    pthread_join(tid, NULL);
+    knet_server_free(s);
+    return status;
+}
+
+int main(int argc, char **argv)
+{
+    signal(SIGPIPE, SIG_IGN);
+    bench_raise_nofile();
+    if (argc == 1)
+        return run_smoke();
+    struct bench_args a;
+    bench_parse(argc, argv, &a);
+    int rc = knet_set_loop_threads((unsigned)a.threads);
+    if (rc != 0) {
+        fprintf(stderr, "knet_set_loop_threads: %s\n", knet_strerror(rc));
+        return 1;
+    }
+    if (a.server) {
+        /* Block the signals before knet starts its threads, so only the
+         * signal thread receives them. */
+        sigset_t set;
+        sigemptyset(&set);
+        sigaddset(&set, SIGTERM);
+        sigaddset(&set, SIGINT);
+        pthread_sigmask(SIG_BLOCK, &set, NULL);
+        return run_server(a.host, a.port);
+    }
+    return run_client(a.host, a.port, a.conns, a.block, a.seconds);
+}
