@@ -3,6 +3,8 @@
  * reasons, knet_strerror for every code, and the loop-thread setting. */
 #include "testutil.h"
 
+#include <signal.h>
+
 /* Loop threads can be set before the first server/client starts, not after. */
 static void check_loop_threads_before_start(void)
 {
@@ -197,6 +199,62 @@ static void test_nodelay_and_retain(void)
 
 /* ------------------------------------------------------------------ strerror */
 
+/* ------------------------------------------------------------------ loop threads */
+
+static atomic_int sig_blocked = -1;
+
+/* Hook: what the loop thread's signal mask holds while it runs a callback. */
+static void sig_receive(tu_rec *r, const void *buf, size_t len)
+{
+    (void)r;
+    (void)buf;
+    (void)len;
+    sigset_t set;
+    pthread_sigmask(SIG_BLOCK, NULL, &set);
+    atomic_store(&sig_blocked, sigismember(&set, SIGINT) == 1 && sigismember(&set, SIGTERM) == 1 &&
+                                   sigismember(&set, SIGUSR1) == 1);
+}
+
+/* Loop threads take no asynchronous signals (the README promises it): they
+ * belong to the application's own threads. */
+static void test_loop_threads_block_signals(void)
+{
+    tu_tracker *t = tu_tracker_new();
+    t->on_receive = sig_receive;
+    knet_handler h = tu_tracker_handler(t);
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &h, NULL);
+    CHECK_GT(port, 0);
+    int fd = tu_connect(port);
+    tu_write_str(fd, "s");
+    WAIT_GE(&t->msgs, 1);
+    CHECK_EQ(atomic_load(&sig_blocked), 1);
+    close(fd);
+    WAIT_GE(&t->disconnects, 1);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
+/* A host name listens on its first IPv4 address, as Go does: "localhost:0"
+ * is reachable at 127.0.0.1. */
+static void test_localhost_listens_on_ipv4(void)
+{
+    tu_tracker *t = tu_tracker_new();
+    knet_handler h = tu_tracker_handler(t);
+    tu_server ts;
+    int port = tu_server_start(&ts, "localhost:0", &h, NULL);
+    CHECK_GT(port, 0);
+    int fd = tu_connect(port); /* 127.0.0.1 */
+    knet_conn *conn = tu_tracker_rec(t, 0)->conn;
+    char got[KNET_ADDRSTRLEN], want[KNET_ADDRSTRLEN];
+    snprintf(want, sizeof want, "127.0.0.1:%d", port);
+    expect_addr(knet_conn_local_addr(conn, got, sizeof got), got, want);
+    close(fd);
+    WAIT_GE(&t->disconnects, 1);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
 static void test_strerror(void)
 {
     static const int codes[] = {KNET_ESERVERCLOSED, KNET_ECLIENTCLOSED, KNET_EPENDINGFULL,
@@ -249,6 +307,8 @@ int main(void)
     RUN(test_addresses);
     RUN(test_addresses_never_asked);
     RUN(test_nodelay_and_retain);
+    RUN(test_loop_threads_block_signals);
+    RUN(test_localhost_listens_on_ipv4);
     RUN(test_strerror);
     RUN(test_default_handler);
     return tu_end();
