@@ -29,7 +29,8 @@ public final class TCPConnection: Sendable {
 
     /// Frames and queues a copy of `bytes` for sending (thread-safe). Throws
     /// `.pendingSendFull` at the pending-send limit, `.connectionClosed` after close or
-    /// shutdown began, or the codec's error.
+    /// shutdown began, the codec's error, or `.system` when a send on the connection's own
+    /// loop thread wrote at once and the socket failed (the connection then closes).
     @inlinable
     public func send(_ bytes: [UInt8]) throws {
         if swiftCodec { return try sendThroughSwiftCodec(bytes) }
