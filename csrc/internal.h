@@ -144,8 +144,6 @@ int kn_owner_start(kn_owner *o);
 /* Broadcast task: graceful close of o's connections with o->grace_ms. */
 void kn_owner_shutdown_task(kn_loop *L, void *arg);
 void kn_owner_stats(kn_owner *o, knet_stats *out);
-/* Posts fn(L, o) to L, counted in o->tasks; fn must end with kn_owner_task_done. */
-int kn_owner_post(kn_owner *o, kn_loop *L, kn_task_fn fn);
 /* Posts fn(L, o) to every loop; the caller already added kn_loop_count() to
  * o->tasks under o->mu (in the same critical section that made the work due). */
 void kn_owner_broadcast(kn_owner *o, kn_task_fn fn);

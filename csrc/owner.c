@@ -91,15 +91,6 @@ void kn_owner_task_done(kn_owner *o) {
     pthread_mutex_unlock(&o->mu);
 }
 
-int kn_owner_post(kn_owner *o, kn_loop *L, kn_task_fn fn) {
-    pthread_mutex_lock(&o->mu);
-    o->tasks++;
-    pthread_mutex_unlock(&o->mu);
-    int rc = kn_loop_post(L, fn, o);
-    if (rc < 0) kn_owner_task_done(o);
-    return rc;
-}
-
 void kn_owner_broadcast(kn_owner *o, kn_task_fn fn) {
     unsigned n = kn_loop_count();
     for (unsigned i = 0; i < n; i++) {
