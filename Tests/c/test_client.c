@@ -26,19 +26,11 @@ static void log_sink(int level, const char *msg, void *ud)
         tu_counter_add(&log_warns, 1);
 }
 
-static void addr_of(char *buf, size_t n, int port)
-{
-    snprintf(buf, n, "127.0.0.1:%d", port);
-}
-
 /* ------------------------------------------------------------------ tests */
 
 static void test_refused_without_retry(void)
 {
-    char addr[64];
-    addr_of(addr, sizeof addr, tu_free_port());
-    knet_client *c = knet_client_new(addr);
-    CHECK(c != NULL);
+    knet_client *c = tu_client_for_port(tu_free_port());
     CHECK(knet_client_conn(c) == NULL);
     int64_t t0 = tu_now_ms();
     CHECK_EQ(knet_client_dial_and_serve(c, NULL, NULL), -ECONNREFUSED);
@@ -66,14 +58,11 @@ static void test_bad_client_address(void)
 static void test_retry_until_server_appears(void)
 {
     int port = tu_free_port();
-    char addr[64];
-    addr_of(addr, sizeof addr, port);
     long warns0 = tu_counter_get(&log_warns);
 
     tu_tracker *ct = tu_tracker_new();
     knet_handler ch = tu_tracker_handler(ct);
-    knet_client *c = knet_client_new(addr);
-    CHECK(c != NULL);
+    knet_client *c = tu_client_for_port(port);
     knet_client_enable_retry(c);
     knet_client_set_retry_backoff(c, 20, 200);
     tu_client tc;
@@ -90,6 +79,8 @@ static void test_retry_until_server_appears(void)
     st->echo = true;
     knet_handler sh = tu_tracker_handler(st);
     tu_server ts;
+    char addr[64];
+    snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
     CHECK_EQ(tu_server_start(&ts, addr, &sh, NULL), port);
     tu_rec *cr = tu_tracker_rec(ct, 0);
     CHECK_EQ(knet_conn_send(cr->conn, "hello", 5), 0);
@@ -110,11 +101,8 @@ static void test_retry_until_server_appears(void)
 /* knet_client_close during a 10 s backoff returns KNET_ECLIENTCLOSED promptly. */
 static void test_close_during_backoff(void)
 {
-    char addr[64];
-    addr_of(addr, sizeof addr, tu_free_port());
     long warns0 = tu_counter_get(&log_warns);
-    knet_client *c = knet_client_new(addr);
-    CHECK(c != NULL);
+    knet_client *c = tu_client_for_port(tu_free_port());
     knet_client_enable_retry(c);
     knet_client_set_retry_backoff(c, 10000, 60000);
     tu_client tc;
@@ -135,10 +123,7 @@ static void test_close_before_dial(void)
     tu_server ts;
     int port = tu_server_start(&ts, "127.0.0.1:0", NULL, NULL);
     CHECK_GT(port, 0);
-    char addr[64];
-    addr_of(addr, sizeof addr, port);
-    knet_client *c = knet_client_new(addr);
-    CHECK(c != NULL);
+    knet_client *c = tu_client_for_port(port);
     CHECK_EQ(knet_client_close(c), 0);
     int64_t t0 = tu_now_ms();
     CHECK_EQ(knet_client_dial_and_serve(c, NULL, NULL), KNET_ECLIENTCLOSED);
@@ -156,13 +141,10 @@ static void test_redial_after_server_closes_conn(void)
     tu_server ts;
     int port = tu_server_start(&ts, "127.0.0.1:0", &sh, NULL);
     CHECK_GT(port, 0);
-    char addr[64];
-    addr_of(addr, sizeof addr, port);
 
     tu_tracker *ct = tu_tracker_new();
     knet_handler ch = tu_tracker_handler(ct);
-    knet_client *c = knet_client_new(addr);
-    CHECK(c != NULL);
+    knet_client *c = tu_client_for_port(port);
     tu_client tc;
     tu_client_start(&tc, c, &ch, NULL);
 
@@ -208,12 +190,9 @@ static void test_server_gone_without_retry(void)
     tu_server ts;
     int port = tu_server_start(&ts, "127.0.0.1:0", &sh, NULL);
     CHECK_GT(port, 0);
-    char addr[64];
-    addr_of(addr, sizeof addr, port);
     tu_tracker *ct = tu_tracker_new();
     knet_handler ch = tu_tracker_handler(ct);
-    knet_client *c = knet_client_new(addr);
-    CHECK(c != NULL);
+    knet_client *c = tu_client_for_port(port);
     tu_client tc;
     tu_client_start(&tc, c, &ch, NULL);
     WAIT_GE(&ct->connects, 1);
@@ -232,10 +211,7 @@ static void test_server_gone_without_retry(void)
 /* disable_retry after enable_retry: a refused dial returns again. */
 static void test_disable_retry(void)
 {
-    char addr[64];
-    addr_of(addr, sizeof addr, tu_free_port());
-    knet_client *c = knet_client_new(addr);
-    CHECK(c != NULL);
+    knet_client *c = tu_client_for_port(tu_free_port());
     knet_client_enable_retry(c);
     knet_client_disable_retry(c);
     CHECK_EQ(knet_client_dial_and_serve(c, NULL, NULL), -ECONNREFUSED);

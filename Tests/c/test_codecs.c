@@ -238,10 +238,7 @@ static void knet_to_knet(size_t ci)
     tu_tracker *ct = tu_tracker_new();
     ct->capture = true;
     knet_handler ch = tu_tracker_handler(ct);
-    char addr[64];
-    snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
-    knet_client *cli = knet_client_new(addr);
-    CHECK(cli != NULL);
+    knet_client *cli = tu_client_for_port(port);
     tu_client tc;
     tu_client_start(&tc, cli, &ch, codec);
     knet_conn *conn = tu_tracker_rec(ct, 0)->conn;

@@ -260,12 +260,9 @@ static void test_client_shutdown(void)
     tu_server ts;
     int port = tu_server_start(&ts, "127.0.0.1:0", &sh, NULL);
     CHECK_GT(port, 0);
-    char addr[64];
-    snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
     tu_tracker *ct = tu_tracker_new();
     knet_handler ch = tu_tracker_handler(ct);
-    knet_client *c = knet_client_new(addr);
-    CHECK(c != NULL);
+    knet_client *c = tu_client_for_port(port);
     tu_client tc;
     tu_client_start(&tc, c, &ch, NULL);
     knet_conn *conn = tu_tracker_rec(ct, 0)->conn;
@@ -296,12 +293,9 @@ static void test_client_idle_timeout(void)
     tu_server ts;
     int port = tu_server_start(&ts, "127.0.0.1:0", &sh, NULL);
     CHECK_GT(port, 0);
-    char addr[64];
-    snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
     tu_tracker *ct = tu_tracker_new();
     knet_handler ch = tu_tracker_handler(ct);
-    knet_client *c = knet_client_new(addr);
-    CHECK(c != NULL);
+    knet_client *c = tu_client_for_port(port);
     knet_client_set_idle_timeout(c, 200);
     tu_client tc;
     tu_client_start(&tc, c, &ch, NULL);

@@ -129,10 +129,7 @@ static void test_threads_to_knet_server(void)
 
     tu_tracker *ct = tu_tracker_new();
     knet_handler ch = tu_tracker_handler(ct);
-    char addr[64];
-    snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
-    knet_client *cli = knet_client_new(addr);
-    CHECK(cli != NULL);
+    knet_client *cli = tu_client_for_port(port);
     tu_client tc;
     tu_client_start(&tc, cli, &ch, &knet_std_codec);
     knet_conn *conn = tu_tracker_rec(ct, 0)->conn;

@@ -759,6 +759,16 @@ static inline void *tu_client_main(void *arg)
     return NULL;
 }
 
+/* A knet client dialing 127.0.0.1:port (retry off); never NULL. */
+static inline knet_client *tu_client_for_port(int port)
+{
+    char addr[64];
+    snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
+    knet_client *cli = knet_client_new(addr);
+    CHECK(cli != NULL);
+    return cli;
+}
+
 /* Runs knet_client_dial_and_serve(cli, h, c) on a thread. */
 static inline void tu_client_start(tu_client *tc, knet_client *cli, const knet_handler *h,
                                    const knet_codec *c)

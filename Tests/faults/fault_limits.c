@@ -131,12 +131,9 @@ static void test_client_idle_timeout_redials(void)
     tu_server ts;
     int port = tu_server_start(&ts, "127.0.0.1:0", &sh, NULL);
     CHECK_GT(port, 0);
-    char addr[64];
-    snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
     tu_tracker *ct = tu_tracker_new();
     knet_handler ch = tu_tracker_handler(ct);
-    knet_client *cli = knet_client_new(addr);
-    CHECK(cli != NULL);
+    knet_client *cli = tu_client_for_port(port);
     knet_client_set_idle_timeout(cli, 300);
     tu_client tc;
     tu_client_start(&tc, cli, &ch, NULL);

@@ -242,10 +242,7 @@ static void test_client_side_reset_redials(void)
 
     tu_tracker *t = tu_tracker_new();
     knet_handler h = tu_tracker_handler(t);
-    char addr[64];
-    snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
-    knet_client *cli = knet_client_new(addr);
-    CHECK(cli != NULL);
+    knet_client *cli = tu_client_for_port(port);
     knet_client_enable_retry(cli);
     knet_client_set_retry_backoff(cli, 5, 50);
     tu_client tc;

@@ -122,10 +122,7 @@ static void test_client_close_while_dialing(void)
 
     tu_tracker *t = tu_tracker_new();
     knet_handler h = tu_tracker_handler(t);
-    char addr[64];
-    snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
-    knet_client *cli = knet_client_new(addr);
-    CHECK(cli != NULL);
+    knet_client *cli = tu_client_for_port(port);
     tu_client tc;
     tu_client_start(&tc, cli, &h, NULL);
     WAIT_UNTIL(syn_sent_to(port) >= 1); /* the dial is in progress */
@@ -147,10 +144,7 @@ static void test_client_close_while_backing_off(void)
 {
     fu_log *log = fu_log_capture("retrying in");
     int port = tu_free_port();
-    char addr[64];
-    snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
-    knet_client *cli = knet_client_new(addr);
-    CHECK(cli != NULL);
+    knet_client *cli = tu_client_for_port(port);
     knet_client_enable_retry(cli);
     knet_client_set_retry_backoff(cli, 30000, 60000);
     tu_client tc;
