@@ -498,9 +498,6 @@ static void frame_free(kn_frame *f) {
     kn_writer_free(&f->w);
 }
 
-/* Records a failure found on the loop outside the loop's own handlers (a
- * direct write inside a callback): the close happens after the callback. */
-static void conn_fail_later(knet_conn *c, int err) { kn_conn_close_reason(c, err); }
 
 /* The pending-send limits: messages (knet's SetPendingSend) and bytes. */
 static bool conn_full(knet_conn *c, size_t more) {
@@ -523,7 +520,8 @@ static int send_on_loop(knet_conn *c, const void *buf, size_t len) {
         ssize_t sent = send_iov(c->io.fd, f.iov, f.n);
         if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
             rc = -errno;
-            conn_fail_later(c, rc);
+            /* Inside a callback: the close (a request) lands after it returns. */
+            kn_conn_close_reason(c, rc);
         } else {
             done = sent < 0 ? 0 : (size_t)sent;
             if (done) {
@@ -542,7 +540,7 @@ static int send_on_loop(knet_conn *c, const void *buf, size_t len) {
             if (direct) conn_set_events(c, c->events | EPOLLOUT); /* the socket is full */
             else if (!(c->events & EPOLLOUT)) conn_schedule(c);   /* flush in this iteration */
         } else if (done > 0) {
-            conn_fail_later(c, rc); /* half a frame is on the wire: the stream is lost */
+            kn_conn_close_reason(c, rc); /* half a frame is on the wire: the stream is lost */
         }
     }
     frame_free(&f);
