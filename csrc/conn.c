@@ -364,8 +364,16 @@ static void conn_read(kn_loop *L, knet_conn *c) {
         char *buf;
         bool own = len > KN_READ_BUF / 2; /* a large partial frame reads into its own buffer */
         if (!own) {
-            buf = L->rbuf;
-            cap = KN_READ_BUF;
+            buf = NULL;
+            if (c->alloc) {
+                cap = 0;
+                buf = c->alloc(c, KN_READ_BUF, &cap, c->alloc_ud);
+                if (cap <= len) buf = NULL; /* no room after the partial frame */
+            }
+            if (!buf) {
+                buf = L->rbuf;
+                cap = KN_READ_BUF;
+            }
             if (len) memcpy(buf, c->ibuf, len);
         } else {
             if (c->icap - len < KN_READ_BUF / 4) {
@@ -634,6 +642,13 @@ int knet_conn_set_nodelay(knet_conn *c, bool on) {
 }
 
 void knet_conn_set_userdata(knet_conn *c, void *ud) { atomic_store(&c->userdata, ud); }
+
+int knet_conn_set_alloc(knet_conn *c, knet_alloc_fn fn, void *ud) {
+    if (kn_loop_current() != c->loop) return -EINVAL; /* the read path reads these unlocked */
+    c->alloc = fn;
+    c->alloc_ud = ud;
+    return 0;
+}
 
 void *knet_conn_userdata(const knet_conn *c) {
     return atomic_load(&((knet_conn *)c)->userdata);

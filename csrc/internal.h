@@ -210,6 +210,8 @@ struct knet_conn {
 
     /* owned by the loop thread */
     kn_queue outq;
+    knet_alloc_fn alloc; /* where reads go, when not into the loop's buffer */
+    void *alloc_ud;
     char *ibuf; /* unconsumed partial frame */
     size_t ilen, icap;
     uint32_t events; /* epoll interest */

@@ -304,6 +304,18 @@ void knet_conn_set_userdata(knet_conn *conn, void *ud);
 /* Returns the pointer given to knet_conn_set_userdata, or NULL. */
 void *knet_conn_userdata(const knet_conn *conn);
 
+/* Supplies the memory a read goes into (libuv's alloc_cb): returns at least 1 byte and
+ * sets *cap, or NULL for the loop's shared buffer. suggested is that buffer's size. */
+typedef void *(*knet_alloc_fn)(knet_conn *conn, size_t suggested, size_t *cap, void *ud);
+
+/* Makes every later read of conn go into memory from fn (NULL = the loop's buffer, the
+ * default), so a binding can keep what it received without copying it. The memory stays
+ * the caller's: knet writes the read into it, passes receive pointers into it and keeps
+ * no pointer after those receives (a leftover partial frame is copied). fn runs on the
+ * loop thread before each read. Call on the connection's loop thread (in connect(true)
+ * or receive); returns 0, or -EINVAL from any other thread. */
+int knet_conn_set_alloc(knet_conn *conn, knet_alloc_fn fn, void *ud);
+
 /* Longest address string knet writes, with its terminating NUL. */
 #define KNET_ADDRSTRLEN 64
 
