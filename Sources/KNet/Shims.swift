@@ -20,6 +20,12 @@ final class ThreadSlot {
     var decodedBase: UnsafeRawPointer?
     var outgoing: [UInt8]?
     var outgoingBase: UnsafeRawPointer?
+    /// The array the loop's next raw read goes into (see `readAlloc`): its whole capacity
+    /// counts as elements until a receive cuts it to the bytes read and hands it over.
+    var spare: [UInt8] = []
+    var spareBase: UnsafeMutableRawPointer?
+    /// Capacity of the next spare; follows the size of the last large read.
+    var spareCapacity = 0
 
     /// The calling thread's slot, created on first use and freed when the thread exits.
     static var current: ThreadSlot {
@@ -58,13 +64,16 @@ final class ServeContext: Sendable {
     let handler: any TCPHandler
     let codecOwner: (any AnyObject & Sendable)?
     let swiftCodec: Bool
+    /// The raw codec: a message is one read, so reads go straight into arrays (`readAlloc`).
+    let rawCodec: Bool
     let clientSlot: ConnectionSlot?
 
     init(handler: any TCPHandler, codecOwner: (any AnyObject & Sendable)?, swiftCodec: Bool,
-         clientSlot: ConnectionSlot?) {
+         rawCodec: Bool, clientSlot: ConnectionSlot?) {
         self.handler = handler
         self.codecOwner = codecOwner
         self.swiftCodec = swiftCodec
+        self.rawCodec = rawCodec
         self.clientSlot = clientSlot
     }
 }
@@ -95,7 +104,8 @@ func withServeContext(handler: (any TCPHandler)?, codec: (any Codec)?, clientSlo
         swiftCodec = false
     }
     let context = ServeContext(handler: handler ?? DefaultTCPHandler(), codecOwner: owner,
-                               swiftCodec: swiftCodec, clientSlot: clientSlot)
+                               swiftCodec: swiftCodec, rawCodec: cCodec.read == nil,
+                               clientSlot: clientSlot)
     var cHandler = knet_handler(connect: connectShim, receive: receiveShim,
                                 ud: Unmanaged.passUnretained(context).toOpaque())
     return withExtendedLifetime((context, owner)) {
@@ -111,6 +121,7 @@ private func connectShim(_ conn: OpaquePointer?, _ connected: Bool, _ ud: Unsafe
     if connected {
         let tcp = TCPConnection(handle: conn, swiftCodec: context.swiftCodec, codecOwner: context.codecOwner)
         knet_conn_set_userdata(conn, Unmanaged.passRetained(tcp).toOpaque())
+        if context.rawCodec { _ = knet_conn_set_alloc(conn, readAlloc, nil) }
         context.clientSlot?.value.withLock { $0 = tcp }
         context.handler.connect(tcp, connected: true)
     } else {
@@ -126,29 +137,91 @@ private func connectShim(_ conn: OpaquePointer?, _ connected: Bool, _ ud: Unsafe
     }
 }
 
-/// Hands one message to the handler as one [UInt8]: the array a Swift codec decoded, or
-/// a single copy of the C codec's bytes.
+/// Smallest read handed over in the spare array itself; smaller ones are copied, so a
+/// kept small message does not pin a large buffer.
+private let handOverMinimum = 1024
+
+/// The capacity of a spare array for reads of `length` bytes: room to spare (a read that
+/// fills the buffer costs a second read), a power of two from 4 KiB to 64 KiB.
+private func spareCapacity(for length: Int) -> Int {
+    var capacity = 4096
+    while capacity <= length && capacity < 65_536 { capacity <<= 1 }
+    return capacity
+}
+
+/// The C alloc callback of raw-codec connections (loop thread): the read goes into the
+/// thread's spare array, which `receiveShim` hands to the handler without a copy.
+private func readAlloc(_ conn: OpaquePointer?, _ suggested: Int, _ capacity: UnsafeMutablePointer<Int>?,
+                       _ ud: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
+    guard let capacity else { return nil }
+    let slot = ThreadSlot.current
+    if slot.spareBase == nil {
+        let size = slot.spareCapacity > 0 ? slot.spareCapacity : suggested
+        var base: UnsafeMutableRawPointer?
+        // Every byte counts as initialized at once: UInt8 has no invalid values, the read
+        // writes the front before anything looks at it, and receiveShim cuts off the rest
+        // unread. The storage does not move while the slot holds the only reference and
+        // leaves it alone, so the core may write into it through `base`.
+        slot.spare = [UInt8](unsafeUninitializedCapacity: size) { buffer, count in
+            base = UnsafeMutableRawPointer(buffer.baseAddress)
+            count = size
+        }
+        slot.spareBase = base
+        slot.spareCapacity = size
+    }
+    capacity.pointee = slot.spare.count
+    return slot.spareBase
+}
+
+/// Hands one message to the handler as one [UInt8] (see `message`).
 private func receiveShim(_ conn: OpaquePointer?, _ buf: UnsafeRawPointer?, _ len: Int, _ ud: UnsafeMutableRawPointer?) {
     guard let conn, let ud, let raw = knet_conn_userdata(conn) else { return }
-    let context = Unmanaged<ServeContext>.fromOpaque(ud).takeUnretainedValue()
-    let tcp = Unmanaged<TCPConnection>.fromOpaque(raw).takeUnretainedValue()
+    // Borrowed (+0) references: the serve call and the C userdata keep both alive for
+    // the whole callback, so the per-message retain/release pair is not needed.
+    Unmanaged<ServeContext>.fromOpaque(ud)._withUnsafeGuaranteedRef { context in
+        let bytes = message(buf, len, context)
+        Unmanaged<TCPConnection>.fromOpaque(raw)._withUnsafeGuaranteedRef { tcp in
+            context.handler.receive(tcp, bytes)
+        }
+    }
+}
+
+/// The message at buf as an array: the spare array a large raw read went into (no copy),
+/// the array a Swift codec decoded (no copy), or else one copy of the bytes.
+private func message(_ buf: UnsafeRawPointer?, _ len: Int, _ context: ServeContext) -> [UInt8] {
     var bytes: [UInt8] = []
-    if context.swiftCodec {
+    if context.rawCodec {
+        let slot = ThreadSlot.current
+        if let base = slot.spareBase, buf == UnsafeRawPointer(base), len >= handOverMinimum {
+            let wanted = spareCapacity(for: len)
+            if len * 4 >= slot.spare.count {
+                swap(&bytes, &slot.spare)
+                slot.spareBase = nil
+                slot.spareCapacity = wanted
+                bytes.removeLast(bytes.count - len) // in place: only the count changes
+                return bytes
+            }
+            // Mostly empty for reads of this size: copy this one, size the next spare down.
+            bytes = Array(UnsafeRawBufferPointer(start: buf, count: len))
+            slot.spare = []
+            slot.spareBase = nil
+            slot.spareCapacity = wanted
+            return bytes
+        }
+    } else if context.swiftCodec {
         let slot = ThreadSlot.current
         if slot.decodedBase == buf && slot.decoded.count == len {
             swap(&bytes, &slot.decoded)
             slot.decodedBase = nil
-            context.handler.receive(tcp, bytes)
-            return
+            return bytes
         }
     }
     if len > 0, let buf {
-        bytes = [UInt8](unsafeUninitializedCapacity: len) { dst, count in
-            dst.baseAddress!.initialize(from: buf.assumingMemoryBound(to: UInt8.self), count: len)
-            count = len
-        }
+        // This spelling allocates through the specialized array initializer (no generic
+        // metadata lookup per message).
+        bytes = Array(UnsafeRawBufferPointer(start: buf, count: len))
     }
-    context.handler.receive(tcp, bytes)
+    return bytes
 }
 
 /// The C read callback of a Swift codec: a need-more error from ByteReader means "wait for

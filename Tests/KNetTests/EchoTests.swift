@@ -157,4 +157,32 @@ extension KNetTests {
         #expect(reasons == [.error(.codec)])
         #expect(server.stop() == .serverClosed)
     }
+
+    @Test("raw reads handed to the handler without a copy stay intact while kept, and pin at most 4x their size")
+    func keptRawReadsStayIntact() throws {
+        let handler = RecordingHandler()
+        let server = try ServerHarness(handler: handler, codec: nil)
+        let peer = try PlainSocket(port: server.port)
+        let pieces = [70_000, 5, 16_384, 1_500, 3_000, 200, 65_536, 40_000, 1, 2_048]
+        var stream: [UInt8] = []
+        for round in 0..<4 {
+            for size in pieces {
+                let piece = pattern(size, offset: stream.count + round)
+                stream += piece
+                try peer.write(piece)
+                // One piece at a time, so reads of every size happen (and later reads could
+                // overwrite an array handed over earlier if it were reused).
+                let total = stream.count
+                try #require(eventually { handler.totalBytes == total })
+            }
+        }
+        let messages = try #require(handler.only).messages
+        #expect(messages.flatMap { $0 } == stream)
+        for message in messages where message.count >= 1024 {
+            #expect(message.capacity <= 4 * message.count, "a \(message.count)-byte read keeps \(message.capacity) bytes")
+        }
+        // Large reads really were handed over in the read buffer (a copy is sized to fit).
+        #expect(messages.contains { $0.capacity >= $0.count + 1024 })
+        #expect(server.stop() == .serverClosed)
+    }
 }
