@@ -7,12 +7,13 @@
 #   CONFIGS="A B" CONTENDERS="epoll knet_c" RUNS=3 SECONDS=10 Benchmarks/run.sh
 #
 # Environment:
-#   CONFIGS      configurations to run (default: A B C D E B2 H R L)
+#   CONFIGS      configurations to run (default: A B C D E B2 S H R L)
 #   CONTENDERS   contenders to run (default: epoll uv go nio knet_c knet_swift)
-#   RUNS         runs of each configuration and contender, median quoted (default 2)
+#   RUNS         runs of each configuration and contender, median quoted (default 3)
 #   SECONDS      seconds per throughput / latency run (default 5)
 #   R_SECONDS    seconds per connection-rate run (default 10)
 #   IDLE_CONNS   idle connections held for H (default 10000)
+#   SCALE_CONNS  connections of the S run (default 10000)
 #   BENCH_HOST   address the servers listen on and clients dial (default 127.0.0.1)
 #   SKIP_BUILD=1 use the binaries already built;  BUILD_ONLY=1 build, then stop
 #   NO_APT=1     never call apt-get
@@ -30,22 +31,23 @@ LOGS=$CB/logs
 RESULTS=$HERE/results
 mkdir -p "$LOGS" "$RESULTS" "$HERE/bin"
 
-ALL_CONFIGS="A B C D E B2 H R L"
+ALL_CONFIGS="A B C D E B2 S H R L"
 ALL_CONTENDERS="epoll uv go nio knet_c knet_swift"
 CONFIGS=${CONFIGS:-$ALL_CONFIGS}
 CONTENDERS=${CONTENDERS:-$ALL_CONTENDERS}
-RUNS=${RUNS:-2}
+RUNS=${RUNS:-3}
 SECS=${BENCH_SECONDS:-$S_ENV}
 [ "$SECS" -gt 0 ] 2>/dev/null || SECS=5
 R_SECONDS=${R_SECONDS:-10}
 IDLE_CONNS=${IDLE_CONNS:-10000}
+SCALE_CONNS=${SCALE_CONNS:-10000}
 HOST=${BENCH_HOST:-127.0.0.1}
 HOSTARG=()
 [ -n "${BENCH_HOST:-}" ] && HOSTARG=(--host "$BENCH_HOST")
 
 # The exact command, with the settings that were given.
 CMDLINE=""
-for v in CONFIGS CONTENDERS RUNS SECONDS R_SECONDS IDLE_CONNS BENCH_HOST SKIP_BUILD; do
+for v in CONFIGS CONTENDERS RUNS SECONDS R_SECONDS IDLE_CONNS SCALE_CONNS BENCH_HOST SKIP_BUILD; do
     if [ "$v" = SECONDS ]; then
         [ "$S_ENV" -gt 0 ] 2>/dev/null && CMDLINE+="SECONDS=$S_ENV "
     elif [ -n "${!v:-}" ] && printenv "$v" >/dev/null; then
@@ -95,13 +97,14 @@ BIN_knet_swift=$ROOT/.build/release/knet-pingpong
 TOOL_idle=$CB/standalone/idle_conns
 TOOL_connrate=$CB/standalone/connrate
 TOOL_latency=$CB/standalone/latency
+TOOL_scale=$CB/standalone/scale
 
 build_all() {
     # The C contenders and tools that do not need knet: this folder on its own.
     say "building C contenders and tools (CMake, $CB/standalone)"
     if cmake -S "$HERE" -B "$CB/standalone" -DCMAKE_BUILD_TYPE=Release -DKNET_BENCH_LIBUV=ON \
         >"$LOGS/cmake-standalone.log" 2>&1; then
-        for t in epoll_pingpong uv_pingpong idle_conns connrate latency; do
+        for t in epoll_pingpong uv_pingpong idle_conns connrate latency scale; do
             cmake --build "$CB/standalone" -j2 --target "$t" >>"$LOGS/cmake-standalone.log" 2>&1 ||
                 note "build of $t failed (see $LOGS/cmake-standalone.log)"
         done
@@ -268,6 +271,7 @@ stop_server() {
 
 declare -A VAL   # "CONFIG|contender" -> values of every run (space separated)
 declare -A RAW   # "CONFIG|contender" -> raw per-run text
+declare -A UNSERVED # contender -> 1 when an S run left a connection unserved (or failed)
 add() { VAL["$1|$2"]+="$3 "; }
 addraw() { RAW["$1|$2"]+="$3; "; }
 
@@ -355,6 +359,34 @@ run_h() {
     say "[H run $r/$RUNS] $(label "$c"): $fresh KiB/idle conn, $used after a round trip"
 }
 
+# S: the D protocol on SCALE_CONNS connections against the contender's server,
+# driven by one client for everyone (tools/scale.c): a contender's own client
+# would need a thread per connection in some shapes. Counts how many
+# connections were served in the timed phase.
+run_s() {
+    local c=$1 r=$2 out
+    start_server "$c" 1 1 || { addraw S "$c" "run $r: server failed"; return; }
+    out=$(timeout -k 5 $((SECS + 120)) "${PIN_C[@]}" "$TOOL_scale" "${HOSTARG[@]}" "$PORT" "$SCALE_CONNS" "$SECS" \
+        2>>"$LOGS/scale-$c.log")
+    local rc=$?
+    stop_server
+    local rate served conns fewest
+    rate=$(awk '/ msg\/s$/ {print $1}' <<<"$out")
+    served=$(awk '/ served$/ {print $1}' <<<"$out")
+    conns=$(awk '/ connections$/ {print $1}' <<<"$out")
+    fewest=$(awk '/ fewest blocks$/ {print $1}' <<<"$out")
+    if [ "$rc" -ne 0 ] || [ -z "$rate" ] || [ -z "$served" ]; then
+        note "S $(label "$c") run $r: scale failed (see $LOGS/scale-$c.log)"
+        addraw S "$c" "run $r: failed"
+        UNSERVED["$c"]=1
+        return
+    fi
+    add S "$c" "$rate"
+    [ "$served" = "$conns" ] || UNSERVED["$c"]=1
+    addraw S "$c" "run $r: $rate msg/s, $served of $conns connections served (fewest echoes on one: $fewest)"
+    say "[S run $r/$RUNS] $(label "$c"): $rate msg/s, $served of $conns served"
+}
+
 run_r() {
     local c=$1 r=$2 out
     start_server "$c" 1 1 || { addraw R "$c" "run $r: server failed"; return; }
@@ -410,6 +442,7 @@ for cfg in $CONFIGS; do
     H) tool_ok "$TOOL_idle" H || continue; runner=run_h ;;
     R) tool_ok "$TOOL_connrate" R || continue; runner=run_r ;;
     L) tool_ok "$TOOL_latency" L || continue; runner=run_l ;;
+    S) tool_ok "$TOOL_scale" S || continue; runner=run_s ;;
     *) note "unknown configuration '$cfg' (known: $ALL_CONFIGS)"; continue ;;
     esac
     for ((r = 1; r <= RUNS; r++)); do
@@ -443,7 +476,7 @@ has_cfg() { [[ " $CONFIGS " == *" $1 "* ]]; }
 COLS=()
 HEAD="| contender |"
 SEP="|---|"
-for cfg in A B C D E B2 R; do
+for cfg in A B C D E B2 S R; do
     has_cfg "$cfg" || continue
     COLS+=("$cfg")
     case $cfg in
@@ -453,6 +486,7 @@ for cfg in A B C D E B2 R; do
     D) HEAD+=" D 1000×64 msg/s |" ;;
     E) HEAD+=" E 1×64 msg/s |" ;;
     B2) HEAD+=" B2 10×16K, 2 thr MiB/s |" ;;
+    S) HEAD+=" S ${SCALE_CONNS}×64 msg/s |" ;;
     R) HEAD+=" R conn/s |" ;;
     esac
     SEP+="---:|"
@@ -474,8 +508,10 @@ for c in "${ACTIVE[@]}"; do
         v=$(med "$cfg" "$c")
         ceil=""
         [[ " ${ACTIVE[*]} " == *" epoll "* ]] && ceil=$(med "$cfg" epoll)
-        case $cfg in D | E | R) kind=rate ;; *) kind=mib ;; esac
-        row+=" $(fmt "$kind" "$v")$(ratio "$v" "$ceil") |"
+        case $cfg in D | E | R | S) kind=rate ;; *) kind=mib ;; esac
+        mark=""
+        [ "$cfg" = S ] && [ -n "${UNSERVED[$c]:-}" ] && mark=" **not all served**"
+        row+=" $(fmt "$kind" "$v")$(ratio "$v" "$ceil")$mark |"
     done
     if has_cfg L; then
         for n in 1 100; do
@@ -507,20 +543,22 @@ LIBUV_VER=$(pkg-config --modversion libuv 2>/dev/null)
     echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "- machine: $NPROC CPUs ($CPU), kernel $(uname -r); load average before the runs: $LOADAVG, after: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "- command: \`$CMDLINE\`"
-    echo "- settings: RUNS=$RUNS (median quoted), SECONDS=$SECS per throughput/latency run, R_SECONDS=$R_SECONDS, IDLE_CONNS=$IDLE_CONNS; suite time ${ELAPSED}s"
+    echo "- settings: RUNS=$RUNS (median quoted), SECONDS=$SECS per throughput/latency run, R_SECONDS=$R_SECONDS, IDLE_CONNS=$IDLE_CONNS, SCALE_CONNS=$SCALE_CONNS; suite time ${ELAPSED}s"
     echo "- toolchains: $(gcc --version 2>/dev/null | head -1); $(go version 2>/dev/null); $(swift --version 2>/dev/null | head -1); libuv ${LIBUV_VER:-?}; SwiftNIO ${NIO_VER:-?}"
     echo
     echo "Each figure is the median over runs; in parentheses its ratio to the raw-epoll ceiling from"
     echo "this same run (for latency: p99 / the ceiling's p99, lower is better). Server pinned to CPU 0,"
     echo "client to CPU 1, one loop thread each (B2: two threads each, unpinned). D and E count 64-byte"
-    echo "messages echoed per second (bytes / 64). H: server RSS growth per connection with"
+    echo "messages echoed per second (bytes / 64). S: D's protocol on $SCALE_CONNS connections, one common"
+    echo "epoll client (tools/scale.c) against each server; every connection was served unless marked."
+    echo "H: server RSS growth per connection with"
     echo "$IDLE_CONNS connections held, never used (fresh) and after one 64-byte round trip each (used)."
     echo
     printf '%s' "$TABLE"
     echo
     echo "## Every run"
     echo
-    for key in A B C D E B2 H R L1 L100; do
+    for key in A B C D E B2 S H R L1 L100; do
         for c in "${ACTIVE[@]}"; do
             [ -n "${RAW["$key|$c"]:-}" ] && echo "- $key $(label "$c"): ${RAW["$key|$c"]%; }"
         done
