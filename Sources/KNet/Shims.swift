@@ -194,7 +194,9 @@ private func message(_ buf: UnsafeRawPointer?, _ len: Int, _ context: ServeConte
         let slot = ThreadSlot.current
         if let base = slot.spareBase, buf == UnsafeRawPointer(base), len >= handOverMinimum {
             let wanted = spareCapacity(for: len)
-            if len * 4 >= slot.spare.count {
+            // The real capacity, not the count asked for: the allocator may round it up,
+            // and the promise is about what the kept array pins.
+            if len * 4 >= slot.spare.capacity {
                 swap(&bytes, &slot.spare)
                 slot.spareBase = nil
                 slot.spareCapacity = wanted
