@@ -250,6 +250,7 @@ static void conn_schedule(knet_conn *c) {
         if (L->ready_tail) L->ready_tail->ready_next = c;
         else L->ready_head = c;
         L->ready_tail = c;
+        atomic_store_explicit(&L->has_work, true, memory_order_release);
     }
     pthread_mutex_unlock(&L->mu);
     if (push && kn_loop_current() != L) kn_loop_wake(L);

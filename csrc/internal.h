@@ -80,6 +80,7 @@ struct kn_loop {
     kn_task *tasks_head, *tasks_tail;
     knet_conn *ready_head, *ready_tail; /* conns with queued sends or requests */
     atomic_bool wake_pending;           /* coalesces eventfd writes */
+    atomic_bool has_work;               /* tasks or ready non-empty; set under mu */
 
     /* owned by the loop thread */
     char *rbuf;

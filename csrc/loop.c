@@ -130,6 +130,7 @@ int kn_loop_post(kn_loop *L, kn_task_fn fn, void *arg) {
     if (L->tasks_tail) L->tasks_tail->next = t;
     else L->tasks_head = t;
     L->tasks_tail = t;
+    atomic_store_explicit(&L->has_work, true, memory_order_release);
     pthread_mutex_unlock(&L->mu);
     if (tls_loop != L) kn_loop_wake(L);
     return 0;
@@ -140,14 +141,20 @@ static void on_wake(kn_loop *L, kn_io *io, uint32_t events) {
     uint64_t v;
     ssize_t n = read(io->fd, &v, sizeof v);
     (void)n;
-    /* Clear before draining, so a post that races with the drain wakes us again. */
-    atomic_store_explicit(&L->wake_pending, false, memory_order_release);
+    /* Clear before draining, so a post that races with the drain wakes us again.
+     * An exchange, not a store: its acquire pairs with the poster's exchange, so
+     * the poster's has_work is seen by the drain that follows. */
+    (void)atomic_exchange_explicit(&L->wake_pending, false, memory_order_acq_rel);
 }
 
 /* Runs posted tasks and services ready connections; returns true if more
- * work was queued meanwhile by this loop itself. */
+ * work was queued meanwhile by this loop itself. The has_work check keeps the
+ * mutex off the loop's path when nothing was posted (nearly every iteration):
+ * a poster sets it under mu before it wakes the loop. */
 static bool drain(kn_loop *L) {
+    if (!atomic_load_explicit(&L->has_work, memory_order_acquire)) return false;
     pthread_mutex_lock(&L->mu);
+    atomic_store_explicit(&L->has_work, false, memory_order_relaxed);
     kn_task *t = L->tasks_head;
     knet_conn *c = L->ready_head;
     L->tasks_head = L->tasks_tail = NULL;
@@ -172,10 +179,7 @@ static bool drain(kn_loop *L) {
         knet_conn_release(c); /* the ready list's reference */
         c = next;
     }
-    pthread_mutex_lock(&L->mu);
-    bool more = L->tasks_head || L->ready_head;
-    pthread_mutex_unlock(&L->mu);
-    return more;
+    return atomic_load_explicit(&L->has_work, memory_order_acquire);
 }
 
 static void reap(kn_loop *L) {
