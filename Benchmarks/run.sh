@@ -272,7 +272,9 @@ stop_server() {
 declare -A VAL   # "CONFIG|contender" -> values of every run (space separated)
 declare -A RAW   # "CONFIG|contender" -> raw per-run text
 declare -A UNSERVED # contender -> 1 when an S run left a connection unserved (or failed)
-add() { VAL["$1|$2"]+="$3 "; }
+declare -A RUNV  # "CONFIG|contender|round" -> that round's value, for paired ratios
+ROUND=0          # the round (run number) being measured
+add() { VAL["$1|$2"]+="$3 "; RUNV["$1|$2|$ROUND"]=$3; }
 addraw() { RAW["$1|$2"]+="$3; "; }
 
 median() {
@@ -446,6 +448,7 @@ for cfg in $CONFIGS; do
     *) note "unknown configuration '$cfg' (known: $ALL_CONFIGS)"; continue ;;
     esac
     for ((r = 1; r <= RUNS; r++)); do
+        ROUND=$r
         for c in $(order "$r"); do
             if [ "$runner" = run_pp ]; then run_pp "$cfg" "$c" "$r"; else $runner "$c" "$r"; fi
         done
@@ -465,9 +468,20 @@ fmt() {
     us) awk -v v="$2" 'BEGIN { if (v >= 100) printf "%.0f", v; else printf "%.1f", v }' ;;
     esac
 }
-ratio() { # value ceiling
-    [ -n "$1" ] && [ -n "$2" ] || return 0
-    awk -v v="$1" -v c="$2" 'BEGIN { if (c > 0) printf " (%.2f)", v / c }'
+# ratio KEY CONTENDER: the median over rounds of the contender's value divided by the
+# ceiling's value of the same round. The rounds interleave the contenders, so each pair
+# was measured minutes apart at most, and the host's slow swings (the ceiling's own runs
+# of one configuration can differ by 1.5x) cancel instead of adding up.
+ratio() {
+    [[ " ${ACTIVE[*]} " == *" epoll "* ]] || return 0
+    local r v c ratios=()
+    for ((r = 1; r <= RUNS; r++)); do
+        v=${RUNV["$1|$2|$r"]:-} c=${RUNV["$1|epoll|$r"]:-}
+        [ -n "$v" ] && [ -n "$c" ] || continue
+        ratios+=("$(awk -v v="$v" -v c="$c" 'BEGIN { if (c > 0) printf "%.6f", v / c }')")
+    done
+    [ ${#ratios[@]} -gt 0 ] || return 0
+    awk -v m="$(median "${ratios[@]}")" 'BEGIN { if (m != "") printf " (%.2f)", m }'
 }
 med() { local v=${VAL["$1|$2"]:-}; median $v; }
 
@@ -506,20 +520,16 @@ for c in "${ACTIVE[@]}"; do
     row="| $(label "$c") |"
     for cfg in "${COLS[@]}"; do
         v=$(med "$cfg" "$c")
-        ceil=""
-        [[ " ${ACTIVE[*]} " == *" epoll "* ]] && ceil=$(med "$cfg" epoll)
         case $cfg in D | E | R | S) kind=rate ;; *) kind=mib ;; esac
         mark=""
         [ "$cfg" = S ] && [ -n "${UNSERVED[$c]:-}" ] && mark=" **not all served**"
-        row+=" $(fmt "$kind" "$v")$(ratio "$v" "$ceil")$mark |"
+        row+=" $(fmt "$kind" "$v")$([ -n "$v" ] && ratio "$cfg" "$c")$mark |"
     done
     if has_cfg L; then
         for n in 1 100; do
             p50=$(med "L${n}p50" "$c") p99=$(med "L${n}p99" "$c") p999=$(med "L${n}p999" "$c")
-            ceil=""
-            [[ " ${ACTIVE[*]} " == *" epoll "* ]] && ceil=$(med "L${n}p99" epoll)
             if [ -n "$p99" ]; then
-                row+=" $(fmt us "$p50") / $(fmt us "$p99") / $(fmt us "$p999")$(ratio "$p99" "$ceil") |"
+                row+=" $(fmt us "$p50") / $(fmt us "$p99") / $(fmt us "$p999")$(ratio "L${n}p99" "$c") |"
             else
                 row+=" — |"
             fi
@@ -546,8 +556,10 @@ LIBUV_VER=$(pkg-config --modversion libuv 2>/dev/null)
     echo "- settings: RUNS=$RUNS (median quoted), SECONDS=$SECS per throughput/latency run, R_SECONDS=$R_SECONDS, IDLE_CONNS=$IDLE_CONNS, SCALE_CONNS=$SCALE_CONNS; suite time ${ELAPSED}s"
     echo "- toolchains: $(gcc --version 2>/dev/null | head -1); $(go version 2>/dev/null); $(swift --version 2>/dev/null | head -1); libuv ${LIBUV_VER:-?}; SwiftNIO ${NIO_VER:-?}"
     echo
-    echo "Each figure is the median over runs; in parentheses its ratio to the raw-epoll ceiling from"
-    echo "this same run (for latency: p99 / the ceiling's p99, lower is better). Server pinned to CPU 0,"
+    echo "Each figure is the median over runs. In parentheses: its ratio to the raw-epoll ceiling, paired"
+    echo "by round (each run divided by the ceiling's run of the same round, which the interleaving puts"
+    echo "minutes apart at most; the median of those ratios), so the host's slow swings cancel. For"
+    echo "latency: p99 / the ceiling's p99, lower is better. Server pinned to CPU 0,"
     echo "client to CPU 1, one loop thread each (B2: two threads each, unpinned). D and E count 64-byte"
     echo "messages echoed per second (bytes / 64). S: D's protocol on $SCALE_CONNS connections, one common"
     echo "epoll client (tools/scale.c) against each server; every connection was served unless marked."
