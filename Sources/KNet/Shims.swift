@@ -15,17 +15,33 @@ import CKNet
 /// parked here by the read shim and taken by the receive shim that the core calls right
 /// after on the same loop thread, so the array reaches the handler without a second copy;
 /// likewise `send([UInt8])` parks the array for the write shim on the sending thread.
+/// Only its own thread touches a slot, and no access to a field overlaps another, so the
+/// per-message dynamic exclusivity checks (a thread-local access set) are left out.
 final class ThreadSlot {
-    var decoded: [UInt8] = []
-    var decodedBase: UnsafeRawPointer?
-    var outgoing: [UInt8]?
-    var outgoingBase: UnsafeRawPointer?
-    /// The array the loop's next raw read goes into (see `readAlloc`): its whole capacity
-    /// counts as elements until a receive cuts it to the bytes read and hands it over.
-    var spare: [UInt8] = []
-    var spareBase: UnsafeMutableRawPointer?
-    /// Capacity of the next spare; follows the size of the last large read.
-    var spareCapacity = 0
+    @exclusivity(unchecked) var decoded: [UInt8] = []
+    @exclusivity(unchecked) var decodedBase: UnsafeRawPointer?
+    @exclusivity(unchecked) var outgoing: [UInt8]?
+    @exclusivity(unchecked) var outgoingBase: UnsafeRawPointer?
+    /// The array the loop's next raw read goes into (see `readAlloc`): empty, the read
+    /// fills its spare capacity, and a receive appends those bytes in place and hands it
+    /// over. When the handler did not keep it, the next read reuses the same storage.
+    @exclusivity(unchecked) var spare: [UInt8] = []
+    @exclusivity(unchecked) var spareBase: UnsafeMutableRawPointer?
+    /// Capacity of the next new spare; follows the size of the last large read.
+    @exclusivity(unchecked) var spareCapacity = 0
+
+    /// After a receive of the spare itself: empties it, keeping the storage when the
+    /// handler did not keep the array (else `removeAll` gives it fresh storage), or drops
+    /// it when reads outgrew it, so `readAlloc` makes a larger one.
+    func recycleSpare() {
+        if spare.capacity < spareCapacity {
+            spare = []
+            spareBase = nil
+            return
+        }
+        spare.removeAll(keepingCapacity: true)
+        spareBase = spare.withUnsafeMutableBufferPointer { UnsafeMutableRawPointer($0.baseAddress) }
+    }
 
     /// The calling thread's slot, created on first use and freed when the thread exits.
     static var current: ThreadSlot {
@@ -149,27 +165,35 @@ private func spareCapacity(for length: Int) -> Int {
     return capacity
 }
 
+/// The bytes a read already put in an array's spare capacity: appending this sequence
+/// makes them the array's elements without copying them. Sound for UInt8 only, which has
+/// no invalid values, and only when the array is unique (so the append keeps its storage).
+private struct BytesInPlace: Sequence, IteratorProtocol {
+    let count: Int
+    var underestimatedCount: Int { count }
+    mutating func next() -> UInt8? { nil }
+    func _copyContents(initializing buffer: UnsafeMutableBufferPointer<UInt8>) -> (BytesInPlace, Int) {
+        precondition(count <= buffer.count, "read past the spare capacity")
+        return (BytesInPlace(count: 0), count)
+    }
+}
+
 /// The C alloc callback of raw-codec connections (loop thread): the read goes into the
-/// thread's spare array, which `receiveShim` hands to the handler without a copy.
+/// spare capacity of the thread's empty spare array, which `receiveShim` hands to the
+/// handler without a copy.
 private func readAlloc(_ conn: OpaquePointer?, _ suggested: Int, _ capacity: UnsafeMutablePointer<Int>?,
                        _ ud: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
     guard let capacity else { return nil }
     let slot = ThreadSlot.current
     if slot.spareBase == nil {
-        let size = slot.spareCapacity > 0 ? slot.spareCapacity : suggested
-        var base: UnsafeMutableRawPointer?
-        // Every byte counts as initialized at once: UInt8 has no invalid values, the read
-        // writes the front before anything looks at it, and receiveShim cuts off the rest
-        // unread. The storage does not move while the slot holds the only reference and
-        // leaves it alone, so the core may write into it through `base`.
-        slot.spare = [UInt8](unsafeUninitializedCapacity: size) { buffer, count in
-            base = UnsafeMutableRawPointer(buffer.baseAddress)
-            count = size
-        }
-        slot.spareBase = base
-        slot.spareCapacity = size
+        // reserveCapacity allocates through the specialized path (no generic metadata
+        // lookup). The storage does not move while the slot holds the only reference and
+        // leaves it alone, so the core may write into its capacity through `spareBase`.
+        slot.spare = []
+        slot.spare.reserveCapacity(slot.spareCapacity > 0 ? slot.spareCapacity : suggested)
+        slot.spareBase = slot.spare.withUnsafeMutableBufferPointer { UnsafeMutableRawPointer($0.baseAddress) }
     }
-    capacity.pointee = slot.spare.count
+    capacity.pointee = slot.spare.capacity
     return slot.spareBase
 }
 
@@ -178,52 +202,61 @@ private func receiveShim(_ conn: OpaquePointer?, _ buf: UnsafeRawPointer?, _ len
     guard let conn, let ud, let raw = knet_conn_userdata(conn) else { return }
     // Borrowed (+0) references: the serve call and the C userdata keep both alive for
     // the whole callback, so the per-message retain/release pair is not needed.
-    Unmanaged<ServeContext>.fromOpaque(ud)._withUnsafeGuaranteedRef { context in
-        let bytes = message(buf, len, context)
+    let slot = ThreadSlot.current
+    let handedOver = Unmanaged<ServeContext>.fromOpaque(ud)._withUnsafeGuaranteedRef { context in
         Unmanaged<TCPConnection>.fromOpaque(raw)._withUnsafeGuaranteedRef { tcp in
-            context.handler.receive(tcp, bytes)
+            deliver(buf, len, context, tcp, slot)
         }
     }
+    // After deliver returned, its reference is gone: the spare is unique again unless
+    // the handler kept the array.
+    if handedOver { slot.recycleSpare() }
 }
 
-/// The message at buf as an array: the spare array a large raw read went into (no copy),
-/// the array a Swift codec decoded (no copy), or else one copy of the bytes.
-private func message(_ buf: UnsafeRawPointer?, _ len: Int, _ context: ServeContext) -> [UInt8] {
-    var bytes: [UInt8] = []
+/// Calls the handler with the message; returns true when it got the spare array itself.
+/// Not inlined, so the message's reference ends when it returns.
+@inline(never)
+private func deliver(_ buf: UnsafeRawPointer?, _ len: Int, _ context: ServeContext, _ tcp: TCPConnection,
+                     _ slot: ThreadSlot) -> Bool {
+    let (bytes, handedOver) = message(buf, len, context, slot)
+    context.handler.receive(tcp, bytes)
+    return handedOver
+}
+
+/// The message at buf as an array, and whether it is the spare array: the spare a large
+/// raw read went into (no copy; the slot keeps a reference for `recycleSpare`), the array
+/// a Swift codec decoded (no copy), or else one copy of the bytes.
+private func message(_ buf: UnsafeRawPointer?, _ len: Int, _ context: ServeContext,
+                     _ slot: ThreadSlot) -> ([UInt8], Bool) {
     if context.rawCodec {
-        let slot = ThreadSlot.current
         if let base = slot.spareBase, buf == UnsafeRawPointer(base), len >= handOverMinimum {
             let wanted = spareCapacity(for: len)
             // The real capacity, not the count asked for: the allocator may round it up,
             // and the promise is about what the kept array pins.
             if len * 4 >= slot.spare.capacity {
-                swap(&bytes, &slot.spare)
-                slot.spareBase = nil
+                slot.spare.append(contentsOf: BytesInPlace(count: len))
                 slot.spareCapacity = wanted
-                bytes.removeLast(bytes.count - len) // in place: only the count changes
-                return bytes
+                return (slot.spare, true)
             }
             // Mostly empty for reads of this size: copy this one, size the next spare down.
-            bytes = Array(UnsafeRawBufferPointer(start: buf, count: len))
+            let bytes = Array(UnsafeRawBufferPointer(start: buf, count: len))
             slot.spare = []
             slot.spareBase = nil
             slot.spareCapacity = wanted
-            return bytes
+            return (bytes, false)
         }
     } else if context.swiftCodec {
-        let slot = ThreadSlot.current
         if slot.decodedBase == buf && slot.decoded.count == len {
+            var bytes: [UInt8] = []
             swap(&bytes, &slot.decoded)
             slot.decodedBase = nil
-            return bytes
+            return (bytes, false)
         }
     }
-    if len > 0, let buf {
-        // This spelling allocates through the specialized array initializer (no generic
-        // metadata lookup per message).
-        bytes = Array(UnsafeRawBufferPointer(start: buf, count: len))
-    }
-    return bytes
+    guard len > 0, let buf else { return ([], false) }
+    // This spelling allocates through the specialized array initializer (no generic
+    // metadata lookup per message).
+    return (Array(UnsafeRawBufferPointer(start: buf, count: len)), false)
 }
 
 /// The C read callback of a Swift codec: a need-more error from ByteReader means "wait for

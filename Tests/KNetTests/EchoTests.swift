@@ -185,4 +185,60 @@ extension KNetTests {
         #expect(messages.contains { $0.capacity >= $0.count + 1024 })
         #expect(server.stop() == .serverClosed)
     }
+
+    @Test("raw reads the handler drops make room for the next read; the ones it keeps stay intact")
+    func droppedRawReadsDoNotDisturbKeptOnes() throws {
+        /// Keeps every third array it gets (and a copy of every message's bytes); mutates
+        /// some of the dropped ones in place first, as a handler may.
+        final class KeepingSome: TCPHandler {
+            struct State: Sendable {
+                var copies: [[UInt8]] = []
+                var kept: [Int: [UInt8]] = [:]
+                var bytes = 0
+                var scribbleFailures = 0
+            }
+            let state = Locked(State())
+            func receive(_ conn: TCPConnection, _ buf: [UInt8]) {
+                let copy = buf.withUnsafeBytes { Array($0) }  // a real copy, not shared storage
+                state.withLock { state in
+                    let index = state.copies.count
+                    state.copies.append(copy)
+                    state.bytes += copy.count
+                    if index % 3 == 0 { state.kept[index] = buf }
+                }
+                if copy.count % 2 == 1 {
+                    var scribble = buf
+                    scribble[0] ^= 0xFF
+                    let changed = scribble[0] == copy[0] ^ 0xFF && buf[0] == copy[0]
+                    state.withLock { $0.scribbleFailures += changed ? 0 : 1 }
+                }
+            }
+        }
+        let handler = KeepingSome()
+        let server = try ServerHarness(handler: handler, codec: nil)
+        let peer = try PlainSocket(port: server.port)
+        let pieces = [3_001, 3_000, 2_999, 3_000, 3_001, 3_000, 20_000, 1_500, 60_001, 3_000, 5, 3_001, 3_000, 4_100]
+        var stream: [UInt8] = []
+        for round in 0..<3 {
+            for size in pieces {
+                let piece = pattern(size, offset: stream.count + round)
+                stream += piece
+                try peer.write(piece)
+                // One piece at a time, so each read reuses or replaces the previous array.
+                let total = stream.count
+                try #require(eventually { handler.state.withLock { $0.bytes } == total })
+            }
+        }
+        let state = handler.state.withLock { $0 }
+        // Booleans, so a failure names the message instead of printing megabytes.
+        let delivered = state.copies.flatMap { $0 } == stream
+        #expect(delivered, "the \(state.copies.count) messages do not add up to the \(stream.count) bytes sent")
+        #expect(state.kept.count >= pieces.count)
+        #expect(state.scribbleFailures == 0)
+        for (index, array) in state.kept.sorted(by: { $0.key < $1.key }) {
+            let intact = array == state.copies[index]
+            #expect(intact, "kept message \(index) (\(array.count) bytes) changed")
+        }
+        #expect(server.stop() == .serverClosed)
+    }
 }
