@@ -15,11 +15,17 @@ public final class TCPConnection: Sendable {
     private let userdataLock = PThreadMutex()
     nonisolated(unsafe) private var userdataValue: (any Sendable)?
 
-    init(handle: OpaquePointer, swiftCodec: Bool, codecOwner: (any AnyObject & Sendable)?) {
+    /// The scratch slot of the loop thread that runs this connection's callbacks; only the
+    /// receive path uses it, on that thread (so no per-message thread-local lookup).
+    nonisolated(unsafe) let loopSlot: ThreadSlot
+
+    init(handle: OpaquePointer, swiftCodec: Bool, codecOwner: (any AnyObject & Sendable)?,
+         loopSlot: ThreadSlot) {
         knet_conn_retain(handle)
         self.handle = handle
         self.swiftCodec = swiftCodec
         self.codecOwner = codecOwner
+        self.loopSlot = loopSlot
     }
 
     deinit {

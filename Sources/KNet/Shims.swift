@@ -135,9 +135,13 @@ private func connectShim(_ conn: OpaquePointer?, _ connected: Bool, _ ud: Unsafe
     guard let conn, let ud else { return }
     let context = Unmanaged<ServeContext>.fromOpaque(ud).takeUnretainedValue()
     if connected {
-        let tcp = TCPConnection(handle: conn, swiftCodec: context.swiftCodec, codecOwner: context.codecOwner)
+        // connect(true) runs on the connection's loop thread: its slot is this thread's.
+        // Loop threads never exit, so the slot outlives the connection.
+        let slot = ThreadSlot.current
+        let tcp = TCPConnection(handle: conn, swiftCodec: context.swiftCodec, codecOwner: context.codecOwner,
+                                loopSlot: slot)
         knet_conn_set_userdata(conn, Unmanaged.passRetained(tcp).toOpaque())
-        if context.rawCodec { _ = knet_conn_set_alloc(conn, readAlloc, nil) }
+        if context.rawCodec { _ = knet_conn_set_alloc(conn, readAlloc, Unmanaged.passUnretained(slot).toOpaque()) }
         context.clientSlot?.value.withLock { $0 = tcp }
         context.handler.connect(tcp, connected: true)
     } else {
@@ -178,23 +182,24 @@ private struct BytesInPlace: Sequence, IteratorProtocol {
     }
 }
 
-/// The C alloc callback of raw-codec connections (loop thread): the read goes into the
-/// spare capacity of the thread's empty spare array, which `receiveShim` hands to the
-/// handler without a copy.
+/// The C alloc callback of raw-codec connections (loop thread; `ud` is that thread's slot,
+/// borrowed): the read goes into the spare capacity of the slot's empty spare array, which
+/// `receiveShim` hands to the handler without a copy.
 private func readAlloc(_ conn: OpaquePointer?, _ suggested: Int, _ capacity: UnsafeMutablePointer<Int>?,
                        _ ud: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
-    guard let capacity else { return nil }
-    let slot = ThreadSlot.current
-    if slot.spareBase == nil {
-        // reserveCapacity allocates through the specialized path (no generic metadata
-        // lookup). The storage does not move while the slot holds the only reference and
-        // leaves it alone, so the core may write into its capacity through `spareBase`.
-        slot.spare = []
-        slot.spare.reserveCapacity(slot.spareCapacity > 0 ? slot.spareCapacity : suggested)
-        slot.spareBase = slot.spare.withUnsafeMutableBufferPointer { UnsafeMutableRawPointer($0.baseAddress) }
+    guard let capacity, let ud else { return nil }
+    return Unmanaged<ThreadSlot>.fromOpaque(ud)._withUnsafeGuaranteedRef { slot in
+        if slot.spareBase == nil {
+            // reserveCapacity allocates through the specialized path (no generic metadata
+            // lookup). The storage does not move while the slot holds the only reference
+            // and leaves it alone, so the core may write into its capacity via `spareBase`.
+            slot.spare = []
+            slot.spare.reserveCapacity(slot.spareCapacity > 0 ? slot.spareCapacity : suggested)
+            slot.spareBase = slot.spare.withUnsafeMutableBufferPointer { UnsafeMutableRawPointer($0.baseAddress) }
+        }
+        capacity.pointee = slot.spare.capacity
+        return slot.spareBase
     }
-    capacity.pointee = slot.spare.capacity
-    return slot.spareBase
 }
 
 /// Hands one message to the handler as one [UInt8] (see `message`).
@@ -202,23 +207,20 @@ private func receiveShim(_ conn: OpaquePointer?, _ buf: UnsafeRawPointer?, _ len
     guard let conn, let ud, let raw = knet_conn_userdata(conn) else { return }
     // Borrowed (+0) references: the serve call and the C userdata keep both alive for
     // the whole callback, so the per-message retain/release pair is not needed.
-    let slot = ThreadSlot.current
-    let handedOver = Unmanaged<ServeContext>.fromOpaque(ud)._withUnsafeGuaranteedRef { context in
+    Unmanaged<ServeContext>.fromOpaque(ud)._withUnsafeGuaranteedRef { context in
         Unmanaged<TCPConnection>.fromOpaque(raw)._withUnsafeGuaranteedRef { tcp in
-            deliver(buf, len, context, tcp, slot)
+            // After deliver returned, its reference is gone: the spare is unique again
+            // unless the handler kept the array.
+            if deliver(buf, len, context, tcp) { tcp.loopSlot.recycleSpare() }
         }
     }
-    // After deliver returned, its reference is gone: the spare is unique again unless
-    // the handler kept the array.
-    if handedOver { slot.recycleSpare() }
 }
 
 /// Calls the handler with the message; returns true when it got the spare array itself.
 /// Not inlined, so the message's reference ends when it returns.
 @inline(never)
-private func deliver(_ buf: UnsafeRawPointer?, _ len: Int, _ context: ServeContext, _ tcp: TCPConnection,
-                     _ slot: ThreadSlot) -> Bool {
-    let (bytes, handedOver) = message(buf, len, context, slot)
+private func deliver(_ buf: UnsafeRawPointer?, _ len: Int, _ context: ServeContext, _ tcp: TCPConnection) -> Bool {
+    let (bytes, handedOver) = message(buf, len, context, tcp.loopSlot)
     context.handler.receive(tcp, bytes)
     return handedOver
 }
