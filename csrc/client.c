@@ -35,6 +35,7 @@ knet_client *knet_client_new(const char *addr) {
     }
     kn_owner_init(&c->o);
     c->o.close_reason = KNET_ECLIENTCLOSED;
+    c->o.serves_one = true;
     c->backoff_initial = 1000;
     c->backoff_max = 60000;
     return c;

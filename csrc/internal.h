@@ -129,7 +129,8 @@ struct kn_owner {
     pthread_cond_t cv;
     size_t live;          /* connections created and not yet finished */
     size_t tasks;         /* loop tasks that still reference this owner */
-    atomic_bool closing;  /* no new connections; attach closes them */
+    atomic_bool closing;  /* no new connections; attach closes them (set under mu) */
+    bool serves_one;      /* a client: its serving thread waits out every connection */
     int close_reason;     /* what connections closed by the owner report */
     uint32_t grace_ms;    /* for kn_owner_shutdown_task */
 };
@@ -137,7 +138,7 @@ struct kn_owner {
 void kn_owner_init(kn_owner *o);
 void kn_owner_destroy(kn_owner *o);
 void kn_owner_set(kn_owner *o, const knet_handler *h, const knet_codec *c);
-void kn_owner_conn_done(kn_owner *o); /* live-- and wake the serving thread */
+void kn_owner_conn_done(kn_owner *o); /* live--; wakes the serving thread if it waits for 0 */
 /* Counts a new connection in (live++), unless max_conns is reached: refused++, false. */
 bool kn_owner_admit(kn_owner *o);
 /* Allocates the per-loop byte counters (starts the loops); 0 or -ENOMEM. */

@@ -77,17 +77,20 @@ void kn_owner_set(kn_owner *o, const knet_handler *h, const knet_codec *c) {
     o->max_frame = o->codec.max_frame ? o->codec.max_frame : KNET_DEFAULT_MAX_FRAME;
 }
 
+/* Waiters on cv wait for live (or tasks) to reach 0: a client's serving thread
+ * after each connection, a server's only once it is closing. Waking a server's
+ * thread at every close would cost it three futex calls and two context
+ * switches per connection for nothing. */
 void kn_owner_conn_done(kn_owner *o) {
     pthread_mutex_lock(&o->mu);
-    o->live--;
-    pthread_cond_broadcast(&o->cv);
+    if (--o->live == 0 && (o->serves_one || atomic_load_explicit(&o->closing, memory_order_relaxed)))
+        pthread_cond_broadcast(&o->cv);
     pthread_mutex_unlock(&o->mu);
 }
 
 void kn_owner_task_done(kn_owner *o) {
     pthread_mutex_lock(&o->mu);
-    o->tasks--;
-    pthread_cond_broadcast(&o->cv);
+    if (--o->tasks == 0) pthread_cond_broadcast(&o->cv);
     pthread_mutex_unlock(&o->mu);
 }
 
