@@ -323,6 +323,19 @@ static void conn_begin_graceful(kn_loop *L, knet_conn *c, uint32_t ms, int reaso
  * after writing what is already queued (bounded by the default timeout), so
  * a peer that half-closes still gets its answers. */
 static void conn_on_eof(kn_loop *L, knet_conn *c) {
+    if (!c->graceful && !c->outq.head) {
+        /* Nothing queued (the common end of a request/response exchange): close now,
+         * without the epoll_ctl and the timer of a graceful close. CLOSING under mu
+         * turns away sends that would otherwise land in the inbox after the check. */
+        pthread_mutex_lock(&c->mu);
+        bool idle = c->inbox.head == NULL;
+        if (idle) atomic_store(&c->state, KN_CLOSING);
+        pthread_mutex_unlock(&c->mu);
+        if (idle) {
+            kn_conn_finish(c, KNET_EOF);
+            return;
+        }
+    }
     if (!c->graceful) conn_begin_graceful(L, c, KN_DEFAULT_GRACE_MS, KNET_EOF);
     c->peer_eof = true;
     conn_set_events(c, c->events & ~(uint32_t)EPOLLIN);
