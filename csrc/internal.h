@@ -204,6 +204,8 @@ struct knet_conn {
     atomic_int state;  /* KN_OPEN / KN_CLOSING (sends refused) / KN_CLOSED */
     atomic_int reason; /* 1 while open, then why it closed */
     atomic_uint req;   /* KN_REQ_* for the loop */
+    atomic_bool inbox_full; /* inbox non-empty: the loop must not write around it
+                               (read per send: kept in the first cache lines) */
     atomic_size_t npending;
     atomic_size_t max_pending;
     atomic_size_t qbytes; /* bytes in outq + inbox */
@@ -237,7 +239,6 @@ struct knet_conn {
     pthread_mutex_t mu;
     kn_queue inbox;
     bool inbox_sched;         /* a service of the inbox is scheduled */
-    atomic_bool inbox_full;   /* inbox non-empty: the loop must not write around it */
     int req_reason;
     uint32_t grace_ms;
     bool has_local;
