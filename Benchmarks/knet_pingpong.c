@@ -7,8 +7,9 @@
  *
  * Server: raw-stream codec, a handler whose receive sends the bytes back.
  * Client: CONNS persistent knet clients, each blocking in
- * knet_client_dial_and_serve on its own thread; connect(true) sends the first
- * block, receive echoes and counts. Prints the suite's four result lines.
+ * knet_client_dial_and_serve on its own thread, started one after another;
+ * connect(true) sends the first block, receive echoes and counts. Prints the
+ * suite's four result lines, counted from when every connection is up.
  */
 #define _GNU_SOURCE
 #include "common/bench.h"
@@ -27,8 +28,24 @@ struct pp_client {
     _Atomic uint64_t msgs;
     knet_client *client;
     pthread_t tid;
-    int rc; /* what knet_client_dial_and_serve returned */
+    int rc;       /* what knet_client_dial_and_serve returned */
+    int state;    /* 0 dialing, 1 connected, 2 dial_and_serve returned; under settle_mu */
 } __attribute__((aligned(64)));
+
+/* run_client starts the clients one at a time, each once the one before has
+ * connected, so client connection i lands on client loop i % THREADS and
+ * (accepted in the same order) pairs with one server loop, as in the other
+ * contenders; racing dials would pair loops at random and add run-to-run noise. */
+static pthread_mutex_t settle_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t settle_cv = PTHREAD_COND_INITIALIZER;
+
+static void settle(struct pp_client *pc, int state)
+{
+    pthread_mutex_lock(&settle_mu);
+    pc->state = state;
+    pthread_cond_broadcast(&settle_cv);
+    pthread_mutex_unlock(&settle_mu);
+}
 
 static const unsigned char *first_block;
 static size_t first_block_len;
@@ -50,9 +67,10 @@ static void echo_receive(knet_conn *conn, const void *buf, size_t len, void *ud)
 
 static void client_connect(knet_conn *conn, bool connected, void *ud)
 {
-    (void)ud;
-    if (connected)
+    if (connected) {
         (void)knet_conn_send(conn, first_block, first_block_len);
+        settle(ud, 1);
+    }
 }
 
 static void client_receive(knet_conn *conn, const void *buf, size_t len, void *ud)
@@ -70,6 +88,7 @@ static void *client_thread(void *arg)
     struct pp_client *pc = arg;
     knet_handler h = {client_connect, client_receive, pc};
     pc->rc = knet_client_dial_and_serve(pc->client, &h, &knet_default_codec);
+    settle(pc, 2);
     return NULL;
 }
 
@@ -101,12 +120,24 @@ static int run_client(const char *host, int port, int conns, int block, int seco
             break;
         }
         started++;
+        pthread_mutex_lock(&settle_mu);
+        while (cs[i].state == 0)
+            pthread_cond_wait(&settle_cv, &settle_mu);
+        int state = cs[i].state;
+        pthread_mutex_unlock(&settle_mu);
+        if (state != 1)
+            break; /* its dial failed: reported below */
     }
     pthread_attr_destroy(&attr);
 
+    /* Counted from the moment every connection is up. */
+    uint64_t bytes = 0, msgs = 0;
+    for (int i = 0; i < started; i++) {
+        bytes -= atomic_load_explicit(&cs[i].bytes, memory_order_relaxed);
+        msgs -= atomic_load_explicit(&cs[i].msgs, memory_order_relaxed);
+    }
     if (started == conns)
         bench_sleep_ms((uint64_t)seconds * 1000);
-    uint64_t bytes = 0, msgs = 0;
     for (int i = 0; i < started; i++) {
         bytes += atomic_load_explicit(&cs[i].bytes, memory_order_relaxed);
         msgs += atomic_load_explicit(&cs[i].msgs, memory_order_relaxed);

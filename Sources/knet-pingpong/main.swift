@@ -31,6 +31,8 @@ final class PingPongHandler: TCPHandler {
     let block: [UInt8]
     let bytesRead = Atomic<Int>(0)
     let messagesRead = Atomic<Int>(0)
+    /// Signalled once the connection is up.
+    let connected = DispatchSemaphore(value: 0)
     // Keeps two handlers' counters off one cache line.
     private let padding: (Int, Int, Int, Int, Int, Int, Int, Int) = (0, 0, 0, 0, 0, 0, 0, 0)
 
@@ -39,7 +41,10 @@ final class PingPongHandler: TCPHandler {
     }
 
     func connect(_ conn: TCPConnection, connected: Bool) {
-        if connected { try? conn.send(block) }
+        if connected {
+            try? conn.send(block)
+            self.connected.signal()
+        }
     }
 
     func receive(_ conn: TCPConnection, _ buf: [UInt8]) {
@@ -86,8 +91,11 @@ func runClients(host: String, port: Int, conns: Int, blockSize: Int, seconds: Do
     let block = (0..<blockSize).map { UInt8($0 % 128) }
     let handlers = (0..<conns).map { _ in PingPongHandler(block: block) }
     let clients = (0..<conns).map { _ in TCPClient(formatAddress(host, port)) }
+    // One at a time, each once the one before has connected: client connection i lands on
+    // client loop i % THREADS and, accepted in the same order, pairs with one server loop,
+    // as in the other contenders. Racing dials would pair loops at random (run-to-run noise).
     let finished = zip(clients, handlers).map { client, handler in
-        spawn {
+        let done = spawn {
             client.disableRetry()
             do {
                 try client.dialAndServe(handler: handler, codec: nil)
@@ -96,10 +104,19 @@ func runClients(host: String, port: Int, conns: Int, blockSize: Int, seconds: Do
                 fail("client: \(error)")
             }
         }
+        if handler.connected.wait(timeout: .now() + 30) == .timedOut { fail("client: no connection in 30 s") }
+        return done
     }
+    // Counted from the moment every connection is up.
+    func totals() -> (bytes: Int, messages: Int) {
+        handlers.reduce((0, 0)) {
+            ($0.0 + $1.bytesRead.load(ordering: .relaxed), $0.1 + $1.messagesRead.load(ordering: .relaxed))
+        }
+    }
+    let start = totals()
     Thread.sleep(forTimeInterval: seconds) // the measuring period itself
-    let bytes = handlers.reduce(0) { $0 + $1.bytesRead.load(ordering: .relaxed) }
-    let messages = handlers.reduce(0) { $0 + $1.messagesRead.load(ordering: .relaxed) }
+    let end = totals()
+    let bytes = end.bytes - start.bytes, messages = end.messages - start.messages
     for client in clients { client.close() }
     for done in finished { done.wait() }
     // The same four lines, and the same arithmetic, as the C knet_pingpong.
