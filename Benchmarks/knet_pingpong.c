@@ -47,6 +47,27 @@ static void settle(struct pp_client *pc, int state)
     pthread_mutex_unlock(&settle_mu);
 }
 
+/* Waits until pc has connected (1) or its dial_and_serve returned (2). */
+static int wait_settled(struct pp_client *pc)
+{
+    pthread_mutex_lock(&settle_mu);
+    while (pc->state == 0)
+        pthread_cond_wait(&settle_cv, &settle_mu);
+    int state = pc->state;
+    pthread_mutex_unlock(&settle_mu);
+    return state;
+}
+
+/* Sums the counters of the first n clients. */
+static void totals(const struct pp_client *cs, int n, uint64_t *bytes, uint64_t *msgs)
+{
+    *bytes = *msgs = 0;
+    for (int i = 0; i < n; i++) {
+        *bytes += atomic_load_explicit(&cs[i].bytes, memory_order_relaxed);
+        *msgs += atomic_load_explicit(&cs[i].msgs, memory_order_relaxed);
+    }
+}
+
 static const unsigned char *first_block;
 static size_t first_block_len;
 
@@ -120,28 +141,19 @@ static int run_client(const char *host, int port, int conns, int block, int seco
             break;
         }
         started++;
-        pthread_mutex_lock(&settle_mu);
-        while (cs[i].state == 0)
-            pthread_cond_wait(&settle_cv, &settle_mu);
-        int state = cs[i].state;
-        pthread_mutex_unlock(&settle_mu);
-        if (state != 1)
+        if (wait_settled(&cs[i]) != 1)
             break; /* its dial failed: reported below */
     }
     pthread_attr_destroy(&attr);
 
     /* Counted from the moment every connection is up. */
-    uint64_t bytes = 0, msgs = 0;
-    for (int i = 0; i < started; i++) {
-        bytes -= atomic_load_explicit(&cs[i].bytes, memory_order_relaxed);
-        msgs -= atomic_load_explicit(&cs[i].msgs, memory_order_relaxed);
-    }
+    uint64_t bytes0, msgs0, bytes, msgs;
+    totals(cs, started, &bytes0, &msgs0);
     if (started == conns)
         bench_sleep_ms((uint64_t)seconds * 1000);
-    for (int i = 0; i < started; i++) {
-        bytes += atomic_load_explicit(&cs[i].bytes, memory_order_relaxed);
-        msgs += atomic_load_explicit(&cs[i].msgs, memory_order_relaxed);
-    }
+    totals(cs, started, &bytes, &msgs);
+    bytes -= bytes0;
+    msgs -= msgs0;
     int status = started == conns ? 0 : 1;
     for (int i = 0; i < started; i++)
         (void)knet_client_close(cs[i].client);
