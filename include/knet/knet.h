@@ -298,7 +298,8 @@ void knet_conn_close_with_timeout(knet_conn *conn, uint32_t ms);
  * on the loop thread (after the current callback, when called from one). */
 void knet_conn_close(knet_conn *conn);
 
-/* Attaches a caller pointer to the connection (knet never touches it). */
+/* Attaches a caller pointer to the connection (knet never dereferences it, but
+ * prefetches the 128 bytes at it before each read, for the callbacks). */
 void knet_conn_set_userdata(knet_conn *conn, void *ud);
 
 /* Returns the pointer given to knet_conn_set_userdata, or NULL. */
