@@ -5,27 +5,37 @@ import CKNet
 /// also from inside callbacks. It stays valid when kept past `connect(false)`; sends then
 /// throw `KNetError.connectionClosed`.
 public final class TCPConnection: Sendable {
+    // The fields a message uses come first, in the 128 bytes the C core prefetches at
+    // its userdata before each read: with many connections this object is cold.
+
     /// The retained C connection (thread-safe by the C contract).
     @usableFromInline nonisolated(unsafe) let handle: OpaquePointer
+    /// The scratch slot of the loop thread that runs this connection's callbacks; only the
+    /// receive path uses it, on that thread (so no per-message thread-local lookup).
+    nonisolated(unsafe) let loopSlot: ThreadSlot
+    /// The handler of the serve call, kept here so a message touches no other object.
+    /// Loop thread only; `connect(false)` swaps it for a `DefaultTCPHandler`, so a
+    /// handler that keeps its connections forms no reference cycle with them.
+    nonisolated(unsafe) var handler: any TCPHandler
     /// True when a Swift codec frames this connection's messages.
     @usableFromInline let swiftCodec: Bool
+    /// True for the raw codec: a message is one read, into the slot's spare array.
+    let rawCodec: Bool
     /// Keeps the codec's storage alive while this object can send through it.
     let codecOwner: (any AnyObject & Sendable)?
     /// Guards `userdataValue` (a pthread mutex, so ThreadSanitizer sees it).
     private let userdataLock = PThreadMutex()
     nonisolated(unsafe) private var userdataValue: (any Sendable)?
 
-    /// The scratch slot of the loop thread that runs this connection's callbacks; only the
-    /// receive path uses it, on that thread (so no per-message thread-local lookup).
-    nonisolated(unsafe) let loopSlot: ThreadSlot
-
-    init(handle: OpaquePointer, swiftCodec: Bool, codecOwner: (any AnyObject & Sendable)?,
-         loopSlot: ThreadSlot) {
+    init(handle: OpaquePointer, loopSlot: ThreadSlot, handler: any TCPHandler, swiftCodec: Bool,
+         rawCodec: Bool, codecOwner: (any AnyObject & Sendable)?) {
         knet_conn_retain(handle)
         self.handle = handle
-        self.swiftCodec = swiftCodec
-        self.codecOwner = codecOwner
         self.loopSlot = loopSlot
+        self.handler = handler
+        self.swiftCodec = swiftCodec
+        self.rawCodec = rawCodec
+        self.codecOwner = codecOwner
     }
 
     deinit {

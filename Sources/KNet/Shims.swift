@@ -138,8 +138,9 @@ private func connectShim(_ conn: OpaquePointer?, _ connected: Bool, _ ud: Unsafe
         // connect(true) runs on the connection's loop thread: its slot is this thread's.
         // Loop threads never exit, so the slot outlives the connection.
         let slot = ThreadSlot.current
-        let tcp = TCPConnection(handle: conn, swiftCodec: context.swiftCodec, codecOwner: context.codecOwner,
-                                loopSlot: slot)
+        let tcp = TCPConnection(handle: conn, loopSlot: slot, handler: context.handler,
+                                swiftCodec: context.swiftCodec, rawCodec: context.rawCodec,
+                                codecOwner: context.codecOwner)
         knet_conn_set_userdata(conn, Unmanaged.passRetained(tcp).toOpaque())
         if context.rawCodec { _ = knet_conn_set_alloc(conn, readAlloc, Unmanaged.passUnretained(slot).toOpaque()) }
         context.clientSlot?.value.withLock { $0 = tcp }
@@ -152,6 +153,7 @@ private func connectShim(_ conn: OpaquePointer?, _ connected: Bool, _ ud: Unsafe
             if current === tcp { current = nil }
         }
         context.handler.connect(tcp, connected: false)
+        tcp.handler = DefaultTCPHandler() // the last callback: drop the handler (no cycle)
         knet_conn_set_userdata(conn, nil)
         reference.release()
     }
@@ -204,33 +206,32 @@ private func readAlloc(_ conn: OpaquePointer?, _ suggested: Int, _ capacity: Uns
 
 /// Hands one message to the handler as one [UInt8] (see `message`).
 private func receiveShim(_ conn: OpaquePointer?, _ buf: UnsafeRawPointer?, _ len: Int, _ ud: UnsafeMutableRawPointer?) {
-    guard let conn, let ud, let raw = knet_conn_userdata(conn) else { return }
-    // Borrowed (+0) references: the serve call and the C userdata keep both alive for
-    // the whole callback, so the per-message retain/release pair is not needed.
-    Unmanaged<ServeContext>.fromOpaque(ud)._withUnsafeGuaranteedRef { context in
-        Unmanaged<TCPConnection>.fromOpaque(raw)._withUnsafeGuaranteedRef { tcp in
-            // After deliver returned, its reference is gone: the spare is unique again
-            // unless the handler kept the array.
-            if deliver(buf, len, context, tcp) { tcp.loopSlot.recycleSpare() }
-        }
+    guard let conn, let raw = knet_conn_userdata(conn) else { return }
+    // A borrowed (+0) reference: the C userdata keeps it alive for the whole callback,
+    // so the per-message retain/release pair is not needed. Only this object is used
+    // (not the serve context): the core prefetched it during the read.
+    Unmanaged<TCPConnection>.fromOpaque(raw)._withUnsafeGuaranteedRef { tcp in
+        // After deliver returned, its reference is gone: the spare is unique again
+        // unless the handler kept the array.
+        if deliver(buf, len, tcp) { tcp.loopSlot.recycleSpare() }
     }
 }
 
 /// Calls the handler with the message; returns true when it got the spare array itself.
 /// Not inlined, so the message's reference ends when it returns.
 @inline(never)
-private func deliver(_ buf: UnsafeRawPointer?, _ len: Int, _ context: ServeContext, _ tcp: TCPConnection) -> Bool {
-    let (bytes, handedOver) = message(buf, len, context, tcp.loopSlot)
-    context.handler.receive(tcp, bytes)
+private func deliver(_ buf: UnsafeRawPointer?, _ len: Int, _ tcp: TCPConnection) -> Bool {
+    let (bytes, handedOver) = message(buf, len, tcp)
+    tcp.handler.receive(tcp, bytes)
     return handedOver
 }
 
 /// The message at buf as an array, and whether it is the spare array: the spare a large
 /// raw read went into (no copy; the slot keeps a reference for `recycleSpare`), the array
 /// a Swift codec decoded (no copy), or else one copy of the bytes.
-private func message(_ buf: UnsafeRawPointer?, _ len: Int, _ context: ServeContext,
-                     _ slot: ThreadSlot) -> ([UInt8], Bool) {
-    if context.rawCodec {
+private func message(_ buf: UnsafeRawPointer?, _ len: Int, _ tcp: TCPConnection) -> ([UInt8], Bool) {
+    let slot = tcp.loopSlot
+    if tcp.rawCodec {
         if let base = slot.spareBase, buf == UnsafeRawPointer(base), len >= handOverMinimum {
             let wanted = spareCapacity(for: len)
             // The real capacity, not the count asked for: the allocator may round it up,
@@ -247,7 +248,7 @@ private func message(_ buf: UnsafeRawPointer?, _ len: Int, _ context: ServeConte
             slot.spareCapacity = wanted
             return (bytes, false)
         }
-    } else if context.swiftCodec {
+    } else if tcp.swiftCodec {
         if slot.decodedBase == buf && slot.decoded.count == len {
             var bytes: [UInt8] = []
             swap(&bytes, &slot.decoded)

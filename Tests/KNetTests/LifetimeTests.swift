@@ -69,6 +69,30 @@ extension KNetTests {
         #expect(throws: KNetError.connectionClosed) { try clientConnection.send([4]) }
     }
 
+    @Test("a handler that keeps its connections is freed with them once the serve calls returned")
+    func keepingHandlerNoCycle() throws {
+        weak var weakHandler: RecordingHandler?
+        weak var weakServerConnection: TCPConnection?
+        weak var weakClientConnection: TCPConnection?
+        do {
+            // Both handlers keep every TCPConnection they see (keepObjects) and never drop it.
+            let serverHandler = RecordingHandler(echo: true)
+            let clientHandler = RecordingHandler(onConnect: { conn in try? conn.send([7]) })
+            let server = try ServerHarness(handler: serverHandler, codec: nil)
+            let client = ClientHarness(port: server.port, handler: clientHandler, codec: nil)
+            #expect(eventually { clientHandler.totalMessages == 1 })
+            weakHandler = serverHandler
+            weakServerConnection = serverHandler.only?.object
+            weakClientConnection = clientHandler.only?.object
+            #expect(weakServerConnection != nil && weakClientConnection != nil)
+            #expect(client.stop() == .clientClosed)
+            #expect(server.stop() == .serverClosed)
+            #expect(serverHandler.only?.disconnects == 1)
+        }
+        // Only the handlers refer to the connections: nothing may refer back to them.
+        #expect(eventually { weakHandler == nil && weakServerConnection == nil && weakClientConnection == nil })
+    }
+
     @Test("a kept connection outlives its server and is freed when dropped")
     func connectionOutlivesServer() throws {
         weak var weakConnection: TCPConnection?
