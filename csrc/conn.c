@@ -377,13 +377,16 @@ static void conn_read(kn_loop *L, knet_conn *c) {
      * read, and so is what userdata points at (the callbacks' per-connection
      * state, e.g. the Swift TCPConnection). With many connections these are
      * cold (a client is an owner per connection): fetch them while the read
-     * runs; prefetching never faults, whatever userdata holds. */
+     * runs. A prefetch never faults, whatever userdata holds, but one of an
+     * unmapped address can cost a page walk: none for NULL. */
     uintptr_t ud = (uintptr_t)atomic_load_explicit(&c->userdata, memory_order_relaxed);
     __builtin_prefetch(o); /* its handler, codec and max_frame: 64 bytes */
     __builtin_prefetch((const char *)o + 63);
     __builtin_prefetch(c->slot, 1);
-    __builtin_prefetch((const void *)ud);
-    __builtin_prefetch((const void *)(ud + 64));
+    if (ud) {
+        __builtin_prefetch((const void *)ud);
+        __builtin_prefetch((const void *)(ud + 64));
+    }
     for (int budget = KN_READ_BUDGET; budget > 0; budget--) {
         size_t len = c->ilen, cap;
         char *buf;
