@@ -16,7 +16,6 @@ import Darwin
 import Dispatch
 import Foundation
 import KNet
-import Synchronization
 
 /// Echoes every received buffer back (the server side).
 struct EchoHandler: TCPHandler {
@@ -25,43 +24,7 @@ struct EchoHandler: TCPHandler {
     }
 }
 
-/// Counters of one loop thread, as the C contenders count per loop: a receive touches its
-/// own thread's counters, not a cold line per connection. Only that thread writes them;
-/// the main thread reads them at the start and the end of the count.
-final class LoopCounter: Sendable {
-    let bytes = Atomic<Int>(0)
-    let messages = Atomic<Int>(0)
-    // Keeps two threads' counters off one cache line.
-    private let padding: (Int, Int, Int, Int, Int, Int, Int, Int) = (0, 0, 0, 0, 0, 0, 0, 0)
-
-    /// Every thread's counter, for the totals.
-    static let all = Mutex<[LoopCounter]>([])
-
-    /// The calling thread's counter, created and registered on first use.
-    static var current: Unmanaged<LoopCounter> {
-        if let raw = pthread_getspecific(loopCounterKey) { return Unmanaged.fromOpaque(raw) }
-        let counter = LoopCounter()
-        all.withLock { $0.append(counter) } // keeps it alive for good
-        let unmanaged = Unmanaged.passUnretained(counter)
-        pthread_setspecific(loopCounterKey, unmanaged.toOpaque())
-        return unmanaged
-    }
-
-    /// Bytes and messages counted so far by every thread.
-    static func totals() -> (bytes: Int, messages: Int) {
-        all.withLock { counters in
-            counters.reduce((0, 0)) {
-                ($0.0 + $1.bytes.load(ordering: .relaxed), $0.1 + $1.messages.load(ordering: .relaxed))
-            }
-        }
-    }
-}
-
-private let loopCounterKey: pthread_key_t = {
-    var key = pthread_key_t()
-    precondition(pthread_key_create(&key, nil) == 0, "pthread_key_create failed")
-    return key
-}()
+// LoopCounter (the per-thread counters): LoopCounter.swift, shared with the other Swift contender.
 
 /// The client side of one connection: sends the block on connect, then echoes and counts
 /// what it reads in its loop thread's counter.
@@ -83,11 +46,7 @@ final class PingPongHandler: TCPHandler {
     }
 
     func receive(_ conn: TCPConnection, _ buf: [UInt8]) {
-        LoopCounter.current._withUnsafeGuaranteedRef { counter in
-            // Single writer: a plain load and store instead of a read-modify-write.
-            counter.bytes.store(counter.bytes.load(ordering: .relaxed) + buf.count, ordering: .relaxed)
-            counter.messages.store(counter.messages.load(ordering: .relaxed) + 1, ordering: .relaxed)
-        }
+        LoopCounter.add(buf.count)
         try? conn.send(buf)
     }
 }

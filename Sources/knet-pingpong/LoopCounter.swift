@@ -1,0 +1,1 @@
+../../Benchmarks/common/LoopCounter.swift
