@@ -131,6 +131,7 @@ func withServeContext(handler: (any TCPHandler)?, codec: (any Codec)?, clientSlo
 
 /// connect(true) creates the connection's one TCPConnection and parks a retained
 /// reference in the C userdata; connect(false) delivers it a last time and releases it.
+/// Every callback goes through the connection's own handler reference (see `receiveShim`).
 private func connectShim(_ conn: OpaquePointer?, _ connected: Bool, _ ud: UnsafeMutableRawPointer?) {
     guard let conn, let ud else { return }
     let context = Unmanaged<ServeContext>.fromOpaque(ud).takeUnretainedValue()
@@ -144,7 +145,7 @@ private func connectShim(_ conn: OpaquePointer?, _ connected: Bool, _ ud: Unsafe
         knet_conn_set_userdata(conn, Unmanaged.passRetained(tcp).toOpaque())
         if context.rawCodec { _ = knet_conn_set_alloc(conn, readAlloc, Unmanaged.passUnretained(slot).toOpaque()) }
         context.clientSlot?.value.withLock { $0 = tcp }
-        context.handler.connect(tcp, connected: true)
+        tcp.handler.connect(tcp, connected: true)
     } else {
         guard let raw = knet_conn_userdata(conn) else { return }
         let reference = Unmanaged<TCPConnection>.fromOpaque(raw)
@@ -152,7 +153,7 @@ private func connectShim(_ conn: OpaquePointer?, _ connected: Bool, _ ud: Unsafe
         context.clientSlot?.value.withLock { current in
             if current === tcp { current = nil }
         }
-        context.handler.connect(tcp, connected: false)
+        tcp.handler.connect(tcp, connected: false)
         tcp.handler = DefaultTCPHandler() // the last callback: drop the handler (no cycle)
         knet_conn_set_userdata(conn, nil)
         reference.release()
