@@ -196,6 +196,7 @@ static void conn_timeout(kn_loop *L, kn_timer *t) {
 }
 
 static void conn_on_io(kn_loop *L, kn_io *io, uint32_t ev);
+static void conn_schedule(knet_conn *c);
 
 void kn_conn_attach(kn_loop *L, knet_conn *c) {
     kn_owner *o = c->owner;
@@ -219,6 +220,10 @@ void kn_conn_attach(kn_loop *L, knet_conn *c) {
     if (L->conns) L->conns->prev = c;
     L->conns = c;
     if (o->handler.connect) o->handler.connect(c, true, o->handler.ud);
+    /* A client's connection is visible (knet_client_conn) before it is attached:
+     * a close or send from another thread may have been serviced, and skipped,
+     * before this ran. Service it now, or it would wait forever. */
+    if (atomic_load(&c->req) || atomic_load(&c->inbox_full)) conn_schedule(c);
 }
 
 static void attach_task(kn_loop *L, void *arg) { kn_conn_attach(L, arg); }
