@@ -324,10 +324,22 @@ static void conn_begin_graceful(kn_loop *L, knet_conn *c, uint32_t ms, int reaso
     kn_timer_start(L, &c->timer, ms);
 }
 
+/* Begins the graceful close knet_conn_close_with_timeout asked for. */
+static void conn_begin_requested(kn_loop *L, knet_conn *c) {
+    atomic_fetch_and(&c->req, ~(unsigned)KN_REQ_GRACEFUL);
+    pthread_mutex_lock(&c->mu);
+    uint32_t ms = c->grace_ms;
+    pthread_mutex_unlock(&c->mu);
+    conn_begin_graceful(L, c, ms, 0);
+}
+
 /* The peer sent FIN. Outside a graceful close, knet closes the connection —
  * after writing what is already queued (bounded by the default timeout), so
  * a peer that half-closes still gets its answers. */
 static void conn_on_eof(kn_loop *L, knet_conn *c) {
+    /* A graceful close requested but not yet begun goes first: its timeout and
+     * its reason (a local close) hold, not the defaults of a peer's FIN. */
+    if (!c->graceful && (atomic_load(&c->req) & KN_REQ_GRACEFUL)) conn_begin_requested(L, c);
     if (!c->graceful && !c->outq.head) {
         /* Nothing queued (the common end of a request/response exchange): close now,
          * without the epoll_ctl and the timer of a graceful close. CLOSING under mu
@@ -364,12 +376,7 @@ void kn_conn_service(kn_loop *L, knet_conn *c) {
         return;
     }
     conn_take_inbox(c);
-    if ((req & KN_REQ_GRACEFUL) && !c->graceful) {
-        pthread_mutex_lock(&c->mu);
-        uint32_t ms = c->grace_ms;
-        pthread_mutex_unlock(&c->mu);
-        conn_begin_graceful(L, c, ms, 0);
-    }
+    if ((req & KN_REQ_GRACEFUL) && !c->graceful) conn_begin_requested(L, c);
     conn_flush(c);
 }
 

@@ -1,8 +1,9 @@
 /* connect(false) exactly once on every path, with the close reason the header
  * documents: peer close (KNET_EOF), local close inside receive / from another thread
- * (0), shutdown (0, only after the peer closes), graceful timeout (-ETIMEDOUT),
- * server close (KNET_ESERVERCLOSED), codec errors (KNET_ECODEC or the codec's own
- * code, other connections unaffected), peer reset (-ECONNRESET or KNET_EOF).
+ * (0), shutdown (0, only after the peer closes; also when the peer's FIN came before
+ * the loop began it), graceful timeout (-ETIMEDOUT), server close (KNET_ESERVERCLOSED),
+ * codec errors (KNET_ECODEC or the codec's own code, other connections unaffected),
+ * peer reset (-ECONNRESET or KNET_EOF).
  * The tracker in testutil.h fails on a second connect(false). */
 #include "testutil.h"
 
@@ -50,6 +51,61 @@ static void test_peer_half_close_gets_answer(void)
     close(fd);
     CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
     tu_tracker_free(t);
+}
+
+/* A graceful close requested from another thread, with the peer's FIN seen by the
+ * loop before it serviced the request: the close keeps its own terms (it completes as
+ * a local close, reason 0), not a peer close's (KNET_EOF and the default timeout).
+ * Another connection of the same loop holds the loop in its connect(false) while the
+ * request and the FIN arrive, so the loop's next round sees the FIN first. */
+static tu_counter hold_in, hold_go;
+
+static void hold_loop_on_disconnect(tu_rec *r, bool connected)
+{
+    if (connected || atomic_load(&r->flag) != 1)
+        return;
+    tu_counter_add(&hold_in, 1);
+    CHECK(tu_counter_wait_ge(&hold_go, 1, TU_DEADLINE_MS));
+}
+
+static void test_graceful_request_then_peer_fin(void)
+{
+    tu_counter_init(&hold_in);
+    tu_counter_init(&hold_go);
+    tu_tracker *t = tu_tracker_new();
+    t->on_connect = hold_loop_on_disconnect;
+    tu_server ts;
+    int port = start_tracked(&ts, t, NULL);
+    int fds[9];
+    unsigned n = knet_loop_threads() + 1; /* two of them share a loop */
+    CHECK_LT(n, 10u);
+    for (unsigned i = 0; i < n; i++) {
+        fds[i] = tu_connect(port);
+        WAIT_GE(&t->connects, (long)i + 1); /* recs[i] is fds[i] */
+    }
+    int hold = -1, target = -1;
+    for (unsigned i = 0; i < n && hold < 0; i++)
+        for (unsigned j = i + 1; j < n && hold < 0; j++)
+            if (pthread_equal(t->recs[i].thread, t->recs[j].thread)) {
+                hold = (int)i;
+                target = (int)j;
+            }
+    CHECK_GE(hold, 0);
+    atomic_store(&t->recs[hold].flag, 1);
+    knet_conn_close(t->recs[hold].conn);
+    WAIT_GE(&hold_in, 1); /* the loop is in hold's connect(false) */
+    knet_conn_close_with_timeout(t->recs[target].conn, 60000);
+    CHECK_EQ(shutdown(fds[target], SHUT_WR), 0);
+    tu_counter_add(&hold_go, 1);
+    EXPECT_PEER_CLOSED(fds[target]);
+    WAIT_GE(&t->disconnects, 2);
+    CHECK_EQ(atomic_load(&t->recs[target].reason), 0);
+    for (unsigned i = 0; i < n; i++)
+        close(fds[i]);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+    tu_counter_destroy(&hold_in);
+    tu_counter_destroy(&hold_go);
 }
 
 static void close_on_receive(tu_rec *r, const void *buf, size_t len)
@@ -408,6 +464,7 @@ int main(void)
     RUN(test_close_from_other_thread);
     RUN(test_close_while_sending);
     RUN(test_shutdown_waits_for_peer);
+    RUN(test_graceful_request_then_peer_fin);
     RUN(test_close_with_timeout_expires);
     RUN(test_shutdown_default_timeout_is_3s);
     RUN(test_server_close_closes_all);
