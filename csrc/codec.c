@@ -5,6 +5,7 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -43,6 +44,7 @@ static kn_piece *writer_piece(knet_writer *w) {
 void *knet_writer_reserve(knet_writer *w, size_t len) {
     if (!w) return NULL;
     if (w->scratch_cap - w->scratch_len < len) {
+        if (len > SIZE_MAX / 2 - w->scratch_len) return NULL; /* no such allocation */
         size_t cap = w->scratch_cap * 2;
         if (cap < w->scratch_len + len) cap = w->scratch_len + len;
         char *p = w->scratch == w->inline_scratch ? malloc(cap) : realloc(w->scratch, cap);

@@ -5,6 +5,7 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
@@ -418,7 +419,11 @@ static void conn_read(kn_loop *L, knet_conn *c) {
         } else {
             if (c->icap - len < KN_READ_BUF / 4) {
                 size_t ncap = c->icap * 2 > len + KN_READ_BUF ? c->icap * 2 : len + KN_READ_BUF;
-                if (ncap > o->max_frame + KN_READ_BUF) ncap = o->max_frame + KN_READ_BUF;
+                /* A frame holds at most max_frame bytes plus one read of what follows
+                 * (max_frame may be SIZE_MAX: saturate, don't wrap). */
+                size_t lim = o->max_frame > SIZE_MAX - KN_READ_BUF ? SIZE_MAX
+                                                                   : o->max_frame + KN_READ_BUF;
+                if (ncap > lim) ncap = lim;
                 char *p = realloc(c->ibuf, ncap);
                 if (!p) {
                     kn_conn_finish(c, -ENOMEM);
@@ -531,6 +536,7 @@ static int frame_make(knet_conn *c, kn_frame *f, const void *buf, size_t len) {
     }
     kn_writer_init(&f->w, buf, len);
     int rc = k->write(&f->w, buf, len, k->ud);
+    if (rc > 0) rc = KNET_ECODEC; /* not a promised return: never send a half-made frame */
     if (rc == 0 && !(f->iov = kn_writer_iov(&f->w, f->stack, 8, &f->n))) rc = -ENOMEM;
     if (rc < 0) {
         kn_writer_free(&f->w);
@@ -565,7 +571,8 @@ static int send_on_loop(knet_conn *c, const void *buf, size_t len) {
     size_t done = 0;
     bool direct = !c->outq.head && !atomic_load_explicit(&c->inbox_full, memory_order_acquire);
     if (direct && f.total > 0) {
-        ssize_t sent = send_iov(c->io.fd, f.iov, f.n);
+        /* A codec may make more pieces than one sendmsg takes: queue the rest. */
+        ssize_t sent = send_iov(c->io.fd, f.iov, f.n < IOV_MAX ? f.n : IOV_MAX);
         if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
             rc = -errno;
             /* Inside a callback: the close (a request) lands after it returns. */
@@ -673,6 +680,7 @@ void knet_conn_set_max_queued_bytes(knet_conn *c, size_t max_bytes) {
 }
 
 int knet_conn_set_nodelay(knet_conn *c, bool on) {
+    if (!c) return -EINVAL;
     int v = on ? 1 : 0, rc = 0;
     pthread_mutex_lock(&c->mu);
     if (c->io.fd < 0) rc = KNET_ECLOSED;

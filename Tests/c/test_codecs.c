@@ -1,7 +1,9 @@
 /* Echo round trips with every codec: raw (default), std (2-byte BE length), the
  * length codec with 1/2/4/8-byte prefixes in both byte orders, and a custom codec
  * written against the writer API. Peers are plain sockets (checking the exact
- * wire format) and knet clients (checking both directions through knet). */
+ * wire format) and knet clients (checking both directions through knet). Edge
+ * cases: a frame in more pieces than one sendmsg takes, a length codec without a
+ * practical limit, a codec write with a return it may not give. */
 #include "testutil.h"
 
 #include <ctype.h>
@@ -456,6 +458,117 @@ static void test_custom_codec(void)
     tu_tracker_free(t);
 }
 
+/* ------------------------------------------------------------------ edge cases */
+
+/* Byte-stuffing shape: every message byte referenced on its own, each followed by a
+ * '#' in scratch, so a message of n bytes is 2n pieces — more than one sendmsg takes. */
+static int stuff_write(knet_writer *w, const void *msg, size_t len, void *ud)
+{
+    (void)ud;
+    const uint8_t *p = msg;
+    for (size_t i = 0; i < len; i++) {
+        if (knet_writer_write(w, p + i, 1) != 0)
+            return -ENOMEM;
+        char *h = knet_writer_reserve(w, 1);
+        if (!h)
+            return -ENOMEM;
+        *h = '#';
+    }
+    return 0;
+}
+
+/* Echoed from receive (the loop thread, nothing queued: the direct write path), a
+ * 3000-byte message framed as 6000 pieces arrives whole; the connection stays open. */
+static void test_many_pieces_direct_send(void)
+{
+    knet_codec codec = {NULL, stuff_write, NULL, 0};
+    tu_tracker *t = tu_tracker_new();
+    t->echo = true;
+    knet_handler h = tu_tracker_handler(t);
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &h, &codec);
+    CHECK_GT(port, 0);
+    int fd = tu_connect(port);
+    enum { N = 3000 };
+    static uint8_t out[N], got[2 * N];
+    tu_pattern_fill(out, N, 0, 11);
+    tu_write_all(fd, out, N);
+    READ_EXACT(fd, got, 2 * N);
+    for (size_t i = 0; i < N; i++) {
+        CHECK_EQ(got[2 * i], out[i]);
+        CHECK_EQ(got[2 * i + 1], '#');
+    }
+    CHECK_EQ(atomic_load(&t->send_errors), 0);
+    CHECK_EQ(tu_counter_get(&t->disconnects), 0);
+    close(fd);
+    WAIT_GE(&t->disconnects, 1);
+    CHECK_EQ(atomic_load(&t->recs[0].reason), KNET_EOF);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
+/* An 8-byte length codec with no practical limit (max_frame UINT64_MAX, so the core's
+ * frame bound is SIZE_MAX) still receives a frame far larger than one read. */
+static void test_unbounded_length_codec(void)
+{
+    knet_length_field lf = {8, false, UINT64_MAX};
+    knet_codec codec;
+    CHECK_EQ(knet_length_codec(&codec, &lf), 0);
+    CHECK_EQ(codec.max_frame, SIZE_MAX);
+    tu_tracker *t = tu_tracker_new();
+    t->echo = true;
+    knet_handler h = tu_tracker_handler(t);
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &h, &codec);
+    CHECK_GT(port, 0);
+    int fd = tu_connect(port);
+    size_t n = 300 * 1024;
+    uint8_t *body = malloc(n), *got = malloc(n);
+    CHECK(body && got);
+    tu_pattern_fill(body, n, 0, 12);
+    tu_write_frame(fd, 8, false, body, n);
+    CHECK_EQ(tu_read_frame(fd, 8, false, got, n), n);
+    CHECK_EQ(tu_pattern_mismatch(got, n, 0, 12), n);
+    close(fd);
+    WAIT_GE(&t->disconnects, 1);
+    CHECK_EQ(atomic_load(&t->recs[0].reason), KNET_EOF);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+    free(body);
+    free(got);
+}
+
+/* A codec write that returns a positive value (not a promised return) fails the send
+ * with KNET_ECODEC and sends nothing of the half-made frame. */
+static int positive_write(knet_writer *w, const void *msg, size_t len, void *ud)
+{
+    (void)ud;
+    if (len == 3)
+        return 7;
+    return knet_writer_write(w, msg, len);
+}
+
+static void test_codec_write_positive_return(void)
+{
+    knet_codec codec = {NULL, positive_write, NULL, 0};
+    tu_tracker *t = tu_tracker_new();
+    knet_handler h = tu_tracker_handler(t);
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &h, &codec);
+    CHECK_GT(port, 0);
+    int fd = tu_connect(port);
+    knet_conn *conn = tu_tracker_rec(t, 0)->conn;
+    CHECK_EQ(knet_conn_send(conn, "bad", 3), KNET_ECODEC);
+    CHECK_EQ(knet_conn_send(conn, "good", 4), 0);
+    char got[4];
+    READ_EXACT(fd, got, 4);
+    CHECK(memcmp(got, "good", 4) == 0);
+    close(fd);
+    WAIT_GE(&t->disconnects, 1);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
 int main(void)
 {
     tu_begin();
@@ -466,5 +579,8 @@ int main(void)
     RUN(test_knet_to_knet);
     RUN(test_send_too_large);
     RUN(test_custom_codec);
+    RUN(test_many_pieces_direct_send);
+    RUN(test_unbounded_length_codec);
+    RUN(test_codec_write_positive_return);
     return tu_end();
 }

@@ -195,6 +195,10 @@ static void test_nodelay_and_retain(void)
     knet_conn_close(conn);
     CHECK_EQ(knet_conn_close_reason(conn), KNET_EOF); /* a late close does not rewrite it */
     knet_conn_release(conn); /* last reference: ASan/LSan check it is freed exactly once */
+
+    /* A NULL handle is refused, not dereferenced. */
+    CHECK_EQ(knet_conn_send(NULL, "x", 1), -EINVAL);
+    CHECK_EQ(knet_conn_set_nodelay(NULL, true), -EINVAL);
 }
 
 /* ------------------------------------------------------------------ strerror */
