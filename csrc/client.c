@@ -5,6 +5,7 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <stdlib.h>
@@ -60,6 +61,9 @@ void knet_client_disable_retry(knet_client *c) { set_retry(c, false); }
 
 void knet_client_set_retry_backoff(knet_client *c, uint32_t initial_ms, uint32_t max_ms) {
     pthread_mutex_lock(&c->o.mu);
+    /* The waits are poll timeouts: an int of milliseconds (about 24 days). */
+    if (initial_ms > INT_MAX) initial_ms = INT_MAX;
+    if (max_ms > INT_MAX) max_ms = INT_MAX;
     c->backoff_initial = initial_ms ? initial_ms : 1;
     c->backoff_max = max_ms < c->backoff_initial ? c->backoff_initial : max_ms;
     pthread_mutex_unlock(&c->o.mu);

@@ -174,28 +174,34 @@ int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
                                  const knet_codec *codec);
 
 /* Stops accepting and closes every connection at once (thread-safe, does not
- * block, callable from callbacks). Returns 0, or KNET_ESERVERCLOSED if already closed. */
+ * block, callable from callbacks); each connect(false) runs on its loop thread.
+ * Returns 0, or KNET_ESERVERCLOSED if already closed. */
 int knet_server_close(knet_server *s);
 
 /* Graceful shutdown: stop accepting, shut every connection down gracefully
  * (queued bytes written, FIN, wait for the peer to close), force-close what
  * remains after timeout_ms; then knet_server_listen_and_serve returns
- * KNET_ESERVERCLOSED. Thread-safe, does not block. A later knet_server_close
+ * KNET_ESERVERCLOSED. Thread-safe, does not block; receive and connect(false)
+ * keep running on the loop threads meanwhile. A later knet_server_close
  * force-closes at once. Returns 0, or KNET_ESERVERCLOSED if already stopping. */
 int knet_server_shutdown(knet_server *s, uint32_t timeout_ms);
 
 /* Default bound on the bytes queued per connection (knet_conn_set_max_queued_bytes). */
 #define KNET_DEFAULT_MAX_QUEUED ((size_t)64 << 20)
 
-/* Limits for the connections a server accepts from now on (thread-safe; set
- * them before knet_server_listen_and_serve). max_conns: beyond it a new
- * connection is closed at once and counted as refused (0 = unlimited, the
- * default). idle_ms: a connection with no bytes either way for idle_ms is
- * closed with -ETIMEDOUT (0 = off, the default). max_queued_bytes: per
- * connection, see knet_conn_set_max_queued_bytes (default
- * KNET_DEFAULT_MAX_QUEUED; 0 = unlimited). */
+/* The three limits below apply to the connections a server accepts from now
+ * on (thread-safe; set them before knet_server_listen_and_serve). */
+
+/* Caps open connections: beyond max_conns a new connection is closed at once,
+ * with no callbacks, and counted as refused (0 = unlimited, the default). */
 void knet_server_set_max_conns(knet_server *s, size_t max_conns);
+
+/* Closes a connection with no bytes either way for idle_ms with -ETIMEDOUT;
+ * connect(false) runs on its loop thread (0 = off, the default). */
 void knet_server_set_idle_timeout(knet_server *s, uint32_t idle_ms);
+
+/* Sets each new connection's knet_conn_set_max_queued_bytes (default
+ * KNET_DEFAULT_MAX_QUEUED; 0 = unlimited). */
 void knet_server_set_max_queued_bytes(knet_server *s, size_t max_queued_bytes);
 
 /* A server's counters (monotonic totals except live). */
@@ -215,7 +221,8 @@ void knet_server_stats(knet_server *s, knet_stats *out);
 int knet_server_port(const knet_server *s);
 
 /* Blocks until the server listens (returns its port), failed to listen
- * (returns the error), or timeout_ms passed (-ETIMEDOUT). */
+ * (returns the error), was closed before it listened (KNET_ESERVERCLOSED), or
+ * timeout_ms passed (-ETIMEDOUT). */
 int knet_server_wait_listening(knet_server *s, uint32_t timeout_ms);
 
 /* Frees the server; only after knet_server_listen_and_serve has returned (or
@@ -238,25 +245,31 @@ void knet_client_disable_retry(knet_client *c);
  * (defaults 1000 and 60000). */
 void knet_client_set_retry_backoff(knet_client *c, uint32_t initial_ms, uint32_t max_ms);
 
-/* Dials, serves the connection until it closes, then dials again (knet's
- * persistent client). Blocks. Returns KNET_ECLIENTCLOSED after
+/* Dials, serves the connection until it closes, then dials again at once
+ * (knet's persistent client; the backoff paces failed dials only). Blocks. Returns KNET_ECLIENTCLOSED after
  * knet_client_close, or a dial error when retry is off. Callbacks run on a
  * loop thread. handler and codec (NULL = defaults) are copied. */
 int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
                                const knet_codec *codec);
 
 /* Closes the current connection and stops dialing; interrupts a backoff wait
- * at once (thread-safe, does not block). Returns 0 or KNET_ECLIENTCLOSED. */
+ * at once (thread-safe, does not block); connect(false) runs on the loop
+ * thread. Returns 0, or KNET_ECLIENTCLOSED if already closed. */
 int knet_client_close(knet_client *c);
 
 /* Graceful stop: no more dialing; the current connection is shut down as
- * with knet_conn_close_with_timeout(conn, timeout_ms); then
- * knet_client_dial_and_serve returns KNET_ECLIENTCLOSED. Thread-safe. */
+ * with knet_conn_close_with_timeout(conn, timeout_ms) (its callbacks keep
+ * running on the loop thread); then knet_client_dial_and_serve returns
+ * KNET_ECLIENTCLOSED. Thread-safe, does not block. Returns 0, or
+ * KNET_ECLIENTCLOSED if already stopping. */
 int knet_client_shutdown(knet_client *c, uint32_t timeout_ms);
 
-/* Idle timeout and per-connection queue bound for the client's connections,
- * as for a server (defaults: off, KNET_DEFAULT_MAX_QUEUED). */
+/* Closes the client's connections after idle_ms with no bytes either way, as
+ * knet_server_set_idle_timeout does (0 = off, the default; thread-safe). */
 void knet_client_set_idle_timeout(knet_client *c, uint32_t idle_ms);
+
+/* Sets the queue bound of the client's next connections, as
+ * knet_server_set_max_queued_bytes does (default KNET_DEFAULT_MAX_QUEUED). */
 void knet_client_set_max_queued_bytes(knet_client *c, size_t max_queued_bytes);
 
 /* Returns the current connection, retained (knet_conn_release it), or NULL. */
@@ -268,41 +281,46 @@ void knet_client_free(knet_client *c);
 
 /* ---------------------------------------------------------------- connection */
 
-/* Frames buf with the connection's codec and queues a copy for sending
- * (thread-safe; on the connection's own loop with nothing queued it writes at
- * once). Returns 0, KNET_EPENDINGFULL at the pending-send limit, KNET_ECLOSED
- * after close or shutdown began, the codec's error, or -errno (-EPIPE,
- * -ECONNRESET...) when that direct write failed: the connection then closes
- * with that reason after the current callback. */
+/* Frames buf with the connection's codec (its write runs on this calling
+ * thread) and queues a copy for sending (thread-safe; on the connection's own
+ * loop with nothing queued it writes at once). Returns 0, -EINVAL for a NULL
+ * conn or buf, KNET_EPENDINGFULL at the pending-send or queued-bytes limit,
+ * KNET_ECLOSED after close or shutdown began, the codec's error, or -errno
+ * (-EPIPE, -ECONNRESET...) when that direct write failed: the connection then
+ * closes with that reason after the current callback. */
 int knet_conn_send(knet_conn *conn, const void *buf, size_t len);
 
-/* Limits the messages queued and not yet written (0 = unlimited, the default). */
+/* Limits the messages queued and not yet written (0 = unlimited, the default;
+ * thread-safe). */
 void knet_conn_set_pending_send(knet_conn *conn, size_t max_messages);
 
-/* Bounds the bytes queued and not yet written: a send that would go beyond
- * returns KNET_EPENDINGFULL (one message is always accepted into an empty
- * queue). 0 = unlimited; the default comes from the server or client. */
+/* Bounds the bytes queued and not yet written (thread-safe): a send that would
+ * go beyond returns KNET_EPENDINGFULL (one message is always accepted into an
+ * empty queue). 0 = unlimited; the default comes from the server or client. */
 void knet_conn_set_max_queued_bytes(knet_conn *conn, size_t max_bytes);
 
-/* Sets TCP_NODELAY (on by default, as in Go). Returns 0, KNET_ECLOSED or -errno. */
+/* Sets TCP_NODELAY (on by default, as in Go; thread-safe). Returns 0,
+ * KNET_ECLOSED, -EINVAL for a NULL conn, or -errno. */
 int knet_conn_set_nodelay(knet_conn *conn, bool on);
 
-/* Graceful close with the default timeout: knet_conn_close_with_timeout(conn, 3000). */
+/* Graceful close with the default timeout: knet_conn_close_with_timeout(conn, 3000)
+ * (thread-safe). */
 void knet_conn_shutdown(knet_conn *conn);
 
-/* Graceful close: refuse new sends, write every queued byte, shutdown(SHUT_WR),
- * keep reading and delivering until the peer closes, force-close after ms. */
+/* Graceful close (thread-safe): refuse new sends, write every queued byte,
+ * shutdown(SHUT_WR), keep delivering receive until the peer closes, force-close
+ * after ms; receive and connect(false) run on the loop thread. */
 void knet_conn_close_with_timeout(knet_conn *conn, uint32_t ms);
 
 /* Closes at once: queued and unread bytes are dropped. connect(false) follows
  * on the loop thread (after the current callback, when called from one). */
 void knet_conn_close(knet_conn *conn);
 
-/* Attaches a caller pointer to the connection (knet never dereferences it, but
- * prefetches the 128 bytes at it before each read, for the callbacks). */
+/* Attaches a caller pointer to the connection (thread-safe; knet never
+ * dereferences it, but prefetches the 128 bytes at it before each read). */
 void knet_conn_set_userdata(knet_conn *conn, void *ud);
 
-/* Returns the pointer given to knet_conn_set_userdata, or NULL. */
+/* Returns the pointer given to knet_conn_set_userdata, or NULL (thread-safe). */
 void *knet_conn_userdata(const knet_conn *conn);
 
 /* Supplies the memory a read goes into (libuv's alloc_cb): returns at least 1 byte and
