@@ -35,8 +35,9 @@ public final class TCPClient: Sendable {
         knet_client_set_retry_backoff(handle, knetMilliseconds(initial), knetMilliseconds(max))
     }
 
-    /// Dials and serves with `handler` and `codec` (nil = defaults), dialing again each
-    /// time the connection ends. Blocks; throws `KNetError.clientClosed` after `close()`,
+    /// Dials and serves with `handler` and `codec` (nil = defaults), dialing again at once
+    /// each time the connection ends (the backoff paces failed dials only, as in Go's
+    /// knet). Blocks; throws `KNetError.clientClosed` after `close()`,
     /// or the dial error (e.g. `.system(errno: ECONNREFUSED)`) when retry is off.
     public func dialAndServe(handler: (any TCPHandler)? = nil, codec: (any Codec)? = nil) throws {
         let rc = withExtendedLifetime(self) {

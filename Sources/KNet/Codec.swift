@@ -10,7 +10,8 @@ public enum Endianness: Sendable, Hashable {
 
 /// Frames messages on a connection: `read` decodes one message from the buffered input,
 /// `write` frames one outgoing message. `read` runs on the connection's loop thread;
-/// `write` runs on the thread that called `send` and must not use that connection.
+/// `write` runs on the thread that called `send` and must not use that connection (off
+/// the loop it runs under the connection's lock, so keep it short).
 ///
 /// `read` is written as if reading a blocking stream: when it asks the `ByteReader` for
 /// more bytes than are buffered, the reader throws, and knet calls `read` again from the
@@ -160,8 +161,9 @@ protocol BuiltinCCodec: Codec {
     func makeCCodec() -> (codec: knet_codec, owner: (any AnyObject & Sendable)?)
 }
 
-/// The raw stream codec: a message is whatever bytes are buffered (knet's DefaultCodec).
-/// Used through the C core's own codec.
+/// The raw stream codec: a message is whatever bytes are buffered (knet's DefaultCodec),
+/// at most one 64 KiB read (Go's knet reads at most 4096 bytes at a time). Used through
+/// the C core's own codec.
 public struct DefaultCodec: Codec, BuiltinCCodec {
     /// Creates the raw stream codec.
     public init() {}
@@ -227,7 +229,7 @@ public struct LengthFieldCodec: Codec, BuiltinCCodec {
     public let lengthBytes: Int
     /// Byte order of the length prefix.
     public let endianness: Endianness
-    /// Largest body accepted or sent (0 = 16 MiB).
+    /// Largest body accepted or sent (0 = 16 MiB); never more than the prefix can express.
     public let maxFrame: Int
     let storage: LengthFieldStorage
 
@@ -242,7 +244,12 @@ public struct LengthFieldCodec: Codec, BuiltinCCodec {
                                           maxFrame: maxFrame)
     }
 
-    private var effectiveMaxFrame: UInt64 { maxFrame == 0 ? UInt64(knetDefaultMaxFrame) : UInt64(maxFrame) }
+    /// The body limit the C codec applies: `maxFrame` (or 16 MiB), at most what the prefix holds.
+    private var effectiveMaxFrame: UInt64 {
+        let body = maxFrame == 0 ? UInt64(knetDefaultMaxFrame) : UInt64(maxFrame)
+        let prefixLimit: UInt64 = lengthBytes < 8 ? (1 << UInt64(8 * lengthBytes)) - 1 : .max
+        return min(body, prefixLimit)
+    }
 
     /// A whole frame: the length prefix and the largest body.
     public var maxFrameSize: Int {
@@ -266,17 +273,11 @@ public struct LengthFieldCodec: Codec, BuiltinCCodec {
     /// Writes the length prefix, then the message; throws `KNetError.codec` when it does not fit.
     public func write(to writer: inout ByteWriter, _ message: [UInt8]) throws {
         let length = UInt64(message.count)
-        guard length <= effectiveMaxFrame else { throw KNetError.codec }
+        guard length <= effectiveMaxFrame else { throw KNetError.codec } // also fits the prefix
         switch lengthBytes {
-        case 1:
-            guard length <= UInt8.max else { throw KNetError.codec }
-            writer.writeInteger(UInt8(length), endianness: endianness)
-        case 2:
-            guard length <= UInt16.max else { throw KNetError.codec }
-            writer.writeInteger(UInt16(length), endianness: endianness)
-        case 4:
-            guard length <= UInt32.max else { throw KNetError.codec }
-            writer.writeInteger(UInt32(length), endianness: endianness)
+        case 1: writer.writeInteger(UInt8(length), endianness: endianness)
+        case 2: writer.writeInteger(UInt16(length), endianness: endianness)
+        case 4: writer.writeInteger(UInt32(length), endianness: endianness)
         default:
             writer.writeInteger(length, endianness: endianness)
         }

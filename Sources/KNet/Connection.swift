@@ -44,9 +44,10 @@ public final class TCPConnection: Sendable {
     }
 
     /// Frames and queues a copy of `bytes` for sending (thread-safe). Throws
-    /// `.pendingSendFull` at the pending-send limit, `.connectionClosed` after close or
-    /// shutdown began, the codec's error, or `.system` when a send on the connection's own
-    /// loop thread wrote at once and the socket failed (the connection then closes).
+    /// `.pendingSendFull` at the pending-send or queued-bytes limit, `.connectionClosed`
+    /// after close or shutdown began, the codec's `KNetError` (any other error it throws
+    /// becomes `.codec`), or `.system` when a send on the connection's own loop thread
+    /// wrote at once and the socket failed (the connection then closes).
     @inlinable
     public func send(_ bytes: [UInt8]) throws {
         if swiftCodec { return try sendThroughSwiftCodec(bytes) }
@@ -61,8 +62,9 @@ public final class TCPConnection: Sendable {
         if rc != 0 { throw KNetError(code: rc) }
     }
 
-    /// Frames and queues a copy of any byte sequence (thread-safe); contiguous ones
-    /// (`ArraySlice`, `ContiguousArray`, ...) are sent without an extra copy.
+    /// Frames and queues a copy of any byte sequence (thread-safe). Contiguous ones
+    /// (`ArraySlice`, `ContiguousArray`, ...) are read in place by the raw and C codecs;
+    /// a Swift codec gets them as a new `[UInt8]`, as it gets any non-array sequence.
     @inlinable
     public func send<Bytes: Sequence>(_ bytes: Bytes) throws where Bytes.Element == UInt8 {
         let done: Void? = try bytes.withContiguousStorageIfAvailable { try send(UnsafeRawBufferPointer($0)) }
@@ -137,10 +139,19 @@ public final class TCPConnection: Sendable {
         }
     }
 
-    /// Any value the application attaches to this connection (thread-safe).
+    /// Any value the application attaches to this connection (thread-safe). Cleared once
+    /// `connect(false)` returns, like the handler, so a value that keeps its connection
+    /// forms no reference cycle with it.
     public var userdata: (any Sendable)? {
         get { userdataLock.withLock { userdataValue } }
-        set { userdataLock.withLock { userdataValue = newValue } }
+        set { replaceUserdata(with: newValue) }
+    }
+
+    /// Swaps the userdata under the lock and lets the old value go after it: its
+    /// `deinit` may use this connection, userdata included.
+    func replaceUserdata(with value: (any Sendable)?) {
+        var value = value
+        userdataLock.withLock { swap(&userdataValue, &value) }
     }
 
     /// Why the connection closed, or `.open` while it is open.

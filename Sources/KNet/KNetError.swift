@@ -6,7 +6,8 @@ public enum KNetError: Error, Hashable, Sendable, CustomStringConvertible {
     case serverClosed
     /// The client was closed on purpose (`TCPClient.dialAndServe` after `close()`).
     case clientClosed
-    /// The connection's pending-send limit (`setPendingSend`) is reached.
+    /// The connection's pending-send limit (`setPendingSend`) or queued-bytes limit
+    /// (`setMaxQueuedBytes`) is reached.
     case pendingSendFull
     /// The connection is closed or shutting down, so it takes no more sends.
     case connectionClosed
@@ -52,7 +53,7 @@ public enum KNetError: Error, Hashable, Sendable, CustomStringConvertible {
         case .codec: return KNET_ECODEC
         case .endOfStream: return KNET_EOF
         case .busy: return KNET_EBUSY
-        case .system(let errno): return -errno
+        case .system(let errno): return 0 &- errno // Int32.min stays negative, no trap
         }
     }
 

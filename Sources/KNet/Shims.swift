@@ -154,7 +154,9 @@ private func connectShim(_ conn: OpaquePointer?, _ connected: Bool, _ ud: Unsafe
             if current === tcp { current = nil }
         }
         tcp.handler.connect(tcp, connected: false)
-        tcp.handler = DefaultTCPHandler() // the last callback: drop the handler (no cycle)
+        // The last callback: drop what could refer back to the connection (no cycle).
+        tcp.handler = DefaultTCPHandler()
+        tcp.replaceUserdata(with: nil)
         knet_conn_set_userdata(conn, nil)
         reference.release()
     }
@@ -314,7 +316,8 @@ private func swiftCodecWrite(_ writer: OpaquePointer?, _ message: UnsafeRawPoint
         try box.codec.write(to: &byteWriter, bytes)
         return 0
     } catch let error as KNetError {
-        return error.code
+        let code = error.code
+        return code < 0 ? code : KNET_ECODEC // a write that fails must not report success
     } catch {
         return KNET_ECODEC
     }

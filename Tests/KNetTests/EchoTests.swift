@@ -141,6 +141,62 @@ extension KNetTests {
         #expect(server.stop() == .serverClosed)
     }
 
+    @Test("a Swift codec's write error fails only that send: .codec unless it is a negative KNetError, nothing sent")
+    func codecWriteErrorSendsNothing() throws {
+        /// Writes half a frame, then fails as the message's first byte says.
+        struct FailingWriteCodec: Codec {
+            struct Custom: Error {}
+            func read(from reader: inout ByteReader) throws -> [UInt8] { reader.readAll() }
+            func write(to writer: inout ByteWriter, _ message: [UInt8]) throws {
+                writer.writeBytes([0xEE])
+                switch message.first {
+                case 1: throw KNetError.system(errno: 0) // code 0 is not an error code
+                case 2: throw KNetError.system(errno: -5) // nor is a positive one
+                case 3: throw KNetError.busy
+                case 4: throw Custom()
+                default: writer.writeBytes(message)
+                }
+            }
+        }
+        let handler = RecordingHandler()
+        let server = try ServerHarness(handler: handler, codec: FailingWriteCodec())
+        let peer = try PlainSocket(port: server.port)
+        #expect(eventually { handler.only?.object != nil })
+        let conn = try #require(handler.only?.object)
+        #expect(throws: KNetError.codec) { try conn.send([1]) }
+        #expect(throws: KNetError.codec) { try conn.send([2]) }
+        #expect(throws: KNetError.busy) { try conn.send([3]) }
+        #expect(throws: KNetError.codec) { try conn.send([4]) }
+        try conn.send([9, 9])
+        #expect(try peer.read(exactly: 3) == [0xEE, 9, 9], "only the good frame reached the wire")
+        #expect(conn.closeReason == .open)
+        #expect(server.stop() == .serverClosed)
+    }
+
+    @Test("the built-in codecs report the frame limits the C codecs apply")
+    func codecFrameLimits() throws {
+        #expect(DefaultCodec().maxFrameSize == 0) // the core's default
+        #expect(StdCodec().maxFrameSize == 65_535 + 2)
+        #expect(LengthFieldCodec(lengthBytes: 1).maxFrameSize == 255 + 1) // the prefix bounds it
+        #expect(LengthFieldCodec(lengthBytes: 2, maxFrame: 100).maxFrameSize == 100 + 2)
+        #expect(LengthFieldCodec(lengthBytes: 2, maxFrame: 1 << 20).maxFrameSize == 65_535 + 2)
+        #expect(LengthFieldCodec(lengthBytes: 4).maxFrameSize == (16 << 20) + 4)
+        #expect(LengthFieldCodec(lengthBytes: 8, maxFrame: Int.max).maxFrameSize == Int.max)
+        // Sending through the Swift write: what the prefix cannot hold is refused.
+        let serverHandler = RecordingHandler()
+        let server = try ServerHarness(handler: serverHandler, codec: SwiftOnly(LengthFieldCodec(lengthBytes: 1)))
+        let handler = RecordingHandler()
+        let client = ClientHarness(port: server.port, handler: handler, codec: SwiftOnly(LengthFieldCodec(lengthBytes: 1)))
+        #expect(eventually { handler.only?.object != nil })
+        let conn = try #require(handler.only?.object)
+        #expect(throws: KNetError.codec) { try conn.send([UInt8](repeating: 1, count: 256)) }
+        try conn.send([UInt8](repeating: 1, count: 255))
+        #expect(eventually { serverHandler.totalMessages == 1 })
+        #expect(serverHandler.only?.messages == [[UInt8](repeating: 1, count: 255)])
+        #expect(client.stop() == .clientClosed)
+        #expect(server.stop() == .serverClosed)
+    }
+
     @Test("a Swift codec error closes only that connection")
     func codecErrorClosesOnlyThatConnection() throws {
         let handler = RecordingHandler(echo: true)

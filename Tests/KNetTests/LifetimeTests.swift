@@ -124,6 +124,49 @@ extension KNetTests {
         #expect(weakConnection == nil)
     }
 
+    @Test("a userdata value that keeps its connection is freed with it after connect(false)")
+    func userdataKeepingConnectionNoCycle() throws {
+        /// The usual per-connection state: it keeps its connection, and its deinit uses it.
+        final class Session: Sendable {
+            let conn: TCPConnection
+            let deinitSawNil: Locked<Bool?>
+            init(_ conn: TCPConnection, _ deinitSawNil: Locked<Bool?>) {
+                self.conn = conn
+                self.deinitSawNil = deinitSawNil
+            }
+            deinit {
+                let userdata = conn.userdata // must not deadlock: released outside the lock
+                deinitSawNil.withLock { $0 = userdata == nil }
+            }
+        }
+        struct SessionHandler: TCPHandler {
+            let deinitSawNil: Locked<Bool?>
+            let weakConnection: WeakConnection
+            let sessionAtDisconnect: Locked<Bool>
+            func connect(_ conn: TCPConnection, connected: Bool) {
+                if connected {
+                    conn.userdata = Session(conn, deinitSawNil)
+                    weakConnection.value = conn
+                } else {
+                    sessionAtDisconnect.withLock { $0 = conn.userdata is Session }
+                }
+            }
+            func receive(_ conn: TCPConnection, _ buf: [UInt8]) {}
+        }
+        let handler = SessionHandler(deinitSawNil: Locked(nil), weakConnection: WeakConnection(),
+                                     sessionAtDisconnect: Locked(false))
+        do {
+            let server = try ServerHarness(handler: handler, codec: nil)
+            let peer = try PlainSocket(port: server.port)
+            #expect(eventually { handler.weakConnection.value != nil })
+            #expect(server.stop() == .serverClosed)
+            _ = peer
+        }
+        #expect(handler.sessionAtDisconnect.withLock { $0 }) // still there in connect(false)
+        #expect(eventually { handler.weakConnection.value == nil })
+        #expect(handler.deinitSawNil.withLock { $0 } == true)
+    }
+
     @Test("userdata set on a connection is seen by every callback and other threads")
     func userdataAcrossCallbacks() throws {
         struct Tag: Sendable, Equatable { let name: String }
