@@ -47,10 +47,8 @@ static void race(bool use_close)
 {
     tu_tracker *st = tu_tracker_new();
     st->echo = true;
-    knet_handler sh = tu_tracker_handler(st);
     tu_server ts;
-    int port = tu_server_start(&ts, "127.0.0.1:0", &sh, NULL);
-    CHECK_GT(port, 0);
+    int port = tu_tracked_server_start(&ts, st, NULL);
     int probe = tu_connect(port);
 
     tu_counter_init(&race_held);

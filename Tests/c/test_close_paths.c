@@ -7,20 +7,11 @@
  * The tracker in testutil.h fails on a second connect(false). */
 #include "testutil.h"
 
-/* Starts a tracked server on 127.0.0.1:0 and returns its port. */
-static int start_tracked(tu_server *ts, tu_tracker *t, const knet_codec *codec)
-{
-    knet_handler h = tu_tracker_handler(t);
-    int port = tu_server_start(ts, "127.0.0.1:0", &h, codec);
-    CHECK_GT(port, 0);
-    return port;
-}
-
 static void test_peer_close(void)
 {
     tu_tracker *t = tu_tracker_new();
     tu_server ts;
-    int fd = tu_connect(start_tracked(&ts, t, NULL));
+    int fd = tu_connect(tu_tracked_server_start(&ts, t, NULL));
     tu_write_str(fd, "hi");
     WAIT_GE(&t->bytes, 2);
     close(fd);
@@ -39,7 +30,7 @@ static void test_peer_half_close_gets_answer(void)
     tu_tracker *t = tu_tracker_new();
     t->echo = true;
     tu_server ts;
-    int fd = tu_connect(start_tracked(&ts, t, NULL));
+    int fd = tu_connect(tu_tracked_server_start(&ts, t, NULL));
     tu_write_str(fd, "request");
     CHECK_EQ(shutdown(fd, SHUT_WR), 0);
     char b[16];
@@ -75,7 +66,7 @@ static void test_graceful_request_then_peer_fin(void)
     tu_tracker *t = tu_tracker_new();
     t->on_connect = hold_loop_on_disconnect;
     tu_server ts;
-    int port = start_tracked(&ts, t, NULL);
+    int port = tu_tracked_server_start(&ts, t, NULL);
     int fds[9];
     unsigned n = knet_loop_threads() + 1; /* two of them share a loop */
     CHECK_LT(n, 10u);
@@ -121,7 +112,7 @@ static void test_close_inside_receive(void)
     tu_tracker *t = tu_tracker_new();
     t->on_receive = close_on_receive;
     tu_server ts;
-    int fd = tu_connect(start_tracked(&ts, t, NULL));
+    int fd = tu_connect(tu_tracked_server_start(&ts, t, NULL));
     tu_write_str(fd, "x");
     WAIT_GE(&t->disconnects, 1);
     CHECK_EQ(atomic_load(&t->recs[0].reason), 0);
@@ -137,7 +128,7 @@ static void test_close_from_other_thread(void)
     tu_tracker *t = tu_tracker_new();
     t->echo = true;
     tu_server ts;
-    int fd = tu_connect(start_tracked(&ts, t, NULL));
+    int fd = tu_connect(tu_tracked_server_start(&ts, t, NULL));
     knet_conn *conn = tu_tracker_rec(t, 0)->conn;
     char b[4];
     tu_write_str(fd, "ping");
@@ -204,7 +195,7 @@ static void test_close_while_sending(void)
 {
     tu_tracker *t = tu_tracker_new();
     tu_server ts;
-    int fd = tu_connect(start_tracked(&ts, t, NULL));
+    int fd = tu_connect(tu_tracked_server_start(&ts, t, NULL));
     spam s;
     memset(&s, 0, sizeof s);
     s.conn = tu_tracker_rec(t, 0)->conn;
@@ -235,7 +226,7 @@ static void test_shutdown_waits_for_peer(void)
 {
     tu_tracker *t = tu_tracker_new();
     tu_server ts;
-    int fd = tu_connect(start_tracked(&ts, t, NULL));
+    int fd = tu_connect(tu_tracked_server_start(&ts, t, NULL));
     knet_conn *conn = tu_tracker_rec(t, 0)->conn;
     CHECK_EQ(knet_conn_send(conn, "bye", 3), 0);
     knet_conn_shutdown(conn);
@@ -259,7 +250,7 @@ static void graceful_timeout(uint32_t ms, bool use_shutdown)
 {
     tu_tracker *t = tu_tracker_new();
     tu_server ts;
-    int fd = tu_connect(start_tracked(&ts, t, NULL));
+    int fd = tu_connect(tu_tracked_server_start(&ts, t, NULL));
     knet_conn *conn = tu_tracker_rec(t, 0)->conn;
     int64_t t0 = tu_now_ms();
     if (use_shutdown)
@@ -295,7 +286,7 @@ static void test_server_close_closes_all(void)
 {
     tu_tracker *t = tu_tracker_new();
     tu_server ts;
-    int port = start_tracked(&ts, t, NULL);
+    int port = tu_tracked_server_start(&ts, t, NULL);
     int fds[3];
     for (int i = 0; i < 3; i++)
         fds[i] = tu_connect(port);
@@ -339,7 +330,7 @@ static void test_server_close_from_callback(void)
     tu_tracker *t = tu_tracker_new();
     t->on_receive = close_server_on_receive;
     tu_server ts;
-    int port = start_tracked(&ts, t, NULL);
+    int port = tu_tracked_server_start(&ts, t, NULL);
     atomic_store(&server_to_close, ts.srv);
     int a = tu_connect(port), b = tu_connect(port);
     WAIT_GE(&t->connects, 2);
@@ -367,7 +358,7 @@ static void test_codec_oversized_length(void)
     tu_tracker *t = tu_tracker_new();
     t->echo = true;
     tu_server ts;
-    int port = start_tracked(&ts, t, &codec);
+    int port = tu_tracked_server_start(&ts, t, &codec);
     int bad = tu_connect(port);
     WAIT_GE(&t->connects, 1);
     int good = tu_connect(port);
@@ -416,7 +407,7 @@ static void test_codec_read_error_code(void)
     tu_tracker *t = tu_tracker_new();
     t->echo = true;
     tu_server ts;
-    int fd = tu_connect(start_tracked(&ts, t, &codec));
+    int fd = tu_connect(tu_tracked_server_start(&ts, t, &codec));
     char b[8];
     tu_write_str(fd, "ok");
     READ_EXACT(fd, b, 2); /* NULL write = raw bytes */
@@ -437,7 +428,7 @@ static void test_peer_reset(void)
 {
     tu_tracker *t = tu_tracker_new();
     tu_server ts;
-    int port = start_tracked(&ts, t, NULL);
+    int port = tu_tracked_server_start(&ts, t, NULL);
     for (int i = 0; i < 4; i++) {
         int fd = tu_connect(port);
         WAIT_GE(&t->connects, i + 1);

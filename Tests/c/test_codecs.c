@@ -484,11 +484,8 @@ static void test_many_pieces_direct_send(void)
     knet_codec codec = {NULL, stuff_write, NULL, 0};
     tu_tracker *t = tu_tracker_new();
     t->echo = true;
-    knet_handler h = tu_tracker_handler(t);
     tu_server ts;
-    int port = tu_server_start(&ts, "127.0.0.1:0", &h, &codec);
-    CHECK_GT(port, 0);
-    int fd = tu_connect(port);
+    int fd = tu_connect(tu_tracked_server_start(&ts, t, &codec));
     enum { N = 3000 };
     static uint8_t out[N], got[2 * N];
     tu_pattern_fill(out, N, 0, 11);
@@ -517,11 +514,8 @@ static void test_unbounded_length_codec(void)
     CHECK_EQ(codec.max_frame, SIZE_MAX);
     tu_tracker *t = tu_tracker_new();
     t->echo = true;
-    knet_handler h = tu_tracker_handler(t);
     tu_server ts;
-    int port = tu_server_start(&ts, "127.0.0.1:0", &h, &codec);
-    CHECK_GT(port, 0);
-    int fd = tu_connect(port);
+    int fd = tu_connect(tu_tracked_server_start(&ts, t, &codec));
     size_t n = 300 * 1024;
     uint8_t *body = malloc(n), *got = malloc(n);
     CHECK(body && got);
@@ -552,11 +546,8 @@ static void test_codec_write_positive_return(void)
 {
     knet_codec codec = {NULL, positive_write, NULL, 0};
     tu_tracker *t = tu_tracker_new();
-    knet_handler h = tu_tracker_handler(t);
     tu_server ts;
-    int port = tu_server_start(&ts, "127.0.0.1:0", &h, &codec);
-    CHECK_GT(port, 0);
-    int fd = tu_connect(port);
+    int fd = tu_connect(tu_tracked_server_start(&ts, t, &codec));
     knet_conn *conn = tu_tracker_rec(t, 0)->conn;
     CHECK_EQ(knet_conn_send(conn, "bad", 3), KNET_ECODEC);
     CHECK_EQ(knet_conn_send(conn, "good", 4), 0);

@@ -715,6 +715,16 @@ static inline int tu_server_start(tu_server *ts, const char *addr, const knet_ha
     return tu_server_run(ts);
 }
 
+/* Starts a server on 127.0.0.1:0 whose handler is tracker t (and codec, NULL = raw);
+ * returns its port. */
+static inline int tu_tracked_server_start(tu_server *ts, tu_tracker *t, const knet_codec *codec)
+{
+    knet_handler h = tu_tracker_handler(t);
+    int port = tu_server_start(ts, "127.0.0.1:0", &h, codec);
+    CHECK_GT(port, 0);
+    return port;
+}
+
 /* Waits (bounded) for listen_and_serve to return, joins, frees; returns its result. */
 static inline int tu_server_join(tu_server *ts)
 {
