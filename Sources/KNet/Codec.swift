@@ -162,7 +162,7 @@ protocol BuiltinCCodec: Codec {
 }
 
 /// The raw stream codec: a message is whatever bytes are buffered (knet's DefaultCodec),
-/// at most one 64 KiB read (Go's knet reads at most 4096 bytes at a time). Used through
+/// at most one read of about 64 KiB (Go's knet reads 4096 bytes at a time). Used through
 /// the C core's own codec.
 public struct DefaultCodec: Codec, BuiltinCCodec {
     /// Creates the raw stream codec.
