@@ -291,7 +291,8 @@ void knet_client_free(knet_client *c);
 int knet_conn_send(knet_conn *conn, const void *buf, size_t len);
 
 /* Limits the messages queued and not yet written (0 = unlimited, the default;
- * thread-safe). */
+ * thread-safe). A send on the loop thread and one from another thread racing
+ * at the limit may each add one message past it. */
 void knet_conn_set_pending_send(knet_conn *conn, size_t max_messages);
 
 /* Bounds the bytes queued and not yet written (thread-safe): a send that would
