@@ -66,18 +66,16 @@ static void test_bad_addresses(void)
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
         expect_listen_error(bad[i], KNET_EADDR);
-    /* Not an IPv4 literal; as a host name it is either rejected or not found. */
-    tu_server ts;
-    tu_server_start(&ts, "1.2.3.4.5:80", NULL, NULL);
-    int rc = tu_server_join(&ts);
-    if (rc != KNET_EADDR && rc != KNET_ERESOLVE)
-        tu_fail_op(__FILE__, __LINE__, "rc", "in", "{KNET_EADDR, KNET_ERESOLVE}", rc, KNET_EADDR);
 }
 
-/* Note: one DNS query for a name under the reserved .invalid domain. */
+/* A host name that cannot exist: its first label is longer than DNS allows (63), so
+ * the resolver fails it locally, without sending a query anywhere. */
 static void test_unresolvable_host(void)
 {
-    expect_listen_error("no-such-host.invalid:80", KNET_ERESOLVE);
+    char addr[128];
+    memset(addr, 'x', 64);
+    snprintf(addr + 64, sizeof addr - 64, ".invalid:80");
+    expect_listen_error(addr, KNET_ERESOLVE);
 }
 
 static void test_close_stops_serving(void)
@@ -101,7 +99,7 @@ static void test_close_before_serving(void)
     CHECK_EQ(knet_server_close(s), 0);
     int64_t t0 = tu_now_ms();
     CHECK_EQ(knet_server_listen_and_serve(s, NULL, NULL), KNET_ESERVERCLOSED);
-    CHECK_LT(tu_now_ms() - t0, 2000);
+    CHECK_LT(tu_now_ms() - t0, 5000);
     knet_server_free(s);
 }
 
