@@ -13,7 +13,7 @@ extension KNetTests {
         #expect(server.stop() == .serverClosed)
     }
 
-    @Test("dialAndServe throws clientClosed after close(), also while waiting to retry")
+    @Test("dialAndServe throws clientClosed after close(), also with retry on and a long backoff")
     func clientClosed() throws {
         let server = try ServerHarness(handler: nil, codec: nil)
         let handler = RecordingHandler()
@@ -24,7 +24,9 @@ extension KNetTests {
         #expect(handler.only?.reasonAtDisconnect == .error(.clientClosed))
         #expect(server.stop() == .serverClosed)
 
-        // Closing interrupts a retry backoff at once.
+        // With retry on and a 30 s backoff, close() ends it at once, before or after the
+        // first dial (the C tests test_close_during_backoff and
+        // test_client_close_while_backing_off wait until the backoff itself has begun).
         let retrying = TCPClient("127.0.0.1:\(try unusedPort())")
         retrying.enableRetry()
         retrying.setRetryBackoff(initial: .seconds(30), max: .seconds(60))

@@ -34,7 +34,7 @@ static void test_refused_without_retry(void)
     CHECK(knet_client_conn(c) == NULL);
     int64_t t0 = tu_now_ms();
     CHECK_EQ(knet_client_dial_and_serve(c, NULL, NULL), -ECONNREFUSED);
-    CHECK_LT(tu_now_ms() - t0, 2000);
+    CHECK_LT(tu_now_ms() - t0, 5000);
     knet_client_free(c);
 }
 
@@ -113,7 +113,7 @@ static void test_close_during_backoff(void)
     CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
     int64_t elapsed = tu_now_ms() - t0;
     printf("  dial_and_serve returned %lld ms after close\n", (long long)elapsed);
-    CHECK_LT(elapsed, 2000);
+    CHECK_LT(elapsed, 5000);
     knet_client_free(c);
 }
 
@@ -127,7 +127,7 @@ static void test_close_before_dial(void)
     CHECK_EQ(knet_client_close(c), 0);
     int64_t t0 = tu_now_ms();
     CHECK_EQ(knet_client_dial_and_serve(c, NULL, NULL), KNET_ECLIENTCLOSED);
-    CHECK_LT(tu_now_ms() - t0, 2000);
+    CHECK_LT(tu_now_ms() - t0, 5000);
     knet_client_free(c);
     CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
 }

@@ -7,6 +7,8 @@
  * The tracker in testutil.h fails on a second connect(false). */
 #include "testutil.h"
 
+#include <sched.h>
+
 static void test_peer_close(void)
 {
     tu_tracker *t = tu_tracker_new();
@@ -166,8 +168,13 @@ static void *spam_main(void *arg)
     uint8_t buf[1024];
     memset(buf, 'z', sizeof buf);
     int rc;
-    while ((rc = knet_conn_send(s->conn, buf, sizeof buf)) == 0)
-        tu_counter_add(&s->sent, 1);
+    /* At the queue's byte bound (the reader fell behind) wait for it, until the close. */
+    while ((rc = knet_conn_send(s->conn, buf, sizeof buf)) == 0 || rc == KNET_EPENDINGFULL) {
+        if (rc == 0)
+            tu_counter_add(&s->sent, 1);
+        else
+            sched_yield();
+    }
     s->last_rc = rc;
     return NULL;
 }
@@ -437,9 +444,7 @@ static void test_peer_reset(void)
         tu_set_linger0(fd);
         close(fd); /* RST */
         WAIT_GE(&t->disconnects, i + 1);
-        int reason = atomic_load(&t->recs[i].reason);
-        if (reason != -ECONNRESET && reason != KNET_EOF)
-            tu_fail_op(__FILE__, __LINE__, "reason", "in", "{-ECONNRESET, KNET_EOF}", reason, 0);
+        CHECK_EQ(atomic_load(&t->recs[i].reason), -ECONNRESET);
     }
     CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
     CHECK_EQ(tu_counter_get(&t->disconnects), 4);

@@ -537,9 +537,8 @@ static void test_unbounded_length_codec(void)
 static int positive_write(knet_writer *w, const void *msg, size_t len, void *ud)
 {
     (void)ud;
-    if (len == 3)
-        return 7;
-    return knet_writer_write(w, msg, len);
+    int rc = knet_writer_write(w, msg, len);
+    return rc == 0 && len == 3 ? 7 : rc; /* "bad": framed, then a positive return */
 }
 
 static void test_codec_write_positive_return(void)

@@ -299,6 +299,10 @@ static void test_default_handler(void)
     int fd = tu_connect(port);
     tu_write_str(fd, "ignored");
     close(fd);
+    /* Served: accepted, its 7 bytes read (and dropped), closed on the peer's FIN. */
+    knet_stats st;
+    WAIT_UNTIL((knet_server_stats(ts.srv, &st), st.accepted == 1 && st.bytes_in == 7 && st.live == 0));
+    CHECK_EQ(st.bytes_out, 0);
     CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
 }
 

@@ -52,11 +52,8 @@ static void test_server_shutdown_graceful(void)
     close(b);
     CHECK_EQ(tu_server_join(&ts), KNET_ESERVERCLOSED);
     CHECK_EQ(tu_counter_get(&t->disconnects), 2);
-    for (int i = 0; i < 2; i++) {
-        int reason = atomic_load(&t->recs[i].reason);
-        if (reason != 0 && reason != KNET_ESERVERCLOSED)
-            tu_fail_op(__FILE__, __LINE__, "reason", "in", "{0, KNET_ESERVERCLOSED}", reason, 0);
-    }
+    for (int i = 0; i < 2; i++) /* each graceful close completed: the peer closed in time */
+        CHECK_EQ(atomic_load(&t->recs[i].reason), 0);
     CHECK_EQ(tu_try_connect_ex(port, 0), -ECONNREFUSED);
     tu_tracker_free(t);
 }
@@ -97,7 +94,7 @@ static void test_server_close_after_shutdown(void)
     CHECK_EQ(knet_server_close(ts.srv), 0);
     CHECK_EQ(knet_server_close(ts.srv), KNET_ESERVERCLOSED);
     CHECK_EQ(tu_server_join(&ts), KNET_ESERVERCLOSED);
-    CHECK_LT(tu_now_ms() - t0, 2000);
+    CHECK_LT(tu_now_ms() - t0, 5000);
     CHECK_EQ(tu_counter_get(&t->disconnects), 1);
     close(fd);
     tu_tracker_free(t);

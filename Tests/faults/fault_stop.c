@@ -131,7 +131,7 @@ static void test_client_close_while_dialing(void)
     CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
     int64_t ms = tu_now_ms() - t0;
     printf("  dial interrupted after %lld ms\n", (long long)ms);
-    CHECK_LT(ms, 2000); /* far below any SYN retry */
+    CHECK_LT(ms, 5000); /* the dial alone would take its SYN retries (over a minute) */
     CHECK_EQ(tu_counter_get(&t->connects), 0);
     knet_client_free(cli);
     close(filler);
@@ -155,7 +155,7 @@ static void test_client_close_while_backing_off(void)
     CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
     int64_t ms = tu_now_ms() - t0;
     printf("  back-off interrupted after %lld ms\n", (long long)ms);
-    CHECK_LT(ms, 2000);
+    CHECK_LT(ms, 5000); /* against a 30 s wait */
     knet_client_free(cli);
     fu_log_restore();
 }
