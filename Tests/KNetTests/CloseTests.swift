@@ -69,7 +69,7 @@ extension KNetTests {
         #expect(record.disconnects == 1)
         #expect(record.reasonAtDisconnect == path.expectedReason)
         #expect(conn.closeReason == path.expectedReason)
-        #expect(handler.snapshot.identityFailures == 0)
+        #expect(handler.snapshot.contractFailures == 0)
         // The kept connection stays a valid object, but takes no more sends.
         #expect(throws: KNetError.connectionClosed) { try conn.send([1, 2, 3]) }
         _ = peer
@@ -124,6 +124,6 @@ extension KNetTests {
             #expect(record.connects == 1)
             #expect(record.disconnects == 1)
         }
-        #expect(clientHandler.snapshot.identityFailures == 0)
+        #expect(clientHandler.snapshot.contractFailures == 0)
     }
 }

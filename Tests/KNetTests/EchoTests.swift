@@ -78,8 +78,8 @@ extension KNetTests {
         #expect(client.stop() == .clientClosed)
         #expect(client.client.connection == nil)
         #expect(server.stop() == .serverClosed)
-        #expect(clientHandler.snapshot.identityFailures == 0)
-        #expect(serverHandler.snapshot.identityFailures == 0)
+        #expect(clientHandler.snapshot.contractFailures == 0)
+        #expect(serverHandler.snapshot.contractFailures == 0)
     }
 
     @Test("a Swift codec reading header and body separately gets every frame from a one-byte-at-a-time peer")

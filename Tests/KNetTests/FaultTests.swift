@@ -68,7 +68,7 @@ extension KNetTests {
         #expect(acceptable.contains(reason), "close reason \(reason)")
         #expect(first.object?.closeReason == reason)
         #expect(handler.snapshot.connections[1]?.disconnects == 1)
-        #expect(handler.snapshot.identityFailures == 0)
+        #expect(handler.snapshot.contractFailures == 0)
     }
 
     @Test("a peer that never reads: pendingSendFull at the byte bound, then exactly the accepted messages in order")

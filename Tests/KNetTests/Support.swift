@@ -78,18 +78,23 @@ final class ServerHarness: Sendable {
     let server: TCPServer
     let serving: Background
     let port: Int
+    let recorder: RecordingHandler?
 
     init(handler: (any TCPHandler)?, codec: (any Codec)?) throws {
         let server = TCPServer("127.0.0.1:0")
         self.server = server
+        recorder = handler as? RecordingHandler
         serving = Background { try server.listenAndServe(handler: handler, codec: codec) }
         port = try server.waitUntilListening(timeout: .seconds(10))
     }
 
-    /// Closes the server and returns what listenAndServe threw (expected: .serverClosed).
-    func stop() -> KNetError? {
+    /// Closes the server and returns what listenAndServe threw (expected: .serverClosed);
+    /// a RecordingHandler's callback contract is checked once every callback ran.
+    func stop(sourceLocation: SourceLocation = #_sourceLocation) -> KNetError? {
         server.close()
-        return serving.join() as? KNetError
+        let result = serving.join() as? KNetError
+        if let recorder { #expect(recorder.snapshot.contractFailures == 0, sourceLocation: sourceLocation) }
+        return result
     }
 }
 
@@ -97,9 +102,11 @@ final class ServerHarness: Sendable {
 final class ClientHarness: Sendable {
     let client: TCPClient
     let serving: Background
+    let recorder: RecordingHandler?
 
     init(port: Int, handler: (any TCPHandler)?, codec: (any Codec)?, retry: Bool = false) {
         let client = TCPClient("127.0.0.1:\(port)")
+        recorder = handler as? RecordingHandler
         if retry {
             client.enableRetry()
             client.setRetryBackoff(initial: .milliseconds(20), max: .milliseconds(100))
@@ -110,15 +117,20 @@ final class ClientHarness: Sendable {
         serving = Background { try client.dialAndServe(handler: handler, codec: codec) }
     }
 
-    /// Closes the client and returns what dialAndServe threw (expected: .clientClosed).
-    func stop() -> KNetError? {
+    /// Closes the client and returns what dialAndServe threw (expected: .clientClosed);
+    /// a RecordingHandler's callback contract is checked once every callback ran.
+    func stop(sourceLocation: SourceLocation = #_sourceLocation) -> KNetError? {
         client.close()
-        return serving.join() as? KNetError
+        let result = serving.join() as? KNetError
+        if let recorder { #expect(recorder.snapshot.contractFailures == 0, sourceLocation: sourceLocation) }
+        return result
     }
 }
 
-/// Records every event of every connection it serves, checking that each callback of a
-/// connection gets the same TCPConnection object (through its userdata).
+/// Records every event of every connection it serves, checking the callback contract:
+/// each callback of a connection gets the same TCPConnection object (through its
+/// userdata) on the thread that ran its connect(true), never nested or concurrent, and
+/// nothing follows connect(false). Violations count in `contractFailures`.
 final class RecordingHandler: TCPHandler {
     struct Connection {
         var object: TCPConnection?
@@ -127,10 +139,12 @@ final class RecordingHandler: TCPHandler {
         var messages: [[UInt8]] = []
         var bytes: [UInt8] = []
         var reasonAtDisconnect: CloseReason?
+        var thread = pthread_self() // the loop thread of connect(true)
+        var inCallback = false
     }
     struct State {
         var connections: [Int: Connection] = [:]
-        var identityFailures = 0
+        var contractFailures = 0
         var nextID = 0
     }
 
@@ -153,6 +167,11 @@ final class RecordingHandler: TCPHandler {
         conn.userdata as? Int
     }
 
+    /// Checks one callback of a live record: its thread, no nesting, not after connect(false).
+    private static func violates(_ record: Connection) -> Bool {
+        pthread_equal(record.thread, pthread_self()) == 0 || record.inCallback || record.disconnects > 0
+    }
+
     func connect(_ conn: TCPConnection, connected: Bool) {
         if connected {
             let id = state.withLock { state -> Int in
@@ -167,10 +186,11 @@ final class RecordingHandler: TCPHandler {
             let reason = conn.closeReason
             state.withLock { state in
                 guard let id = id(of: conn), var record = state.connections[id] else {
-                    state.identityFailures += 1
+                    state.contractFailures += 1
                     return
                 }
-                if keepObjects && record.object !== conn { state.identityFailures += 1 }
+                if keepObjects && record.object !== conn { state.contractFailures += 1 }
+                if Self.violates(record) { state.contractFailures += 1 }
                 record.disconnects += 1
                 record.reasonAtDisconnect = reason
                 state.connections[id] = record
@@ -179,18 +199,22 @@ final class RecordingHandler: TCPHandler {
     }
 
     func receive(_ conn: TCPConnection, _ buf: [UInt8]) {
-        state.withLock { state in
+        let recordID = state.withLock { state -> Int? in
             guard let id = id(of: conn), var record = state.connections[id] else {
-                state.identityFailures += 1
-                return
+                state.contractFailures += 1
+                return nil
             }
-            if keepObjects && record.object !== conn { state.identityFailures += 1 }
+            if keepObjects && record.object !== conn { state.contractFailures += 1 }
+            if Self.violates(record) { state.contractFailures += 1 }
+            record.inCallback = true
             record.messages.append(buf)
             record.bytes += buf
             state.connections[id] = record
+            return id
         }
         if echo { try? conn.send(buf) }
         onReceive?(conn, buf)
+        if let recordID { state.withLock { $0.connections[recordID]?.inCallback = false } }
     }
 
     var snapshot: State { state.withLock { $0 } }
