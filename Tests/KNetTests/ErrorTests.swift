@@ -27,18 +27,22 @@ extension KNetTests {
         // With retry on and a 30 s backoff, close() ends it at once, before or after the
         // first dial (the C tests test_close_during_backoff and
         // test_client_close_while_backing_off wait until the backoff itself has begun).
-        let retrying = TCPClient("127.0.0.1:\(try unusedPort())")
+        let reserved = try ReservedPort()
+        let retrying = TCPClient("127.0.0.1:\(reserved.port)")
         retrying.enableRetry()
         retrying.setRetryBackoff(initial: .seconds(30), max: .seconds(60))
         let serving = Background { try retrying.dialAndServe(handler: nil, codec: nil) }
         retrying.close()
         #expect(serving.join(timeout: 5) as? KNetError == .clientClosed)
+        reserved.release() // held to here: Swift may end an object's life at its last use
     }
 
     @Test("a failed dial without retry throws the system error")
     func dialRefused() throws {
-        let client = TCPClient("127.0.0.1:\(try unusedPort())")
+        let reserved = try ReservedPort()
+        let client = TCPClient("127.0.0.1:\(reserved.port)")
         #expect(throws: KNetError.system(errno: ECONNREFUSED)) { try client.dialAndServe(handler: nil, codec: nil) }
+        reserved.release()
     }
 
     @Test("a bad address is reported by listenAndServe")
@@ -84,7 +88,8 @@ extension KNetTests {
 
     @Test("the client retries until a server appears")
     func clientRetry() throws {
-        let port = try unusedPort()
+        let reserved = try ReservedPort()
+        let port = reserved.port
         let clientHandler = RecordingHandler()
         let client = ClientHarness(port: port, handler: clientHandler, codec: nil, retry: true)
         // Several backoff periods pass with nothing listening: still dialing, not failed.
@@ -92,6 +97,7 @@ extension KNetTests {
         #expect(!eventually(.milliseconds(150)) { clientHandler.connectionCount > 0 })
         #expect(ContinuousClock.now - start >= .milliseconds(150))
         let serverHandler = RecordingHandler()
+        reserved.release() // the server takes the port over
         let server = TCPServer("127.0.0.1:\(port)")
         let serving = Background { try server.listenAndServe(handler: serverHandler, codec: nil) }
         #expect(eventually { clientHandler.only?.connects == 1 && serverHandler.only?.connects == 1 })

@@ -305,10 +305,35 @@ final class PlainSocket {
     func shutdownWrite() { Glibc.shutdown(fd, Int32(SHUT_WR)) }
 }
 
-/// A port nothing listens on right now (bound once by the kernel, then released).
-func unusedPort() throws -> Int {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    defer { Glibc.close(fd) }
+/// A port nothing listens on, held bound (not listening) until `release()` or deinit:
+/// dials to it are refused, and no other socket (another test, or a dial's own ephemeral
+/// source port, which would connect to itself) can take it meanwhile.
+final class ReservedPort {
+    let port: Int
+    private var fd: Int32
+
+    init() throws {
+        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw KNetError.system(errno: errno) }
+        do {
+            port = try boundPort(fd)
+        } catch {
+            Glibc.close(fd)
+            throw error
+        }
+    }
+
+    /// Lets the port go (e.g. for a server about to listen on it).
+    func release() {
+        if fd >= 0 { Glibc.close(fd) }
+        fd = -1
+    }
+
+    deinit { release() }
+}
+
+/// Binds fd to 127.0.0.1 on a kernel-chosen port and returns the port.
+private func boundPort(_ fd: Int32) throws -> Int {
     var address = sockaddr_in()
     address.sin_family = sa_family_t(AF_INET)
     address.sin_addr.s_addr = inet_addr("127.0.0.1")

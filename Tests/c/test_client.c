@@ -30,12 +30,14 @@ static void log_sink(int level, const char *msg, void *ud)
 
 static void test_refused_without_retry(void)
 {
-    knet_client *c = tu_client_for_port(tu_free_port());
+    int hold;
+    knet_client *c = tu_client_for_port(tu_reserve_port(&hold));
     CHECK(knet_client_conn(c) == NULL);
     int64_t t0 = tu_now_ms();
     CHECK_EQ(knet_client_dial_and_serve(c, NULL, NULL), -ECONNREFUSED);
     CHECK_LT(tu_now_ms() - t0, 5000);
     knet_client_free(c);
+    close(hold);
 }
 
 static void test_bad_client_address(void)
@@ -57,7 +59,7 @@ static void test_bad_client_address(void)
  * WARN through the custom sink) and connects once a server appears on the port. */
 static void test_retry_until_server_appears(void)
 {
-    int port = tu_free_port();
+    int hold, port = tu_reserve_port(&hold);
     long warns0 = tu_counter_get(&log_warns);
 
     tu_tracker *ct = tu_tracker_new();
@@ -81,6 +83,7 @@ static void test_retry_until_server_appears(void)
     tu_server ts;
     char addr[64];
     snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
+    close(hold); /* the server takes the port over */
     CHECK_EQ(tu_server_start(&ts, addr, &sh, NULL), port);
     tu_rec *cr = tu_tracker_rec(ct, 0);
     CHECK_EQ(knet_conn_send(cr->conn, "hello", 5), 0);
@@ -102,7 +105,8 @@ static void test_retry_until_server_appears(void)
 static void test_close_during_backoff(void)
 {
     long warns0 = tu_counter_get(&log_warns);
-    knet_client *c = tu_client_for_port(tu_free_port());
+    int hold;
+    knet_client *c = tu_client_for_port(tu_reserve_port(&hold));
     knet_client_enable_retry(c);
     knet_client_set_retry_backoff(c, 10000, 60000);
     tu_client tc;
@@ -115,6 +119,7 @@ static void test_close_during_backoff(void)
     printf("  dial_and_serve returned %lld ms after close\n", (long long)elapsed);
     CHECK_LT(elapsed, 5000);
     knet_client_free(c);
+    close(hold);
 }
 
 /* Closed before dial_and_serve ran: it returns KNET_ECLIENTCLOSED at once. */
@@ -211,11 +216,13 @@ static void test_server_gone_without_retry(void)
 /* disable_retry after enable_retry: a refused dial returns again. */
 static void test_disable_retry(void)
 {
-    knet_client *c = tu_client_for_port(tu_free_port());
+    int hold;
+    knet_client *c = tu_client_for_port(tu_reserve_port(&hold));
     knet_client_enable_retry(c);
     knet_client_disable_retry(c);
     CHECK_EQ(knet_client_dial_and_serve(c, NULL, NULL), -ECONNREFUSED);
     knet_client_free(c);
+    close(hold);
 }
 
 int main(void)

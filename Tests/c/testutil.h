@@ -315,16 +315,18 @@ static inline int tu_sock_port(int fd)
     return ntohs(a.sin_port);
 }
 
-/* A port that nothing listens on right now: bind 127.0.0.1:0, read it, close. */
-static inline int tu_free_port(void)
+/* A port nothing listens on, held for the caller: 127.0.0.1:0 stays bound (not
+ * listening) by *holder until the caller closes it, so dials to it are refused and no
+ * other socket — another test, or a dial's own ephemeral source port (a self-connect)
+ * — can take it meanwhile. */
+static inline int tu_reserve_port(int *holder)
 {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     CHECK_GE(fd, 0);
     struct sockaddr_in a = tu_loopback(0);
     CHECK_EQ(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
-    int port = tu_sock_port(fd);
-    close(fd);
-    return port;
+    *holder = fd;
+    return tu_sock_port(fd);
 }
 
 /* Makes close(fd) send a RST instead of a FIN. */

@@ -143,7 +143,7 @@ static void test_client_close_while_dialing(void)
 static void test_client_close_while_backing_off(void)
 {
     fu_log *log = fu_log_capture("retrying in");
-    int port = tu_free_port();
+    int hold, port = tu_reserve_port(&hold);
     knet_client *cli = tu_client_for_port(port);
     knet_client_enable_retry(cli);
     knet_client_set_retry_backoff(cli, 30000, 60000);
@@ -157,6 +157,7 @@ static void test_client_close_while_backing_off(void)
     printf("  back-off interrupted after %lld ms\n", (long long)ms);
     CHECK_LT(ms, 5000); /* against a 30 s wait */
     knet_client_free(cli);
+    close(hold);
     fu_log_restore();
 }
 
