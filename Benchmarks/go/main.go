@@ -111,6 +111,15 @@ func runServer(host string, port int) {
 	}
 }
 
+// totals sums every connection's counters.
+func totals(counters []counter) (bytes, messages int64) {
+	for i := range counters {
+		bytes += atomic.LoadInt64(&counters[i].bytes)
+		messages += atomic.LoadInt64(&counters[i].messages)
+	}
+	return bytes, messages
+}
+
 func runClient(host string, port, conns, block, seconds int) {
 	first := make([]byte, block)
 	for i := range first {
@@ -126,12 +135,13 @@ func runClient(host string, port, conns, block, seconds int) {
 		}
 		go serve(conn.(*net.TCPConn), &counters[i], first)
 	}
+	// Count from the moment every connection is up, as the other clients do: the
+	// connections dialled first have been ping-ponging meanwhile.
+	bytes0, messages0 := totals(counters)
 	time.Sleep(time.Duration(seconds) * time.Second)
-	var bytes, messages int64
-	for i := range counters {
-		bytes += atomic.LoadInt64(&counters[i].bytes)
-		messages += atomic.LoadInt64(&counters[i].messages)
-	}
+	bytes, messages := totals(counters)
+	bytes -= bytes0
+	messages -= messages0
 	var avg int64
 	if messages > 0 {
 		avg = bytes / messages

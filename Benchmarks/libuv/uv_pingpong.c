@@ -12,6 +12,7 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <uv.h>
 
 /* One loop thread. */
@@ -19,8 +20,9 @@ struct uvloop {
     uv_loop_t loop;
     uv_async_t async; /* server: new fds queued; client: stop */
     pthread_t tid;
-    uint64_t bytes; /* client: bytes read (read by main after join) */
-    uint64_t msgs;  /* client: read callbacks */
+    /* client: bytes read and read callbacks; only this loop writes them (plain
+     * load + store), main reads them when every connect settled and after join */
+    _Atomic uint64_t bytes, msgs;
     pthread_mutex_t mu;
     int *fds; /* server: accepted fds handed over by loop 0, under mu */
     size_t nfds, capfds;
@@ -47,6 +49,7 @@ static unsigned next_loop; /* loop 0 only */
 static char *block;
 static int block_len;
 static struct sockaddr_storage peer;
+static atomic_int settled; /* client: connects that completed or failed */
 
 static void on_close_free(uv_handle_t *h)
 {
@@ -74,8 +77,11 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
             uv_close((uv_handle_t *)s, on_close_free);
         return;
     }
-    c->l->bytes += (uint64_t)nread;
-    c->l->msgs++;
+    struct uvloop *l = c->l;
+    atomic_store_explicit(&l->bytes, atomic_load_explicit(&l->bytes, memory_order_relaxed) + (uint64_t)nread,
+                          memory_order_relaxed);
+    atomic_store_explicit(&l->msgs, atomic_load_explicit(&l->msgs, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
     uv_buf_t b = uv_buf_init(buf->base, (unsigned)nread);
     int w = uv_try_write(s, &b, 1);
     if (w == UV_EAGAIN)
@@ -184,6 +190,7 @@ static void on_connect(uv_connect_t *req, int status)
 {
     struct uconn *c = req->data;
     free(req);
+    atomic_fetch_add(&settled, 1);
     if (status < 0) {
         fprintf(stderr, "connect: %s\n", uv_strerror(status));
         uv_close((uv_handle_t *)&c->tcp, on_close_free);
@@ -288,16 +295,24 @@ static int run_client(const struct bench_args *a)
             perror("pthread_create");
             return 1;
         }
+    /* Count from the moment every connection is up, as the other clients do. */
+    while (atomic_load(&settled) < a->conns)
+        bench_sleep_ms(1);
+    uint64_t bytes0 = 0, msgs0 = 0;
+    for (int i = 0; i < nloops; i++) {
+        bytes0 += atomic_load_explicit(&loops[i].bytes, memory_order_relaxed);
+        msgs0 += atomic_load_explicit(&loops[i].msgs, memory_order_relaxed);
+    }
     bench_sleep_ms((uint64_t)a->seconds * 1000);
     uint64_t bytes = 0, msgs = 0;
     for (int i = 0; i < nloops; i++)
         uv_async_send(&loops[i].async);
     for (int i = 0; i < nloops; i++) {
         pthread_join(loops[i].tid, NULL);
-        bytes += loops[i].bytes;
-        msgs += loops[i].msgs;
+        bytes += atomic_load(&loops[i].bytes);
+        msgs += atomic_load(&loops[i].msgs);
     }
-    bench_print_results(bytes, msgs, a->seconds);
+    bench_print_results(bytes - bytes0, msgs - msgs0, a->seconds);
     return 0;
 }
 
