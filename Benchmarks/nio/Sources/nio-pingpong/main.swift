@@ -124,9 +124,14 @@ func runServer(host: String, port: Int, threads: Int) throws -> Never {
 /// Runs the client for `seconds` and prints the four result lines.
 func runClient(host: String, port: Int, conns: Int, block: Int, seconds: Int, threads: Int) throws -> Never {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
-    var futures: [EventLoopFuture<Channel>] = []
+    // Resolved once, and one connection after another: connect(host:port:) resolves on a
+    // concurrent queue, so connections would reach the server in random order and, with
+    // two loop threads, client loops would pair with server loops at random. In order,
+    // connection i is on client loop i % THREADS and server loop i % THREADS, as in the
+    // other contenders.
+    let address = try SocketAddress.makeAddressResolvingHost(host, port: port)
     for _ in 0..<conns {
-        let f = ClientBootstrap(group: group)
+        _ = try ClientBootstrap(group: group)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -134,10 +139,9 @@ func runClient(host: String, port: Int, conns: Int, block: Int, seconds: Int, th
                         PingPongHandler(blockSize: block))
                 }
             }
-            .connect(host: host, port: port)
-        futures.append(f)
+            .connect(to: address)
+            .wait()
     }
-    for f in futures { _ = try f.wait() }
     // Counted from the moment every connection is up.
     let start = LoopCounter.totals()
 
