@@ -20,8 +20,9 @@
 # Contenders are built into Benchmarks/.build-cmake (CMake), Benchmarks/bin (Go),
 # Benchmarks/nio/.build (SwiftNIO) and .build (knet's Swift package).
 
-# Captured first: bash's own SECONDS counts up from the value it inherited.
-S_ENV=$SECONDS
+# SECONDS as given in the environment: bash's own $SECONDS counts up from it (and
+# reads 1, not empty, when none was given and the start crossed a second boundary).
+S_ENV=$(tr '\0' '\n' < /proc/$$/environ 2>/dev/null | sed -n 's/^SECONDS=//p')
 set -u -o pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
