@@ -77,7 +77,11 @@ final class ConnectionSlot: Sendable {
 
 /// What the C handler's `ud` points at for one serve call (`listenAndServe` / `dialAndServe`).
 final class ServeContext: Sendable {
+    /// Owns the handler for the whole serve call, inside which every callback runs.
     let handler: any TCPHandler
+    /// The handler as the connections call it: a class handler wrapped so that a call does
+    /// not retain and release it (see `UnretainedClassHandler`).
+    let callHandler: any TCPHandler
     let codecOwner: (any AnyObject & Sendable)?
     let swiftCodec: Bool
     /// The raw codec: a message is one read, so reads go straight into arrays (`readAlloc`).
@@ -87,11 +91,38 @@ final class ServeContext: Sendable {
     init(handler: any TCPHandler, codecOwner: (any AnyObject & Sendable)?, swiftCodec: Bool,
          rawCodec: Bool, clientSlot: ConnectionSlot?) {
         self.handler = handler
+        callHandler = unretainedIfClass(handler)
         self.codecOwner = codecOwner
         self.swiftCodec = swiftCodec
         self.rawCodec = rawCodec
         self.clientSlot = clientSlot
     }
+}
+
+/// Calls a class handler without retaining it. A connection keeps its handler in a
+/// mutable field (it is swapped out at `connect(false)`), and a call through a mutable
+/// existential copies it: for a class that is a retain and a release per message, an
+/// atomic on the handler object (one shared by every loop thread, or a cold one per
+/// client connection). The serve context owns the handler meanwhile.
+struct UnretainedClassHandler<Handler: TCPHandler & AnyObject>: TCPHandler {
+    let base: Unmanaged<Handler>
+
+    func connect(_ conn: TCPConnection, connected: Bool) {
+        base._withUnsafeGuaranteedRef { $0.connect(conn, connected: connected) }
+    }
+
+    func receive(_ conn: TCPConnection, _ buf: [UInt8]) {
+        base._withUnsafeGuaranteedRef { $0.receive(conn, buf) }
+    }
+}
+
+/// The handler to store in connections: class handlers wrapped unretained, values as is.
+private func unretainedIfClass(_ handler: any TCPHandler) -> any TCPHandler {
+    guard let object = handler as? any TCPHandler & AnyObject else { return handler }
+    func wrap<Handler: TCPHandler & AnyObject>(_ object: Handler) -> any TCPHandler {
+        UnretainedClassHandler(base: .passUnretained(object))
+    }
+    return wrap(object)
 }
 
 /// Builds the C handler and codec for one serve call and runs `body` with them; the
@@ -139,7 +170,7 @@ private func connectShim(_ conn: OpaquePointer?, _ connected: Bool, _ ud: Unsafe
         // connect(true) runs on the connection's loop thread: its slot is this thread's.
         // Loop threads never exit, so the slot outlives the connection.
         let slot = ThreadSlot.current
-        let tcp = TCPConnection(handle: conn, loopSlot: slot, handler: context.handler,
+        let tcp = TCPConnection(handle: conn, loopSlot: slot, handler: context.callHandler,
                                 swiftCodec: context.swiftCodec, rawCodec: context.rawCodec,
                                 codecOwner: context.codecOwner)
         knet_conn_set_userdata(conn, Unmanaged.passRetained(tcp).toOpaque())
