@@ -338,9 +338,6 @@ static void conn_begin_requested(kn_loop *L, knet_conn *c) {
  * after writing what is already queued (bounded by the default timeout), so
  * a peer that half-closes still gets its answers. */
 static void conn_on_eof(kn_loop *L, knet_conn *c) {
-    /* A graceful close requested but not yet begun goes first: its timeout and
-     * its reason (a local close) hold, not the defaults of a peer's FIN. */
-    if (!c->graceful && (atomic_load(&c->req) & KN_REQ_GRACEFUL)) conn_begin_requested(L, c);
     if (!c->graceful && !c->outq.head) {
         /* Nothing queued (the common end of a request/response exchange): close now,
          * without the epoll_ctl and the timer of a graceful close. CLOSING under mu
@@ -501,9 +498,13 @@ static void conn_read(kn_loop *L, knet_conn *c) {
 
 static void conn_on_io(kn_loop *L, kn_io *io, uint32_t ev) {
     knet_conn *c = (knet_conn *)io;
-    /* A close asked for (e.g. inside connect(true)) drops unread input; the
-     * ready list finishes the conn in this iteration: deliver nothing more. */
-    if (atomic_load_explicit(&c->req, memory_order_relaxed) & KN_REQ_CLOSE) return;
+    /* Requests made before this event go first. A close (e.g. asked for inside
+     * connect(true)) drops unread input; the ready list finishes the conn in this
+     * iteration: deliver nothing more. A graceful close begins now, so a FIN read
+     * below finds it under way with its own timeout and reason. */
+    unsigned req = atomic_load_explicit(&c->req, memory_order_relaxed);
+    if (req & KN_REQ_CLOSE) return;
+    if ((req & KN_REQ_GRACEFUL) && !c->graceful) conn_begin_requested(L, c);
     if ((ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) && !c->peer_eof) {
         conn_read(L, c);
         if (c->io.fd < 0) return;
