@@ -244,18 +244,15 @@ public struct LengthFieldCodec: Codec, BuiltinCCodec {
                                           maxFrame: maxFrame)
     }
 
-    /// The body limit the C codec applies: `maxFrame` (or 16 MiB), at most what the prefix holds.
-    private var effectiveMaxFrame: UInt64 {
-        let body = maxFrame == 0 ? UInt64(knetDefaultMaxFrame) : UInt64(maxFrame)
-        let prefixLimit: UInt64 = lengthBytes < 8 ? (1 << UInt64(8 * lengthBytes)) - 1 : .max
-        return min(body, prefixLimit)
-    }
+    /// The largest whole frame as the C codec computes it: the prefix and `maxFrame` (or
+    /// 16 MiB), within what the prefix can express. (`maxFrame` is an Int: no saturation.)
+    private var cMaxFrame: UInt64 { UInt64(UInt(bitPattern: makeCCodec().codec.max_frame)) } // a size_t
+
+    /// The body limit the C codec applies.
+    private var effectiveMaxFrame: UInt64 { cMaxFrame - UInt64(lengthBytes) }
 
     /// A whole frame: the length prefix and the largest body.
-    public var maxFrameSize: Int {
-        let body = effectiveMaxFrame
-        return body >= UInt64(Int.max - 8) ? Int.max : Int(body) + lengthBytes
-    }
+    public var maxFrameSize: Int { Int(clamping: cMaxFrame) }
 
     /// Reads the length prefix, then the body.
     public func read(from reader: inout ByteReader) throws -> [UInt8] {
@@ -291,6 +288,3 @@ public struct LengthFieldCodec: Codec, BuiltinCCodec {
         return (codec, storage)
     }
 }
-
-/// KNET_DEFAULT_MAX_FRAME (a cast macro, which Swift does not import).
-let knetDefaultMaxFrame = 16 << 20
