@@ -118,6 +118,7 @@ extension KNetTests {
             conn.close()
             #expect(conn.remoteAddress?.hasPrefix("127.0.0.1:") == true)
             #expect(conn.closeReason == .error(.serverClosed))
+            #expect(conn.userdata == nil) // dropped once connect(false) returned (README)
             handler.state.withLock { $0.connections.removeAll() }
             _ = peer
         }
