@@ -13,10 +13,10 @@ public final class TCPConnection: Sendable {
     /// The scratch slot of the loop thread that runs this connection's callbacks; only the
     /// receive path uses it, on that thread (so no per-message thread-local lookup).
     nonisolated(unsafe) let loopSlot: ThreadSlot
-    /// The handler of the serve call, kept here so a message touches no other object.
-    /// Loop thread only; `connect(false)` swaps it for a `DefaultTCPHandler`, so a
-    /// handler that keeps its connections forms no reference cycle with them.
-    nonisolated(unsafe) var handler: any TCPHandler
+    /// The serve call's handler. Owned by the serve call's `ServeContext`, which outlives
+    /// every callback; only callbacks use it (never after `connect(false)`). Unowned, so
+    /// a handler that keeps its connections forms no cycle, and a message pays no retain.
+    let handler: Unmanaged<HandlerBox>
     /// True when a Swift codec frames this connection's messages.
     @usableFromInline let swiftCodec: Bool
     /// True for the raw codec: a message is one read, into the slot's spare array.
@@ -27,7 +27,7 @@ public final class TCPConnection: Sendable {
     private let userdataLock = PThreadMutex()
     nonisolated(unsafe) private var userdataValue: (any Sendable)?
 
-    init(handle: OpaquePointer, loopSlot: ThreadSlot, handler: any TCPHandler, swiftCodec: Bool,
+    init(handle: OpaquePointer, loopSlot: ThreadSlot, handler: Unmanaged<HandlerBox>, swiftCodec: Bool,
          rawCodec: Bool, codecOwner: (any AnyObject & Sendable)?) {
         knet_conn_retain(handle)
         self.handle = handle
@@ -140,8 +140,8 @@ public final class TCPConnection: Sendable {
     }
 
     /// Any value the application attaches to this connection (thread-safe). Cleared once
-    /// `connect(false)` returns, like the handler, so a value that keeps its connection
-    /// forms no reference cycle with it.
+    /// `connect(false)` returns, so a value that keeps its connection forms no reference
+    /// cycle with it.
     public var userdata: (any Sendable)? {
         get { userdataLock.withLock { userdataValue } }
         set { replaceUserdata(with: newValue) }

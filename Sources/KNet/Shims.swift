@@ -77,11 +77,10 @@ final class ConnectionSlot: Sendable {
 
 /// What the C handler's `ud` points at for one serve call (`listenAndServe` / `dialAndServe`).
 final class ServeContext: Sendable {
-    /// Owns the handler for the whole serve call, inside which every callback runs.
-    let handler: any TCPHandler
-    /// The handler as the connections call it: a class handler wrapped so that a call does
-    /// not retain and release it (see `UnretainedClassHandler`).
-    let callHandler: any TCPHandler
+    /// The handler, owned here for the whole serve call, inside which every callback runs.
+    /// Connections refer to it unowned: a handler that keeps its connections forms no
+    /// reference cycle with them. (See `HandlerBox` for why it is boxed.)
+    let handler: HandlerBox
     let codecOwner: (any AnyObject & Sendable)?
     let swiftCodec: Bool
     /// The raw codec: a message is one read, so reads go straight into arrays (`readAlloc`).
@@ -90,8 +89,7 @@ final class ServeContext: Sendable {
 
     init(handler: any TCPHandler, codecOwner: (any AnyObject & Sendable)?, swiftCodec: Bool,
          rawCodec: Bool, clientSlot: ConnectionSlot?) {
-        self.handler = handler
-        callHandler = unretainedIfClass(handler)
+        self.handler = HandlerBox(handler)
         self.codecOwner = codecOwner
         self.swiftCodec = swiftCodec
         self.rawCodec = rawCodec
@@ -99,30 +97,14 @@ final class ServeContext: Sendable {
     }
 }
 
-/// Calls a class handler without retaining it. A connection keeps its handler in a
-/// mutable field (it is swapped out at `connect(false)`), and a call through a mutable
-/// existential copies it: for a class that is a retain and a release per message, an
-/// atomic on the handler object (one shared by every loop thread, or a cold one per
-/// client connection). The serve context owns the handler meanwhile.
-struct UnretainedClassHandler<Handler: TCPHandler & AnyObject>: TCPHandler {
-    let base: Unmanaged<Handler>
-
-    func connect(_ conn: TCPConnection, connected: Bool) {
-        base._withUnsafeGuaranteedRef { $0.connect(conn, connected: connected) }
-    }
-
-    func receive(_ conn: TCPConnection, _ buf: [UInt8]) {
-        base._withUnsafeGuaranteedRef { $0.receive(conn, buf) }
-    }
-}
-
-/// The handler to store in connections: class handlers wrapped unretained, values as is.
-private func unretainedIfClass(_ handler: any TCPHandler) -> any TCPHandler {
-    guard let object = handler as? any TCPHandler & AnyObject else { return handler }
-    func wrap<Handler: TCPHandler & AnyObject>(_ object: Handler) -> any TCPHandler {
-        UnretainedClassHandler(base: .passUnretained(object))
-    }
-    return wrap(object)
+/// A handler in an immutable field. Called as `box._withUnsafeGuaranteedRef {
+/// $0.handler.receive(...) }`, the existential is opened where it lies; called through a
+/// mutable field, a pointer or a plain class reference it is copied first (for a class
+/// handler a retain and a release, an atomic on one object every loop thread shares),
+/// per message.
+final class HandlerBox: Sendable {
+    let handler: any TCPHandler
+    init(_ handler: any TCPHandler) { self.handler = handler }
 }
 
 /// Builds the C handler and codec for one serve call and runs `body` with them; the
@@ -170,13 +152,13 @@ private func connectShim(_ conn: OpaquePointer?, _ connected: Bool, _ ud: Unsafe
         // connect(true) runs on the connection's loop thread: its slot is this thread's.
         // Loop threads never exit, so the slot outlives the connection.
         let slot = ThreadSlot.current
-        let tcp = TCPConnection(handle: conn, loopSlot: slot, handler: context.callHandler,
+        let tcp = TCPConnection(handle: conn, loopSlot: slot, handler: .passUnretained(context.handler),
                                 swiftCodec: context.swiftCodec, rawCodec: context.rawCodec,
                                 codecOwner: context.codecOwner)
         knet_conn_set_userdata(conn, Unmanaged.passRetained(tcp).toOpaque())
         if context.rawCodec { _ = knet_conn_set_alloc(conn, readAlloc, Unmanaged.passUnretained(slot).toOpaque()) }
         context.clientSlot?.value.withLock { $0 = tcp }
-        tcp.handler.connect(tcp, connected: true)
+        tcp.handler._withUnsafeGuaranteedRef { $0.handler.connect(tcp, connected: true) }
     } else {
         guard let raw = knet_conn_userdata(conn) else { return }
         let reference = Unmanaged<TCPConnection>.fromOpaque(raw)
@@ -184,9 +166,8 @@ private func connectShim(_ conn: OpaquePointer?, _ connected: Bool, _ ud: Unsafe
         context.clientSlot?.value.withLock { current in
             if current === tcp { current = nil }
         }
-        tcp.handler.connect(tcp, connected: false)
+        tcp.handler._withUnsafeGuaranteedRef { $0.handler.connect(tcp, connected: false) }
         // The last callback: drop what could refer back to the connection (no cycle).
-        tcp.handler = DefaultTCPHandler()
         tcp.replaceUserdata(with: nil)
         knet_conn_set_userdata(conn, nil)
         reference.release()
@@ -256,7 +237,7 @@ private func receiveShim(_ conn: OpaquePointer?, _ buf: UnsafeRawPointer?, _ len
 @inline(never)
 private func deliver(_ buf: UnsafeRawPointer?, _ len: Int, _ tcp: TCPConnection) -> Bool {
     let (bytes, handedOver) = message(buf, len, tcp)
-    tcp.handler.receive(tcp, bytes)
+    tcp.handler._withUnsafeGuaranteedRef { $0.handler.receive(tcp, bytes) }
     return handedOver
 }
 

@@ -93,6 +93,27 @@ extension KNetTests {
         #expect(eventually { weakHandler == nil && weakServerConnection == nil && weakClientConnection == nil })
     }
 
+    @Test("a value handler whose state keeps its connections is freed with them")
+    func keepingValueHandlerNoCycle() throws {
+        weak var weakState: RecordingHandler?
+        weak var weakConnection: TCPConnection?
+        do {
+            // The server's handler is a struct; the object it holds keeps every connection.
+            let state = RecordingHandler(echo: true)
+            let server = try ServerHarness(handler: ForwardingHandler(state: state), codec: nil)
+            let clientHandler = RecordingHandler(keepObjects: false, onConnect: { conn in try? conn.send([7]) })
+            let client = ClientHarness(port: server.port, handler: clientHandler, codec: nil)
+            #expect(eventually { clientHandler.totalMessages == 1 })
+            weakState = state
+            weakConnection = state.only?.object
+            #expect(weakConnection != nil)
+            #expect(client.stop() == .clientClosed)
+            #expect(server.stop() == .serverClosed)
+            #expect(state.only?.disconnects == 1)
+        }
+        #expect(eventually { weakState == nil && weakConnection == nil })
+    }
+
     @Test("a kept connection outlives its server and is freed when dropped")
     func connectionOutlivesServer() throws {
         weak var weakConnection: TCPConnection?
@@ -189,4 +210,12 @@ extension KNetTests {
         #expect(seen.withLock { $0 } == [Tag(name: "mine"), Tag(name: "mine"), Tag(name: "mine")])
         _ = peer
     }
+}
+
+/// A value handler that forwards every event to the object it holds.
+struct ForwardingHandler: TCPHandler {
+    let state: RecordingHandler
+
+    func connect(_ conn: TCPConnection, connected: Bool) { state.connect(conn, connected: connected) }
+    func receive(_ conn: TCPConnection, _ buf: [UInt8]) { state.receive(conn, buf) }
 }
