@@ -8,8 +8,9 @@ public protocol TCPHandler: Sendable {
     /// runs on the connection's loop thread.
     func connect(_ conn: TCPConnection, connected: Bool)
     /// One message decoded by the codec arrived; runs on the connection's loop thread.
-    /// `buf` is the handler's to keep (a raw read of 1 KiB or more arrives in the very
-    /// array it was read into: no copy, capacity at most 4 × its count).
+    /// `buf` is the handler's to keep; an array knet made holds at most 4 × its count (or
+    /// 64 bytes) of capacity. A raw read of 1 KiB or more arrives in the very array it was
+    /// read into (no copy); a smaller message is copied into storage reused when dropped.
     func receive(_ conn: TCPConnection, _ buf: [UInt8])
 }
 

@@ -29,6 +29,10 @@ final class ThreadSlot {
     @exclusivity(unchecked) var spareBase: UnsafeMutableRawPointer?
     /// Capacity of the next new spare; follows the size of the last large read.
     @exclusivity(unchecked) var spareCapacity = 0
+    /// The array a small message (under `handOverMinimum`) is copied into and handed over
+    /// in. When the handler did not keep it, the next small message reuses its storage: a
+    /// small message costs a copy but no allocation.
+    @exclusivity(unchecked) var small: [UInt8] = []
 
     /// After a receive of the spare itself: empties it, keeping the storage when the
     /// handler did not keep the array (else `removeAll` gives it fresh storage), or drops
@@ -41,6 +45,16 @@ final class ThreadSlot {
         }
         spare.removeAll(keepingCapacity: true)
         spareBase = spare.withUnsafeMutableBufferPointer { UnsafeMutableRawPointer($0.baseAddress) }
+    }
+
+    /// The small array, now holding a copy of `bytes`: its storage is reused unless the
+    /// handler kept the last message (then the replace makes fresh storage). A kept array
+    /// pins its capacity, so storage of more than 4 × the message (or 64 bytes) is not
+    /// reused for it.
+    func smallMessage(_ bytes: UnsafeRawBufferPointer) -> [UInt8] {
+        if small.capacity > max(4 * bytes.count, smallSlack) { small = [] }
+        small.replaceSubrange(0..<small.count, with: bytes)
+        return small
     }
 
     /// The calling thread's slot, created on first use and freed when the thread exits.
@@ -174,9 +188,12 @@ private func connectShim(_ conn: OpaquePointer?, _ connected: Bool, _ ud: Unsafe
     }
 }
 
-/// Smallest read handed over in the spare array itself; smaller ones are copied, so a
-/// kept small message does not pin a large buffer.
+/// Smallest read handed over in the spare array itself; smaller ones are copied (into the
+/// slot's small array), so a kept small message does not pin a large buffer.
 private let handOverMinimum = 1024
+
+/// Capacity a small array may have whatever its count (the allocator's rounding).
+private let smallSlack = 64
 
 /// The capacity of a spare array for reads of `length` bytes: room to spare (a read that
 /// fills the buffer costs a second read), a power of two from 4 KiB to 64 KiB.
@@ -243,7 +260,8 @@ private func deliver(_ buf: UnsafeRawPointer?, _ len: Int, _ tcp: TCPConnection)
 
 /// The message at buf as an array, and whether it is the spare array: the spare a large
 /// raw read went into (no copy; the slot keeps a reference for `recycleSpare`), the array
-/// a Swift codec decoded (no copy), or else one copy of the bytes.
+/// a Swift codec decoded (no copy), or else one copy of the bytes (a small one into the
+/// slot's small array, see `smallMessage`).
 private func message(_ buf: UnsafeRawPointer?, _ len: Int, _ tcp: TCPConnection) -> ([UInt8], Bool) {
     let slot = tcp.loopSlot
     if tcp.rawCodec {
@@ -272,9 +290,11 @@ private func message(_ buf: UnsafeRawPointer?, _ len: Int, _ tcp: TCPConnection)
         }
     }
     guard len > 0, let buf else { return ([], false) }
+    let bytes = UnsafeRawBufferPointer(start: buf, count: len)
+    if len < handOverMinimum { return (slot.smallMessage(bytes), false) }
     // This spelling allocates through the specialized array initializer (no generic
     // metadata lookup per message).
-    return (Array(UnsafeRawBufferPointer(start: buf, count: len)), false)
+    return (Array(bytes), false)
 }
 
 /// The C read callback of a Swift codec: a need-more error from ByteReader means "wait for
