@@ -304,12 +304,14 @@ private func swiftCodecRead(_ input: UnsafeRawPointer?, _ inputLength: Int,
                             _ messageLength: UnsafeMutablePointer<Int>?,
                             _ ud: UnsafeMutableRawPointer?) -> Int {
     guard let ud, let message, let messageLength else { return Int(KNET_ECODEC) }
-    let box = Unmanaged<SwiftCodecBox>.fromOpaque(ud).takeUnretainedValue()
+    // Borrowed: the serve call and its connections keep the box alive, and a retain here
+    // would be an atomic per message on an object every loop thread shares.
+    let box = Unmanaged<SwiftCodecBox>.fromOpaque(ud)
     var reader = ByteReader(UnsafeRawBufferPointer(start: input, count: inputLength))
     do {
-        let decoded = try box.codec.read(from: &reader)
+        let decoded = try box._withUnsafeGuaranteedRef { try $0.codec.read(from: &reader) }
         guard reader.consumedBytes > 0 else {
-            knetLogger.error("Swift codec \(type(of: box.codec)) returned a message without consuming input")
+            knetLogger.error("Swift codec \(box._withUnsafeGuaranteedRef { type(of: $0.codec) }) returned a message without consuming input")
             return Int(KNET_ECODEC)
         }
         let slot = ThreadSlot.current
@@ -324,7 +326,7 @@ private func swiftCodecRead(_ input: UnsafeRawPointer?, _ inputLength: Int,
     } catch is NeedMoreBytes {
         return 0
     } catch {
-        knetLogger.debug("Swift codec \(type(of: box.codec)) rejected input: \(error)")
+        knetLogger.debug("Swift codec \(box._withUnsafeGuaranteedRef { type(of: $0.codec) }) rejected input: \(error)")
         return Int(KNET_ECODEC)
     }
 }
@@ -333,7 +335,7 @@ private func swiftCodecRead(_ input: UnsafeRawPointer?, _ inputLength: Int,
 private func swiftCodecWrite(_ writer: OpaquePointer?, _ message: UnsafeRawPointer?, _ length: Int,
                              _ ud: UnsafeMutableRawPointer?) -> Int32 {
     guard let writer, let ud else { return KNET_ECODEC }
-    let box = Unmanaged<SwiftCodecBox>.fromOpaque(ud).takeUnretainedValue()
+    let box = Unmanaged<SwiftCodecBox>.fromOpaque(ud) // borrowed, as in swiftCodecRead
     let slot = ThreadSlot.current
     let bytes: [UInt8]
     if let outgoing = slot.outgoing, slot.outgoingBase == message, outgoing.count == length {
@@ -345,7 +347,7 @@ private func swiftCodecWrite(_ writer: OpaquePointer?, _ message: UnsafeRawPoint
     }
     var byteWriter = ByteWriter(writer)
     do {
-        try box.codec.write(to: &byteWriter, bytes)
+        try box._withUnsafeGuaranteedRef { try $0.codec.write(to: &byteWriter, bytes) }
         return 0
     } catch let error as KNetError {
         let code = error.code
