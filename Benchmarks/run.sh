@@ -418,10 +418,11 @@ run_l() {
             2>>"$LOGS/latency-$c.log")
         local rc=$?
         stop_server
-        local p50 p99 p999
+        local p50 p99 p999 mean
         p50=$(awk '/ p50_us$/ {print $1}' <<<"$out")
         p99=$(awk '/ p99_us$/ {print $1}' <<<"$out")
         p999=$(awk '/ p999_us$/ {print $1}' <<<"$out")
+        mean=$(awk '/ mean_us$/ {print $1}' <<<"$out")
         if [ "$rc" -ne 0 ] || [ -z "$p99" ]; then
             note "L$n $(label "$c") run $r: latency failed (see $LOGS/latency-$c.log)"
             addraw "L$n" "$c" "run $r: failed"
@@ -430,7 +431,7 @@ run_l() {
         add "L${n}p50" "$c" "$p50"
         add "L${n}p99" "$c" "$p99"
         add "L${n}p999" "$c" "$p999"
-        addraw "L$n" "$c" "run $r: p50 $p50 / p99 $p99 / p99.9 $p999 us"
+        addraw "L$n" "$c" "run $r: p50 $p50 / p99 $p99 / p99.9 $p999 / mean $mean us"
         say "[L$n run $r/$RUNS] $(label "$c"): p50 $p50 p99 $p99 p99.9 $p999 us"
     done
 }
