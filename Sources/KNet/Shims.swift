@@ -311,7 +311,7 @@ private func swiftCodecRead(_ input: UnsafeRawPointer?, _ inputLength: Int,
     do {
         let decoded = try box._withUnsafeGuaranteedRef { try $0.codec.read(from: &reader) }
         guard reader.consumedBytes > 0 else {
-            knetLogger.error("Swift codec \(box._withUnsafeGuaranteedRef { type(of: $0.codec) }) returned a message without consuming input")
+            knetLogger.error("Swift codec \(codecName(box)) returned a message without consuming input")
             return Int(KNET_ECODEC)
         }
         let slot = ThreadSlot.current
@@ -326,9 +326,14 @@ private func swiftCodecRead(_ input: UnsafeRawPointer?, _ inputLength: Int,
     } catch is NeedMoreBytes {
         return 0
     } catch {
-        knetLogger.debug("Swift codec \(box._withUnsafeGuaranteedRef { type(of: $0.codec) }) rejected input: \(error)")
+        knetLogger.debug("Swift codec \(codecName(box)) rejected input: \(error)")
         return Int(KNET_ECODEC)
     }
+}
+
+/// The codec's type name, for log messages.
+private func codecName(_ box: Unmanaged<SwiftCodecBox>) -> String {
+    box._withUnsafeGuaranteedRef { String(describing: type(of: $0.codec)) }
 }
 
 /// The C write callback of a Swift codec (runs on the sending thread).
