@@ -232,6 +232,9 @@ public struct LengthFieldCodec: Codec, BuiltinCCodec {
     /// Largest body accepted or sent (0 = 16 MiB); never more than the prefix can express.
     public let maxFrame: Int
     let storage: LengthFieldStorage
+    /// The largest whole frame as the C codec computes it: the prefix and `maxFrame` (or
+    /// 16 MiB), within what the prefix can express. Taken once here, not per frame.
+    private let cMaxFrame: UInt64
 
     /// Creates a length-prefix codec; `lengthBytes` must be 1, 2, 4 or 8.
     public init(lengthBytes: Int = 4, endianness: Endianness = .big, maxFrame: Int = 0) {
@@ -242,13 +245,10 @@ public struct LengthFieldCodec: Codec, BuiltinCCodec {
         self.maxFrame = maxFrame
         self.storage = LengthFieldStorage(lengthBytes: lengthBytes, littleEndian: endianness == .little,
                                           maxFrame: maxFrame)
+        cMaxFrame = UInt64(UInt(bitPattern: Self.cCodec(storage).max_frame)) // a size_t
     }
 
-    /// The largest whole frame as the C codec computes it: the prefix and `maxFrame` (or
-    /// 16 MiB), within what the prefix can express. (`maxFrame` is an Int: no saturation.)
-    private var cMaxFrame: UInt64 { UInt64(UInt(bitPattern: makeCCodec().codec.max_frame)) } // a size_t
-
-    /// The body limit the C codec applies.
+    /// The body limit the C codec applies. (`maxFrame` is an Int: the sum does not saturate.)
     private var effectiveMaxFrame: UInt64 { cMaxFrame - UInt64(lengthBytes) }
 
     /// A whole frame: the length prefix and the largest body.
@@ -282,9 +282,14 @@ public struct LengthFieldCodec: Codec, BuiltinCCodec {
     }
 
     func makeCCodec() -> (codec: knet_codec, owner: (any AnyObject & Sendable)?) {
+        (Self.cCodec(storage), storage)
+    }
+
+    /// The C length codec over `storage`'s field.
+    private static func cCodec(_ storage: LengthFieldStorage) -> knet_codec {
         var codec = knet_codec()
         let rc = knet_length_codec(&codec, storage.field)
-        precondition(rc == 0, "knet_length_codec rejected lengthBytes \(lengthBytes)")
-        return (codec, storage)
+        precondition(rc == 0, "knet_length_codec rejected lengthBytes \(storage.field.pointee.length_bytes)")
+        return codec
     }
 }
