@@ -120,7 +120,7 @@ static int dial(knet_client *c, int *out, kn_sockaddr *peer) {
     return rc;
 }
 
-static void client_stop_conn(knet_client *c, knet_conn *conn);
+static void client_stop_conn(knet_conn *conn, uint32_t grace_ms);
 
 int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
                                const knet_codec *codec) {
@@ -177,9 +177,10 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
         pthread_mutex_lock(&c->o.mu);
         c->conn = conn; /* before connect(true) can run */
         closed = c->closed;
+        uint32_t grace_ms = c->o.grace_ms;
         pthread_mutex_unlock(&c->o.mu);
         kn_conn_start(conn);
-        if (closed) client_stop_conn(c, conn);
+        if (closed) client_stop_conn(conn, grace_ms);
         pthread_mutex_lock(&c->o.mu);
         while (c->o.live > 0) pthread_cond_wait(&c->o.cv, &c->o.mu);
         c->conn = NULL;
@@ -194,11 +195,8 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
 }
 
 /* Ends conn as the client's close or shutdown asked (grace_ms: 0 = at once). */
-static void client_stop_conn(knet_client *c, knet_conn *conn) {
-    pthread_mutex_lock(&c->o.mu);
-    uint32_t ms = c->o.grace_ms;
-    pthread_mutex_unlock(&c->o.mu);
-    if (ms) knet_conn_close_with_timeout(conn, ms);
+static void client_stop_conn(knet_conn *conn, uint32_t grace_ms) {
+    if (grace_ms) knet_conn_close_with_timeout(conn, grace_ms);
     else kn_conn_close_reason(conn, KNET_ECLIENTCLOSED);
 }
 
@@ -214,14 +212,18 @@ static int client_stop(knet_client *c, uint32_t grace_ms) {
     atomic_store(&c->o.closing, true);
     knet_conn *conn = c->conn;
     if (conn) knet_conn_retain(conn);
+    /* A task until this returns: else the serving thread could see the close,
+     * return, and let the caller free c while it is still used here. */
+    c->o.tasks++;
     pthread_mutex_unlock(&c->o.mu);
     uint64_t one = 1;
     ssize_t n = write(c->wake_fd, &one, sizeof one);
     (void)n;
     if (conn) {
-        client_stop_conn(c, conn);
+        client_stop_conn(conn, grace_ms);
         knet_conn_release(conn);
     }
+    kn_owner_task_done(&c->o); /* last: c may be freed once it returns */
     return 0;
 }
 

@@ -222,9 +222,10 @@ void kn_conn_attach(kn_loop *L, knet_conn *c) {
     L->conns = c;
     if (o->handler.connect) o->handler.connect(c, true, o->handler.ud);
     /* A client's connection is visible (knet_client_conn) before it is attached:
-     * a close or send from another thread may have been serviced, and skipped,
-     * before this ran. Service it now, or it would wait forever. */
-    if (atomic_load(&c->req) || atomic_load(&c->inbox_full)) conn_schedule(c);
+     * a close or send may have been serviced, and skipped, before this ran, or a
+     * send on this loop may have queued bytes (no EPOLLOUT could be armed yet).
+     * Service it now, or it would wait forever. */
+    if (atomic_load(&c->req) || atomic_load(&c->inbox_full) || c->outq.head) conn_schedule(c);
 }
 
 static void attach_task(kn_loop *L, void *arg) { kn_conn_attach(L, arg); }

@@ -1,5 +1,7 @@
 /* A client's connection is visible through knet_client_conn a moment before its
  * loop attaches it. A close or a send made in that moment must still take effect.
+ * And a close racing with the client's own end must finish before
+ * knet_client_dial_and_serve returns.
  * The test holds the dialing thread right there — in its first allocation after
  * publishing the connection, the attach task's (malloc is wrapped at link time) —
  * until the loop has serviced the request, then lets the attach go ahead. */
@@ -25,6 +27,31 @@ void *__wrap_malloc(size_t n)
     return __real_malloc(n);
 }
 
+/* The wake-up write of knet_client_close, held on the closer thread (write is
+ * wrapped too): the close has marked the client closed and has yet to finish. */
+ssize_t __real_write(int fd, const void *buf, size_t n);
+ssize_t __wrap_write(int fd, const void *buf, size_t n);
+
+static _Thread_local bool tls_closer;
+static tu_counter close_held, close_go;
+
+ssize_t __wrap_write(int fd, const void *buf, size_t n)
+{
+    if (tls_closer) {
+        tls_closer = false;
+        tu_counter_add(&close_held, 1);
+        CHECK(tu_counter_wait_ge(&close_go, 1, TU_DEADLINE_MS));
+    }
+    return __real_write(fd, buf, n);
+}
+
+static void *closer_main(void *arg)
+{
+    tls_closer = true;
+    CHECK_EQ(knet_client_close(arg), 0);
+    return NULL;
+}
+
 static void *dialer_main(void *arg)
 {
     tls_dialer = true;
@@ -41,10 +68,36 @@ static void probe_round_trip(int probe)
     CHECK_EQ(b, 'p');
 }
 
-/* Dials an echo server with the dialer held after publishing its connection, closes
- * it or sends on it while it is visible and not yet attached, then lets it attach. */
-static void race(bool use_close)
+/* The relay: a server whose receive (on the one loop thread) sends RELAY_BYTES
+ * on the held client connection, more than a fresh socket takes at once. */
+#define RELAY_BYTES ((size_t)8 << 20)
+static knet_conn *_Atomic relay_target;
+static _Atomic int relay_rc;
+static tu_counter relay_sent;
+
+static void relay_receive(knet_conn *c, const void *buf, size_t len, void *ud)
 {
+    (void)c, (void)buf, (void)len, (void)ud;
+    knet_conn *target = atomic_exchange(&relay_target, NULL);
+    if (!target)
+        return;
+    char *big = malloc(RELAY_BYTES);
+    CHECK(big != NULL);
+    tu_pattern_fill(big, RELAY_BYTES, 0, 7);
+    atomic_store(&relay_rc, knet_conn_send(target, big, RELAY_BYTES));
+    free(big);
+    tu_counter_add(&relay_sent, 1);
+}
+
+typedef enum { RACE_CLOSE, RACE_SEND, RACE_SEND_ON_LOOP } race_kind;
+
+/* Dials an echo server with the dialer held after publishing its connection, closes
+ * it or sends on it (from a user thread, or from a callback on its loop: written in
+ * part at once, the rest queued) while it is visible and not yet attached, then
+ * lets it attach. */
+static void race(race_kind kind)
+{
+    bool use_close = kind == RACE_CLOSE;
     tu_tracker *st = tu_tracker_new();
     st->echo = true;
     tu_server ts;
@@ -54,6 +107,7 @@ static void race(bool use_close)
     tu_counter_init(&race_held);
     tu_counter_init(&race_go);
     tu_tracker *t = tu_tracker_new();
+    t->capture = kind == RACE_SEND_ON_LOOP;
     knet_client *cli = tu_client_for_port(port);
     atomic_store(&race_cli, cli);
     tu_client tc;
@@ -67,10 +121,22 @@ static void race(bool use_close)
     knet_conn *conn = knet_client_conn(cli);
     CHECK(conn != NULL);
     CHECK_EQ(tu_counter_get(&t->connects), 0); /* not attached yet */
-    if (use_close)
+    tu_server relay;
+    int relay_sock = -1;
+    if (kind == RACE_SEND_ON_LOOP) {
+        knet_handler rh = {NULL, relay_receive, NULL};
+        tu_counter_init(&relay_sent);
+        atomic_store(&relay_rc, 1);
+        atomic_store(&relay_target, conn);
+        relay_sock = tu_connect(tu_server_start(&relay, "127.0.0.1:0", &rh, NULL));
+        tu_write_str(relay_sock, "x");
+        WAIT_GE(&relay_sent, 1);
+        CHECK_EQ(atomic_load(&relay_rc), 0);
+    } else if (use_close) {
         knet_conn_close(conn);
-    else
+    } else {
         CHECK_EQ(knet_conn_send(conn, "hello", 5), 0);
+    }
     probe_round_trip(probe);
     probe_round_trip(probe); /* the loop has serviced the request, before the attach */
     tu_counter_add(&race_go, 1);
@@ -79,8 +145,22 @@ static void race(bool use_close)
         WAIT_GE(&t->disconnects, 1);
         CHECK_EQ(atomic_load(&t->recs[0].reason), 0);
     } else {
-        WAIT_GE(&t->bytes, 5); /* it went out, and the server echoed it */
+        /* It went out, all of it, and the server echoed it. */
+        long want = kind == RACE_SEND ? 5 : (long)RELAY_BYTES;
+        WAIT_GE(&t->bytes, want);
+        CHECK_EQ(tu_counter_get(&t->bytes), want);
+        size_t off = 0, at = 0, len;
+        const uint8_t *msg;
+        while (t->capture && tu_rec_next_msg(tu_tracker_rec(t, 0), &off, &msg, &len)) {
+            CHECK_EQ(tu_pattern_mismatch(msg, len, at, 7), len); /* intact, in order */
+            at += len;
+        }
         CHECK_EQ(knet_conn_close_reason(conn), 1);
+    }
+    if (relay_sock >= 0) {
+        close(relay_sock);
+        CHECK_EQ(tu_server_stop(&relay), KNET_ESERVERCLOSED);
+        tu_counter_destroy(&relay_sent);
     }
     knet_conn_release(conn);
     CHECK_EQ(knet_client_close(cli), 0);
@@ -95,9 +175,46 @@ static void race(bool use_close)
     tu_tracker_free(st);
 }
 
-static void test_close_before_attach(void) { race(true); }
+/* dial_and_serve must not return while a knet_client_close still runs: the caller
+ * may free the client as soon as it returns. Here the connection ends by itself
+ * (the server closes it) while the close is held inside. */
+static void test_serve_outlasts_close(void)
+{
+    tu_tracker *st = tu_tracker_new();
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, st, NULL);
+    tu_tracker *t = tu_tracker_new();
+    knet_client *cli = tu_client_for_port(port);
+    knet_handler h = tu_tracker_handler(t);
+    tu_client tc;
+    tu_client_start(&tc, cli, &h, NULL);
+    WAIT_GE(&t->connects, 1);
+    WAIT_GE(&st->connects, 1);
 
-static void test_send_before_attach(void) { race(false); }
+    tu_counter_init(&close_held);
+    tu_counter_init(&close_go);
+    pthread_t closer;
+    CHECK_EQ(pthread_create(&closer, NULL, closer_main, cli), 0);
+    WAIT_GE(&close_held, 1);
+    knet_conn_close(tu_tracker_rec(st, 0)->conn);
+    WAIT_GE(&t->disconnects, 1); /* the dialer sees its connection end, and the close */
+    CHECK(!tu_counter_wait_ge(&tc.done, 1, 300)); /* ...and waits for the close */
+    tu_counter_add(&close_go, 1);
+    CHECK_EQ(pthread_join(closer, NULL), 0);
+    CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    knet_client_free(cli);
+    tu_tracker_free(t);
+    tu_counter_destroy(&close_held);
+    tu_counter_destroy(&close_go);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(st);
+}
+
+static void test_close_before_attach(void) { race(RACE_CLOSE); }
+
+static void test_send_before_attach(void) { race(RACE_SEND); }
+
+static void test_send_on_loop_before_attach(void) { race(RACE_SEND_ON_LOOP); }
 
 int main(void)
 {
@@ -105,5 +222,7 @@ int main(void)
     tu_begin();
     RUN(test_close_before_attach);
     RUN(test_send_before_attach);
+    RUN(test_send_on_loop_before_attach);
+    RUN(test_serve_outlasts_close);
     return tu_end();
 }
