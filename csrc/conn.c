@@ -339,6 +339,10 @@ static void conn_begin_requested(kn_loop *L, knet_conn *c) {
  * after writing what is already queued (bounded by the default timeout), so
  * a peer that half-closes still gets its answers. */
 static void conn_on_eof(kn_loop *L, knet_conn *c) {
+    /* A graceful close asked for during this read (say in receive) keeps its
+     * own timeout and reason. */
+    if (!c->graceful && (atomic_load_explicit(&c->req, memory_order_relaxed) & KN_REQ_GRACEFUL))
+        conn_begin_requested(L, c);
     if (!c->graceful && !c->outq.head) {
         /* Nothing queued (the common end of a request/response exchange): close now,
          * without the epoll_ctl and the timer of a graceful close. CLOSING under mu
