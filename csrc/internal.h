@@ -91,9 +91,10 @@ struct kn_loop {
     knet_conn *reap;  /* finished conns; the loop's reference drops at the end of the iteration */
 };
 
-kn_loop *kn_loop_next(void);   /* round-robin pick; starts the loops on first use */
+int kn_loops_start(void);      /* starts the loop threads once: 0 or -errno */
+kn_loop *kn_loop_next(void);   /* round-robin pick (after kn_loops_start) */
 kn_loop *kn_loop_at(unsigned i);
-unsigned kn_loop_count(void);  /* starts the loops */
+unsigned kn_loop_count(void);  /* 0 before kn_loops_start succeeded */
 kn_loop *kn_loop_current(void); /* the loop of the calling thread, or NULL */
 /* Runs fn(L, arg) on L's thread, after what is already queued (never inline). */
 int kn_loop_post(kn_loop *L, kn_task_fn fn, void *arg);

@@ -31,7 +31,6 @@ static unsigned g_nloops;
 static unsigned g_requested; /* 0 = default */
 static atomic_bool g_started;
 static atomic_uint g_next;
-static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 static pthread_mutex_t g_cfg_mu = PTHREAD_MUTEX_INITIALIZER;
 static _Thread_local kn_loop *tls_loop;
 
@@ -251,47 +250,85 @@ static unsigned default_threads(void) {
     return n > 0 ? (unsigned)n : 1;
 }
 
-static void start_loops(void) {
-    pthread_mutex_lock(&g_cfg_mu);
-    unsigned n = g_requested ? g_requested : default_threads();
-    g_nloops = n;
-    atomic_store(&g_started, true);
-    pthread_mutex_unlock(&g_cfg_mu);
+/* Makes loop i's epoll, wake-up eventfd and read buffer; 0 or -errno, with
+ * nothing left behind on an error. */
+static int loop_init(kn_loop *L, unsigned i) {
+    L->index = i;
+    L->wake.cb = on_wake;
+    L->epfd = epoll_create1(EPOLL_CLOEXEC);
+    L->wake.fd = L->epfd < 0 ? -1 : eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    L->rbuf = L->wake.fd < 0 ? NULL : malloc(KN_READ_BUF);
+    int rc = L->epfd < 0 || L->wake.fd < 0 ? -errno : !L->rbuf ? -ENOMEM : 0;
+    if (rc == 0) rc = kn_loop_ctl(L, EPOLL_CTL_ADD, &L->wake, EPOLLIN);
+    if (rc < 0) {
+        if (L->wake.fd >= 0) close(L->wake.fd);
+        if (L->epfd >= 0) close(L->epfd);
+        free(L->rbuf);
+        return rc;
+    }
+    pthread_mutex_init(&L->mu, NULL);
+    return 0;
+}
 
-    g_loops = calloc(n, sizeof *g_loops);
-    if (!g_loops) abort();
-    /* Loop threads take no asynchronous signals: those belong to the application. */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    for (unsigned i = 0; i < n; i++) {
-        kn_loop *L = &g_loops[i];
-        L->index = i;
-        L->epfd = epoll_create1(EPOLL_CLOEXEC);
-        L->wake.fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-        L->wake.cb = on_wake;
-        L->rbuf = malloc(KN_READ_BUF);
-        if (L->epfd < 0 || L->wake.fd < 0 || !L->rbuf) {
-            kn_log(KNET_LOG_ERROR, "cannot create event loop: %s", strerror(errno));
-            abort();
-        }
-        pthread_mutex_init(&L->mu, NULL);
-        if (kn_loop_ctl(L, EPOLL_CTL_ADD, &L->wake, EPOLLIN) < 0) abort();
+/* Undoes loop_init for a loop whose thread never ran. */
+static void loop_destroy(kn_loop *L) {
+    close(L->wake.fd);
+    close(L->epfd);
+    free(L->rbuf);
+    pthread_mutex_destroy(&L->mu);
+}
+
+/* Makes every loop, then starts their threads. Out of fds or memory it undoes
+ * all and returns -errno (a later call tries again): the caller's listen or
+ * dial fails with it, the process goes on. Threads that cannot start leave
+ * fewer loops than asked for, or -EAGAIN if none starts. Under g_cfg_mu. */
+static int start_loops(void) {
+    unsigned n = g_requested ? g_requested : default_threads();
+    kn_loop *loops = calloc(n, sizeof *loops);
+    if (!loops) return -ENOMEM;
+    int rc = 0;
+    unsigned made = 0, started = 0;
+    while (made < n && (rc = loop_init(&loops[made], made)) == 0) made++;
+    if (rc == 0) {
+        /* Loop threads take no asynchronous signals: those belong to the application. */
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        if (pthread_create(&L->thread, &attr, loop_main, L) != 0) {
-            kn_log(KNET_LOG_ERROR, "cannot start event loop thread");
-            abort();
-        }
+        while (started < n && pthread_create(&loops[started].thread, &attr, loop_main,
+                                             &loops[started]) == 0)
+            started++;
         pthread_attr_destroy(&attr);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (started < n)
+            kn_log(started ? KNET_LOG_WARN : KNET_LOG_ERROR,
+                   "started %u of %u event loop threads", started, n);
+        if (started == 0) rc = -EAGAIN;
     }
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    for (unsigned i = started; i < made; i++) loop_destroy(&loops[i]);
+    if (rc < 0) {
+        kn_log(KNET_LOG_ERROR, "cannot create the event loops: %s", knet_strerror(rc));
+        free(loops);
+        return rc;
+    }
+    g_loops = loops; /* loops past started stay unused in the array */
+    g_nloops = started;
+    atomic_store(&g_started, true);
+    return 0;
+}
+
+int kn_loops_start(void) {
+    if (atomic_load(&g_started)) return 0;
+    pthread_mutex_lock(&g_cfg_mu);
+    int rc = atomic_load(&g_started) ? 0 : start_loops();
+    pthread_mutex_unlock(&g_cfg_mu);
+    return rc;
 }
 
 unsigned kn_loop_count(void) {
-    pthread_once(&g_once, start_loops);
-    return g_nloops;
+    return atomic_load(&g_started) ? g_nloops : 0;
 }
 
 kn_loop *kn_loop_at(unsigned i) {

@@ -23,6 +23,8 @@ void kn_owner_init(kn_owner *o) {
 
 int kn_owner_start(kn_owner *o) {
     if (o->slots) return 0;
+    int rc = kn_loops_start();
+    if (rc < 0) return rc;
     unsigned n = kn_loop_count();
     kn_slot *s = aligned_alloc(_Alignof(kn_slot), n * sizeof *s);
     if (!s) return -ENOMEM;

@@ -22,6 +22,7 @@ struct knet_server {
     uint32_t backoff_ms;
     /* under o.mu */
     int port; /* 0 before listening, the port once listening, or the listen error */
+    int bound_port; /* the listener's port, published (port) once it is watched */
     bool serving, closed, forced, listener_open;
 };
 
@@ -117,14 +118,23 @@ static void on_accept(kn_loop *L, kn_io *io, uint32_t events) {
     }
 }
 
+/* Watches the listener on its loop and publishes the port, or the error: a
+ * listener no loop watches would take connections into its backlog forever. */
 static void listener_start(kn_loop *L, void *arg) {
     knet_server *s = arg;
-    if (s->lio.fd >= 0) {
-        s->lio.cb = on_accept;
-        kn_timer_init(&s->backoff, backoff_fired);
-        int rc = kn_loop_ctl(L, EPOLL_CTL_ADD, &s->lio, EPOLLIN);
-        if (rc < 0) kn_log(KNET_LOG_ERROR, "cannot watch the listener: %s", knet_strerror(rc));
+    s->lio.cb = on_accept;
+    kn_timer_init(&s->backoff, backoff_fired);
+    int rc = kn_loop_ctl(L, EPOLL_CTL_ADD, &s->lio, EPOLLIN);
+    if (rc < 0) {
+        kn_log(KNET_LOG_ERROR, "cannot watch the listener: %s", knet_strerror(rc));
+        close(s->lio.fd);
+        s->lio.fd = -1;
     }
+    pthread_mutex_lock(&s->o.mu);
+    s->port = rc < 0 ? rc : s->bound_port;
+    if (rc < 0) s->listener_open = false;
+    pthread_cond_broadcast(&s->o.cv);
+    pthread_mutex_unlock(&s->o.mu);
     kn_owner_task_done(&s->o);
 }
 
@@ -146,7 +156,10 @@ int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
     if (!s) return -EINVAL;
     pthread_mutex_lock(&s->o.mu);
     int rc = s->closed ? KNET_ESERVERCLOSED : s->serving ? KNET_EBUSY : 0;
-    if (rc == 0) s->serving = true;
+    if (rc == 0) {
+        s->serving = true;
+        s->port = 0; /* not the error of an earlier call */
+    }
     pthread_mutex_unlock(&s->o.mu);
     if (rc < 0) return rc;
     kn_owner_set(&s->o, handler, codec);
@@ -175,28 +188,35 @@ int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
         pthread_mutex_unlock(&s->o.mu);
         return fd;
     }
-    s->port = port;
+    s->bound_port = port;
     s->lio.fd = fd;
     s->lloop = lloop;
-    if (!s->closed) {
-        /* Posted under the lock so a concurrent close queues its listener_close after it. */
+    if (s->closed) {
+        s->port = port; /* closed before it listened: never watched */
+    } else {
+        /* Posted under the lock so a concurrent close queues its listener_close
+         * after it; listener_start publishes the port. */
         s->listener_open = true;
         s->o.tasks++;
         if (kn_loop_post(s->lloop, listener_start, s) < 0) {
             s->o.tasks--;
             s->listener_open = false;
+            s->port = -ENOMEM;
         }
     }
     pthread_cond_broadcast(&s->o.cv);
-    while (!(s->closed && !s->listener_open && s->o.live == 0 && s->o.tasks == 0))
+    /* Until closed, or the listener failed (port < 0: nothing was accepted). */
+    while (!((s->closed || s->port < 0) && !s->listener_open && s->o.live == 0 &&
+             s->o.tasks == 0))
         pthread_cond_wait(&s->o.cv, &s->o.mu);
+    rc = s->port < 0 ? s->port : KNET_ESERVERCLOSED;
     s->serving = false;
     pthread_mutex_unlock(&s->o.mu);
-    if (s->lio.fd >= 0) { /* closed before the listener reached its loop */
+    if (s->lio.fd >= 0) { /* closed before the listener reached its loop, or failed to */
         close(s->lio.fd);
         s->lio.fd = -1;
     }
-    return KNET_ESERVERCLOSED;
+    return rc;
 }
 
 /* Stops accepting, then closes (force) or shuts down (graceful, ms) every

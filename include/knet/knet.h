@@ -168,7 +168,9 @@ knet_server *knet_server_new(const char *addr);
  * defaults; both are copied). Blocks until the server is closed and every one
  * of its connections has delivered connect(false); then returns
  * KNET_ESERVERCLOSED. Returns another negative code at once on an
- * unrecoverable error: KNET_EADDR, KNET_ERESOLVE, -EADDRINUSE, -EACCES...
+ * unrecoverable error: KNET_EADDR, KNET_ERESOLVE, -EADDRINUSE, -EACCES,
+ * -EMFILE or -ENOMEM (also when the loop threads could not start; a later
+ * call tries again)...
  * Callbacks run on loop threads, never on the calling thread. */
 int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
                                  const knet_codec *codec);
@@ -247,7 +249,8 @@ void knet_client_set_retry_backoff(knet_client *c, uint32_t initial_ms, uint32_t
 
 /* Dials, serves the connection until it closes, then dials again at once
  * (knet's persistent client; the backoff paces failed dials only). Blocks. Returns KNET_ECLIENTCLOSED after
- * knet_client_close, or a dial error when retry is off. Callbacks run on a
+ * knet_client_close, a dial error when retry is off, or -EMFILE / -ENOMEM
+ * when the loop threads could not start. Callbacks run on a
  * loop thread. handler and codec (NULL = defaults) are copied. */
 int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
                                const knet_codec *codec);

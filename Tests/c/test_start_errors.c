@@ -1,0 +1,96 @@
+/* Errors where the core starts things: loop threads that cannot start (out of
+ * descriptors) and a listener no loop can watch (epoll_ctl is wrapped at link
+ * time to fail like a full max_user_watches). Each is returned by the call that
+ * met it, leaves no descriptor behind, and a later call works. */
+#include "testutil.h"
+
+#include <sys/epoll.h>
+#include <sys/resource.h>
+
+int __real_epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev);
+int __wrap_epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev);
+
+static _Atomic int fail_adds; /* EPOLL_CTL_ADDs still to fail */
+
+int __wrap_epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
+{
+    if (op == EPOLL_CTL_ADD && atomic_load(&fail_adds) > 0) {
+        atomic_fetch_sub(&fail_adds, 1);
+        errno = ENOSPC;
+        return -1;
+    }
+    return __real_epoll_ctl(epfd, op, fd, ev);
+}
+
+/* Serves a new server (listen_and_serve on a thread) with an echo handler, checks
+ * one round trip, closes and frees it. */
+static void serve_and_echo(void)
+{
+    knet_server *s = knet_server_new("127.0.0.1:0");
+    CHECK(s != NULL);
+    tu_tracker *t = tu_tracker_new();
+    t->echo = true;
+    tu_server ts;
+    memset(&ts, 0, sizeof ts);
+    ts.srv = s;
+    ts.handler = tu_tracker_handler(t);
+    tu_counter_init(&ts.done);
+    int port = tu_server_run(&ts);
+    CHECK_GT(port, 0);
+    int fd = tu_connect(port);
+    tu_write_str(fd, "ping");
+    char b[4];
+    READ_EXACT(fd, b, sizeof b);
+    CHECK(memcmp(b, "ping", 4) == 0);
+    close(fd);
+    WAIT_GE(&t->disconnects, 1);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
+/* Runs first: the loops start with the first listen or dial. */
+static void test_loops_out_of_fds(void)
+{
+    CHECK_EQ(knet_set_loop_threads(4), 0);
+    knet_server *s = knet_server_new("127.0.0.1:0");
+    CHECK(s != NULL);
+    int base = tu_fd_count();
+    struct rlimit old, tight;
+    CHECK_EQ(getrlimit(RLIMIT_NOFILE, &old), 0);
+    tight = old;
+    tight.rlim_cur = (rlim_t)base + 3; /* 4 loops need 8: the second one's eventfd fails */
+    CHECK_EQ(setrlimit(RLIMIT_NOFILE, &tight), 0);
+    int rc = knet_server_listen_and_serve(s, NULL, NULL);
+    CHECK_EQ(setrlimit(RLIMIT_NOFILE, &old), 0);
+    CHECK_EQ(rc, -EMFILE);                  /* returned, the process goes on */
+    CHECK_EQ(tu_fd_count(), base);          /* the loops made so far were undone */
+    CHECK_EQ(knet_set_loop_threads(4), 0);  /* none started: still configurable */
+    knet_server_free(s);
+    serve_and_echo();                       /* with descriptors back, the loops start */
+    CHECK_EQ(knet_loop_threads(), 4u);
+}
+
+static void test_listener_not_watched(void)
+{
+    knet_server *s = knet_server_new("127.0.0.1:0");
+    CHECK(s != NULL);
+    int base = tu_fd_count();
+    atomic_store(&fail_adds, 1);
+    /* Returns at once (it would otherwise serve a listener nothing accepts from). */
+    CHECK_EQ(knet_server_listen_and_serve(s, NULL, NULL), -ENOSPC);
+    CHECK_EQ(atomic_load(&fail_adds), 0);
+    CHECK_EQ(knet_server_wait_listening(s, TU_DEADLINE_MS), -ENOSPC);
+    CHECK_EQ(knet_server_port(s), -ENOSPC);
+    CHECK_FDS(base); /* the listening socket was closed */
+    knet_server_free(s);
+    serve_and_echo(); /* the loop goes on watching new listeners */
+}
+
+int main(void)
+{
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    RUN(test_loops_out_of_fds); /* before tu_begin, whose warm-up starts the loops */
+    tu_begin();
+    RUN(test_listener_not_watched);
+    return tu_end();
+}
