@@ -457,8 +457,9 @@ static void conn_read(kn_loop *L, knet_conn *c) {
                                   : (ptrdiff_t)(total - off);
             if (r == 0) break;
             /* max_frame bounds whole frames too, not only a buffered partial one,
-             * so the limit does not depend on how the bytes were split. */
-            if (r < 0 || (size_t)r > total - off || (size_t)r > o->max_frame) {
+             * so the limit does not depend on how the bytes were split. A raw
+             * stream has no frames: its messages are reads, never buffered. */
+            if (r < 0 || (size_t)r > total - off || (k->read && (size_t)r > o->max_frame)) {
                 err = r < 0 ? (int)r : KNET_ECODEC;
                 break;
             }

@@ -532,6 +532,32 @@ static void test_unbounded_length_codec(void)
     free(got);
 }
 
+/* A raw stream has no frames for max_frame to bound: reads far larger than it are
+ * delivered (and echoed) intact, and the connection stays open. */
+static void test_raw_stream_ignores_max_frame(void)
+{
+    knet_codec codec = {NULL, NULL, NULL, 4096};
+    tu_tracker *t = tu_tracker_new();
+    t->echo = true;
+    tu_server ts;
+    int fd = tu_connect(tu_tracked_server_start(&ts, t, &codec));
+    size_t n = 256 * 1024;
+    uint8_t *body = malloc(n), *got = malloc(n);
+    CHECK(body && got);
+    tu_pattern_fill(body, n, 0, 13);
+    tu_write_all(fd, body, n);
+    CHECK_EQ(tu_read_full(fd, got, n), (ssize_t)n);
+    CHECK_EQ(tu_pattern_mismatch(got, n, 0, 13), n);
+    CHECK_EQ(atomic_load(&t->recs[0].disconnected), 0);
+    close(fd);
+    WAIT_GE(&t->disconnects, 1);
+    CHECK_EQ(atomic_load(&t->recs[0].reason), KNET_EOF);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+    free(body);
+    free(got);
+}
+
 /* A codec write that returns a positive value (not a promised return) fails the send
  * with KNET_ECODEC and sends nothing of the half-made frame. */
 static int positive_write(knet_writer *w, const void *msg, size_t len, void *ud)
@@ -571,6 +597,7 @@ int main(void)
     RUN(test_custom_codec);
     RUN(test_many_pieces_direct_send);
     RUN(test_unbounded_length_codec);
+    RUN(test_raw_stream_ignores_max_frame);
     RUN(test_codec_write_positive_return);
     return tu_end();
 }

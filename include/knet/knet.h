@@ -119,9 +119,10 @@ typedef int (*knet_codec_write_fn)(knet_writer *w, const void *msg, size_t len, 
 #define KNET_DEFAULT_MAX_FRAME ((size_t)16 << 20)
 
 /* A frame reader/writer. NULL read = raw stream; NULL write = raw bytes.
- * max_frame bounds the unconsumed input knet buffers for one connection
- * (0 = KNET_DEFAULT_MAX_FRAME); exceeding it closes that connection with
- * KNET_ECODEC. */
+ * max_frame bounds one frame and the unconsumed input knet buffers for one
+ * connection (0 = KNET_DEFAULT_MAX_FRAME); exceeding it closes that connection
+ * with KNET_ECODEC. A raw stream has no frames (its messages are reads, never
+ * buffered): max_frame does not apply to it. */
 typedef struct knet_codec {
     knet_codec_read_fn read;
     knet_codec_write_fn write;
