@@ -158,7 +158,10 @@ void kn_conn_finish(knet_conn *c, int reason) {
     atomic_store(&c->inbox_full, false);
     pthread_mutex_unlock(&c->mu);
 
-    close(fd); /* also removes it from epoll */
+    /* Removed before the close: close alone does not, while another descriptor
+     * (a fork's child, say) keeps the socket open, and c is freed soon. */
+    if (c->attached) epoll_ctl(L->epfd, EPOLL_CTL_DEL, fd, NULL);
+    close(fd);
     queue_free(&in);
     queue_free(&c->outq);
     atomic_store(&c->npending, 0);

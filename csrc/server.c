@@ -142,7 +142,10 @@ static void listener_close(kn_loop *L, void *arg) {
     knet_server *s = arg;
     if (s->lio.fd >= 0) {
         kn_timer_stop(L, &s->backoff);
-        close(s->lio.fd); /* also leaves epoll */
+        /* As for a connection: leave epoll before the close, which alone does not
+         * while a fork's child keeps the socket open; s may be freed soon. */
+        kn_loop_ctl(L, EPOLL_CTL_DEL, &s->lio, 0);
+        close(s->lio.fd);
         s->lio.fd = -1;
     }
     pthread_mutex_lock(&s->o.mu);

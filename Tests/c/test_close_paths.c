@@ -8,6 +8,7 @@
 #include "testutil.h"
 
 #include <sched.h>
+#include <sys/wait.h>
 
 static void test_peer_close(void)
 {
@@ -451,6 +452,77 @@ static void test_peer_reset(void)
     tu_tracker_free(t);
 }
 
+/* A forked child keeps the process's sockets open, so closing a connection's fd
+ * alone does not take it out of epoll; the core removes it first. Else the peer's
+ * later bytes raise an event for the connection, freed at the end of the loop
+ * iteration that closed it (ASan: heap-use-after-free). */
+static tu_counter fk_connects, fk_disconnects;
+static knet_conn *_Atomic fk_conn;
+
+static void fk_connect(knet_conn *c, bool connected, void *ud)
+{
+    (void)ud;
+    if (connected) {
+        atomic_store(&fk_conn, c); /* not retained: the core frees it after close */
+        tu_counter_add(&fk_connects, 1);
+    } else {
+        tu_counter_add(&fk_disconnects, 1);
+    }
+}
+
+static void fk_receive(knet_conn *c, const void *buf, size_t len, void *ud)
+{
+    (void)ud;
+    CHECK_EQ(knet_conn_send(c, buf, len), 0);
+}
+
+static void test_close_with_forked_child(void)
+{
+    tu_counter_init(&fk_connects);
+    tu_counter_init(&fk_disconnects);
+    knet_handler h = {fk_connect, fk_receive, NULL};
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &h, NULL);
+    CHECK_GT(port, 0);
+    int peer = tu_connect(port);
+    WAIT_GE(&fk_connects, 1);
+
+    int p[2];
+    CHECK_EQ(pipe(p), 0);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) { /* holds every descriptor until the parent closes the pipe */
+        close(p[1]);
+        char b;
+        while (read(p[0], &b, 1) < 0 && errno == EINTR) {
+        }
+        _exit(0);
+    }
+    close(p[0]);
+    knet_conn_close(atomic_load(&fk_conn));
+    WAIT_GE(&fk_disconnects, 1);
+    tu_write_str(peer, "late"); /* the child's copy keeps the socket: accepted */
+    /* One connection per loop (accepts go round-robin): each loop runs again, and
+     * echoes. */
+    for (unsigned i = 0; i < knet_loop_threads(); i++) {
+        int fd = tu_connect(port);
+        tu_write_str(fd, "ok");
+        char b[2];
+        READ_EXACT(fd, b, 2);
+        CHECK(memcmp(b, "ok", 2) == 0);
+        close(fd);
+        WAIT_GE(&fk_disconnects, i + 2);
+    }
+    close(p[1]);
+    int status;
+    CHECK_EQ(waitpid(pid, &status, 0), pid);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    close(peer);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_counter_destroy(&fk_connects);
+    tu_counter_destroy(&fk_disconnects);
+}
+
 int main(void)
 {
     tu_begin();
@@ -468,5 +540,6 @@ int main(void)
     RUN(test_codec_oversized_length);
     RUN(test_codec_read_error_code);
     RUN(test_peer_reset);
+    RUN(test_close_with_forked_child);
     return tu_end();
 }
