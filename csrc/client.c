@@ -82,6 +82,20 @@ static int wait_or_closed(knet_client *c, int fd, short events, int timeout_ms) 
     }
 }
 
+/* True when fd is connected to itself: a dial of a port of this host in the
+ * ephemeral range, with no listener, can be given that port as its own and
+ * complete a simultaneous open (Go's net.Dial checks for it too). */
+static bool self_connected(int fd, const kn_sockaddr *peer) {
+    kn_sockaddr local;
+    socklen_t sl = sizeof local;
+    if (getsockname(fd, &local.sa, &sl) < 0 || local.sa.sa_family != peer->sa.sa_family) return false;
+    if (local.sa.sa_family == AF_INET)
+        return local.in.sin_port == peer->in.sin_port &&
+               local.in.sin_addr.s_addr == peer->in.sin_addr.s_addr;
+    return local.in6.sin6_port == peer->in6.sin6_port &&
+           memcmp(&local.in6.sin6_addr, &peer->in6.sin6_addr, sizeof local.in6.sin6_addr) == 0;
+}
+
 /* Non-blocking connect to each resolved address in turn. */
 static int dial(knet_client *c, int *out, kn_sockaddr *peer) {
     kn_sockaddr addrs[8];
@@ -106,6 +120,7 @@ static int dial(knet_client *c, int *out, kn_sockaddr *peer) {
                 if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &sl) < 0) err = errno;
             }
         }
+        if (!err && self_connected(fd, &addrs[i])) err = ECONNREFUSED; /* no listener there */
         if (err) {
             rc = -err;
             close(fd);

@@ -90,7 +90,12 @@ static void on_accept(kn_loop *L, kn_io *io, uint32_t events) {
         if (fd < 0) {
             int e = errno;
             if (e == EAGAIN || e == EWOULDBLOCK) return;
-            if (e == EINTR || e == ECONNABORTED || e == EPROTO || e == EPERM) continue;
+            /* Errors of the one pending connection, not of the listener (accept(2)
+             * lists the network errors Linux passes on): take the next. */
+            if (e == EINTR || e == ECONNABORTED || e == EPROTO || e == EPERM || e == ENETDOWN ||
+                e == ENOPROTOOPT || e == EHOSTDOWN || e == ENONET || e == EHOSTUNREACH ||
+                e == EOPNOTSUPP || e == ENETUNREACH)
+                continue;
             /* EMFILE, ENFILE, ENOBUFS, ENOMEM...: pause accepting and retry later
              * (as Go's http server does), keeping every live connection. */
             s->backoff_ms = s->backoff_ms ? s->backoff_ms * 2 : BACKOFF_MIN_MS;

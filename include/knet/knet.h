@@ -288,7 +288,7 @@ void knet_client_free(knet_client *c);
 /* Frames buf with the connection's codec (its write runs on this calling
  * thread) and queues a copy for sending (thread-safe; on the connection's own
  * loop with nothing queued it writes at once). Returns 0, -EINVAL for a NULL
- * conn or buf, KNET_EPENDINGFULL at the pending-send or queued-bytes limit,
+ * conn or a NULL buf with len > 0, KNET_EPENDINGFULL at the pending-send or queued-bytes limit,
  * KNET_ECLOSED after close or shutdown began, the codec's error, or -errno
  * (-EPIPE, -ECONNRESET...) when that direct write failed: the connection then
  * closes with that reason after the current callback. */
