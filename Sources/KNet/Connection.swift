@@ -26,6 +26,8 @@ public final class TCPConnection: Sendable {
     /// Guards `userdataValue` (a pthread mutex, so ThreadSanitizer sees it).
     private let userdataLock = PThreadMutex()
     nonisolated(unsafe) private var userdataValue: (any Sendable)?
+    /// Set (under the lock) once `connect(false)` returned: userdata is no longer kept.
+    nonisolated(unsafe) private var userdataDropped = false
 
     init(handle: OpaquePointer, loopSlot: ThreadSlot, handler: Unmanaged<HandlerBox>, swiftCodec: Bool,
          rawCodec: Bool, codecOwner: (any AnyObject & Sendable)?) {
@@ -140,18 +142,25 @@ public final class TCPConnection: Sendable {
     }
 
     /// Any value the application attaches to this connection (thread-safe). Cleared once
-    /// `connect(false)` returns, so a value that keeps its connection forms no reference
-    /// cycle with it.
+    /// `connect(false)` returns and not kept when set after that (it reads nil), so a
+    /// value that keeps its connection forms no reference cycle with it.
     public var userdata: (any Sendable)? {
         get { userdataLock.withLock { userdataValue } }
-        set { replaceUserdata(with: newValue) }
+        set {
+            var value = newValue
+            userdataLock.withLock { if !userdataDropped { swap(&userdataValue, &value) } }
+            // The old value (or the refused one) goes here, outside the lock: its `deinit`
+            // may use this connection, userdata included.
+        }
     }
 
-    /// Swaps the userdata under the lock and lets the old value go after it: its
-    /// `deinit` may use this connection, userdata included.
-    func replaceUserdata(with value: (any Sendable)?) {
-        var value = value
-        userdataLock.withLock { swap(&userdataValue, &value) }
+    /// Drops the userdata for good, after `connect(false)` (the connection's last callback).
+    func dropUserdata() {
+        var value: (any Sendable)? = nil
+        userdataLock.withLock {
+            userdataDropped = true
+            swap(&userdataValue, &value)
+        }
     }
 
     /// Why the connection closed, or `.open` while it is open.
@@ -162,5 +171,17 @@ public final class TCPConnection: Sendable {
         case 0: return .local
         default: return .error(KNetError(code: rc))
         }
+    }
+}
+
+extension TCPConnection: CustomReflectable {
+    /// What `dump` and test failures show: the addresses and the close reason. The
+    /// stored fields are not reflected: the handler reference is unowned and may be
+    /// gone once the connection is kept past its serve call.
+    public var customMirror: Mirror {
+        Mirror(self, children: ["localAddress": localAddress as Any,
+                                "remoteAddress": remoteAddress as Any,
+                                "closeReason": closeReason],
+               displayStyle: .class)
     }
 }

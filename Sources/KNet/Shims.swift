@@ -182,7 +182,7 @@ private func connectShim(_ conn: OpaquePointer?, _ connected: Bool, _ ud: Unsafe
         }
         tcp.handler._withUnsafeGuaranteedRef { $0.handler.connect(tcp, connected: false) }
         // The last callback: drop what could refer back to the connection (no cycle).
-        tcp.replaceUserdata(with: nil)
+        tcp.dropUserdata()
         knet_conn_set_userdata(conn, nil)
         reference.release()
     }

@@ -140,6 +140,19 @@ extension KNetTests {
             #expect(conn.remoteAddress?.hasPrefix("127.0.0.1:") == true)
             #expect(conn.closeReason == .error(.serverClosed))
             #expect(conn.userdata == nil) // dropped once connect(false) returned (README)
+            // Set later (a worker thread may): not kept, so this forms no cycle either.
+            final class Keeper: Sendable {
+                let conn: TCPConnection
+                init(_ conn: TCPConnection) { self.conn = conn }
+            }
+            conn.userdata = Keeper(conn)
+            let kept = conn.userdata != nil
+            #expect(!kept)
+            // Reflection (dump, a failed expectation) shows safe fields only: the
+            // handler the connection points at is gone with its serve call.
+            var dumped = ""
+            dump(conn, to: &dumped)
+            #expect(dumped.contains("remoteAddress") && dumped.contains("127.0.0.1:"))
             handler.state.withLock { $0.connections.removeAll() }
             _ = peer
         }
