@@ -329,13 +329,21 @@ static void conn_begin_graceful(kn_loop *L, knet_conn *c, uint32_t ms, int reaso
     kn_timer_start(L, &c->timer, ms);
 }
 
+/* A graceful close under way keeps its reason; a later one that asks for an
+ * earlier deadline (a server's shutdown, a shorter close_with_timeout) brings
+ * the deadline forward, never back. */
+static void conn_shorten_grace(kn_loop *L, knet_conn *c, uint32_t ms) {
+    if (c->timer.deadline > kn_now_ms() + ms) kn_timer_start(L, &c->timer, ms);
+}
+
 /* Begins the graceful close knet_conn_close_with_timeout asked for. */
 static void conn_begin_requested(kn_loop *L, knet_conn *c) {
     atomic_fetch_and(&c->req, ~(unsigned)KN_REQ_GRACEFUL);
     pthread_mutex_lock(&c->mu);
     uint32_t ms = c->grace_ms;
     pthread_mutex_unlock(&c->mu);
-    conn_begin_graceful(L, c, ms, 0);
+    if (c->graceful) conn_shorten_grace(L, c, ms);
+    else conn_begin_graceful(L, c, ms, 0);
 }
 
 /* The peer sent FIN. Outside a graceful close, knet closes the connection —
@@ -344,7 +352,7 @@ static void conn_begin_requested(kn_loop *L, knet_conn *c) {
 static void conn_on_eof(kn_loop *L, knet_conn *c) {
     /* A graceful close asked for during this read (say in receive) keeps its
      * own timeout and reason. */
-    if (!c->graceful && (atomic_load_explicit(&c->req, memory_order_relaxed) & KN_REQ_GRACEFUL))
+    if (atomic_load_explicit(&c->req, memory_order_relaxed) & KN_REQ_GRACEFUL)
         conn_begin_requested(L, c);
     if (!c->graceful && !c->outq.head) {
         /* Nothing queued (the common end of a request/response exchange): close now,
@@ -366,7 +374,11 @@ static void conn_on_eof(kn_loop *L, knet_conn *c) {
 }
 
 void kn_conn_graceful(kn_loop *L, knet_conn *c, uint32_t ms) {
-    if (c->io.fd < 0 || c->graceful) return;
+    if (c->io.fd < 0) return;
+    if (c->graceful) {
+        conn_shorten_grace(L, c, ms);
+        return;
+    }
     conn_begin_graceful(L, c, ms, 0);
     conn_flush(c);
 }
@@ -382,7 +394,7 @@ void kn_conn_service(kn_loop *L, knet_conn *c) {
         return;
     }
     conn_take_inbox(c);
-    if ((req & KN_REQ_GRACEFUL) && !c->graceful) conn_begin_requested(L, c);
+    if (req & KN_REQ_GRACEFUL) conn_begin_requested(L, c);
     conn_flush(c);
 }
 
@@ -513,10 +525,12 @@ static void conn_on_io(kn_loop *L, kn_io *io, uint32_t ev) {
      * below finds it under way with its own timeout and reason. */
     unsigned req = atomic_load_explicit(&c->req, memory_order_relaxed);
     if (req & KN_REQ_CLOSE) return;
-    if ((req & KN_REQ_GRACEFUL) && !c->graceful) conn_begin_requested(L, c);
+    if (req & KN_REQ_GRACEFUL) conn_begin_requested(L, c);
     if ((ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) && !c->peer_eof) {
         conn_read(L, c);
-        if (c->io.fd < 0) return;
+        /* A close asked for in receive drops the queue: write none of it now. */
+        if (c->io.fd < 0 || (atomic_load_explicit(&c->req, memory_order_relaxed) & KN_REQ_CLOSE))
+            return;
     }
     if ((ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) && c->outq.head) conn_flush(c);
 }
@@ -574,10 +588,13 @@ static bool conn_full(knet_conn *c, size_t more) {
 
 static int send_on_loop(knet_conn *c, const void *buf, size_t len) {
     if (atomic_load_explicit(&c->state, memory_order_relaxed) != KN_OPEN) return KNET_ECLOSED;
-    if (conn_full(c, len)) return KNET_EPENDINGFULL;
     kn_frame f;
     int rc = frame_make(c, &f, buf, len);
     if (rc < 0) return rc;
+    if (conn_full(c, f.total)) { /* framed bytes, as qbytes counts them */
+        frame_free(&f);
+        return KNET_EPENDINGFULL;
+    }
     size_t done = 0;
     bool direct = !c->outq.head && !atomic_load_explicit(&c->inbox_full, memory_order_acquire);
     if (direct && f.total > 0) {
@@ -618,15 +635,14 @@ static int send_off_loop(knet_conn *c, const void *buf, size_t len) {
     bool sched = false;
     if (atomic_load_explicit(&c->state, memory_order_relaxed) != KN_OPEN) {
         rc = KNET_ECLOSED;
-    } else if (conn_full(c, len)) {
-        rc = KNET_EPENDINGFULL;
     } else {
         /* Framing under the lock: the codec (owned by the server or client)
          * stays valid while the connection is not closed. */
         kn_frame f;
         rc = frame_make(c, &f, buf, len);
         if (rc == 0) {
-            rc = queue_append(&c->inbox, f.iov, f.n, 0);
+            /* The bound counts framed bytes, as qbytes does. */
+            rc = conn_full(c, f.total) ? KNET_EPENDINGFULL : queue_append(&c->inbox, f.iov, f.n, 0);
             if (rc == 0 && f.total > 0) {
                 atomic_fetch_add_explicit(&c->npending, 1, memory_order_relaxed);
                 atomic_fetch_add_explicit(&c->qbytes, f.total, memory_order_relaxed);

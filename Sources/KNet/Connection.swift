@@ -114,6 +114,8 @@ public final class TCPConnection: Sendable {
 
     /// Graceful close: refuses new sends, writes every queued byte, half-closes, keeps
     /// delivering what the peer sends until it closes, and force-closes after `timeout`.
+    /// Asked again (or by a server or client shutdown) while under way, the earlier
+    /// deadline holds.
     public func close(timeout: Duration) {
         knet_conn_close_with_timeout(handle, knetMilliseconds(timeout))
     }

@@ -41,8 +41,9 @@ public final class TCPServer: Sendable {
 
     /// Graceful stop: stops accepting, shuts every connection down gracefully (queued bytes
     /// written, FIN, wait for the peer to close) and force-closes what remains after
-    /// `timeout`; then `listenAndServe` throws `.serverClosed`. Does not block; a later
-    /// `close()` force-closes at once.
+    /// `timeout` (also those already closing gracefully with a later deadline); then
+    /// `listenAndServe` throws `.serverClosed`. Does not block; a later `close()`
+    /// force-closes at once.
     public func shutdown(timeout: Duration) {
         _ = knet_server_shutdown(handle, knetMilliseconds(timeout))
     }

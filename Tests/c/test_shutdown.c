@@ -198,6 +198,24 @@ static void test_close_drops_queue(void)
     tu_tracker_free(t);
 }
 
+/* A server shutdown force-closes, at its own deadline, a connection already
+ * closing gracefully with a later one: listen_and_serve returns in time. */
+static void test_shutdown_brings_graceful_deadline_forward(void)
+{
+    tu_tracker *t = tu_tracker_new();
+    tu_server ts;
+    int fd = tu_connect(tu_tracked_server_start(&ts, t, NULL));
+    knet_conn *c = tu_tracker_rec(t, 0)->conn;
+    knet_conn_close_with_timeout(c, 600000); /* ten minutes; this peer never closes */
+    char b;
+    CHECK_EQ(tu_read_full(fd, &b, 1), 0); /* the server's FIN: the close is under way */
+    CHECK_EQ(knet_server_shutdown(ts.srv, 200), 0);
+    CHECK_EQ(tu_server_join(&ts), KNET_ESERVERCLOSED); /* waits at most 20 s */
+    CHECK_EQ(atomic_load(&t->recs[0].reason), -ETIMEDOUT);
+    close(fd);
+    tu_tracker_free(t);
+}
+
 int main(void)
 {
     tu_begin();
@@ -205,5 +223,6 @@ int main(void)
     RUN(test_close_with_timeout_keeps_receiving);
     RUN(test_shutdown_inside_receive);
     RUN(test_close_drops_queue);
+    RUN(test_shutdown_brings_graceful_deadline_forward);
     return tu_end();
 }

@@ -186,7 +186,9 @@ int knet_server_close(knet_server *s);
  * remains after timeout_ms; then knet_server_listen_and_serve returns
  * KNET_ESERVERCLOSED. Thread-safe, does not block; receive and connect(false)
  * keep running on the loop threads meanwhile. A later knet_server_close
- * force-closes at once. Returns 0, or KNET_ESERVERCLOSED if already stopping. */
+ * force-closes at once. A connection already closing gracefully keeps its close
+ * reason, and its deadline when that is earlier. Returns 0, KNET_ESERVERCLOSED if
+ * already stopping, or -EINVAL for NULL. */
 int knet_server_shutdown(knet_server *s, uint32_t timeout_ms);
 
 /* Default bound on the bytes queued per connection (knet_conn_set_max_queued_bytes). */
@@ -335,7 +337,9 @@ typedef void *(*knet_alloc_fn)(knet_conn *conn, size_t suggested, size_t *cap, v
 /* Makes every later read of conn go into memory from fn (NULL = the loop's buffer, the
  * default), so a binding can keep what it received without copying it. The memory stays
  * the caller's: knet writes the read into it, passes receive pointers into it and keeps
- * no pointer after those receives (a leftover partial frame is copied). fn runs on the
+ * no pointer after those receives (a leftover partial frame is copied). A partial frame
+ * over half of suggested is read on in knet's own buffer instead (fn is not called):
+ * receive then gets a pointer valid only during the call, as without fn. fn runs on the
  * loop thread before each read. Call on the connection's loop thread (in connect(true)
  * or receive); returns 0, or -EINVAL from any other thread. */
 int knet_conn_set_alloc(knet_conn *conn, knet_alloc_fn fn, void *ud);
