@@ -28,7 +28,7 @@ static inline void prefetch_io(const void *p) {
 
 static kn_loop *g_loops;
 static unsigned g_nloops;
-static unsigned g_requested; /* 0 = default */
+static long g_requested = -1; /* knet_set_loop_threads's n; -1 = not called */
 static atomic_bool g_started;
 static atomic_uint g_next;
 static pthread_mutex_t g_cfg_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -238,8 +238,11 @@ int kn_loop_ctl(kn_loop *L, int op, kn_io *io, uint32_t events) {
     return epoll_ctl(L->epfd, op, io->fd, &ev) < 0 ? -errno : 0;
 }
 
-static unsigned default_threads(void) {
-    const char *env = getenv("KNET_LOOP_THREADS");
+/* The loop count asked for: knet_set_loop_threads's, else KNET_LOOP_THREADS,
+ * else the online CPUs (also for knet_set_loop_threads(0)). Under g_cfg_mu. */
+static unsigned wanted_threads(void) {
+    if (g_requested > 0) return (unsigned)g_requested;
+    const char *env = g_requested < 0 ? getenv("KNET_LOOP_THREADS") : NULL;
     if (env && *env) {
         char *end;
         unsigned long v = strtoul(env, &end, 10);
@@ -283,7 +286,7 @@ static void loop_destroy(kn_loop *L) {
  * dial fails with it, the process goes on. Threads that cannot start leave
  * fewer loops than asked for, or -EAGAIN if none starts. Under g_cfg_mu. */
 static int start_loops(void) {
-    unsigned n = g_requested ? g_requested : default_threads();
+    unsigned n = wanted_threads();
     kn_loop *loops = calloc(n, sizeof *loops);
     if (!loops) return -ENOMEM;
     int rc = 0;
@@ -352,9 +355,7 @@ int knet_set_loop_threads(unsigned n) {
 
 unsigned knet_loop_threads(void) {
     pthread_mutex_lock(&g_cfg_mu);
-    unsigned n = atomic_load(&g_started) ? g_nloops : 0;
-    unsigned req = g_requested;
+    unsigned n = atomic_load(&g_started) ? g_nloops : wanted_threads();
     pthread_mutex_unlock(&g_cfg_mu);
-    if (n) return n;
-    return req ? req : default_threads();
+    return n;
 }

@@ -36,8 +36,21 @@ static void test_env_sets_loop_threads_and_conns_spread(void)
     tu_tracker_free(t);
 }
 
+/* knet_set_loop_threads(0) means the online CPUs, whatever KNET_LOOP_THREADS says
+ * (the variable counts only when the function was not called). Before the loops
+ * start, so knet_set_loop_threads(3) restores what the environment asked for. */
+static void test_zero_means_online_cpus(void)
+{
+    CHECK_EQ(knet_loop_threads(), 3); /* the environment's, while not called */
+    CHECK_EQ(knet_set_loop_threads(0), 0);
+    CHECK_EQ(knet_loop_threads(), (unsigned)sysconf(_SC_NPROCESSORS_ONLN));
+    CHECK_EQ(knet_set_loop_threads(3), 0);
+}
+
 int main(void)
 {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    RUN(test_zero_means_online_cpus); /* before tu_begin, whose warm-up starts the loops */
     tu_begin();
     RUN(test_env_sets_loop_threads_and_conns_spread);
     return tu_end();
