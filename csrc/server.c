@@ -199,11 +199,10 @@ int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
     s->bound_port = port;
     s->lio.fd = fd;
     s->lloop = lloop;
-    if (s->closed) {
-        s->port = port; /* closed before it listened: never watched */
-    } else {
-        /* Posted under the lock so a concurrent close queues its listener_close
-         * after it; listener_start publishes the port. */
+    /* Closed already: the port stays 0 (wait_listening reports the close). Else
+     * listener_start publishes it, posted under the lock so a concurrent close
+     * queues its listener_close after it. */
+    if (!s->closed) {
         s->listener_open = true;
         s->o.tasks++;
         if (kn_loop_post(s->lloop, listener_start, s) < 0) {
