@@ -21,8 +21,8 @@
  *    callback. A close requested inside a callback takes effect (and delivers
  *    connect(false)) after that callback returns.
  *  - codec callbacks: read runs on the connection's loop thread; write runs on
- *    the thread that called knet_conn_send, and must not call back into knet
- *    for the same connection.
+ *    the thread that called knet_conn_send (holding that connection's lock
+ *    when it is not the loop thread), and must not call back into knet.
  */
 #ifndef KNET_KNET_H
 #define KNET_KNET_H
@@ -112,7 +112,7 @@ typedef ptrdiff_t (*knet_codec_read_fn)(const void *in, size_t in_len, const voi
 
 /* Frames one message into w (knet_writer_write / knet_writer_reserve).
  * Returns 0 or a negative code (which knet_conn_send then returns).
- * Runs on the sending thread; must not call knet functions on the conn. */
+ * Runs on the sending thread; must not call knet functions. */
 typedef int (*knet_codec_write_fn)(knet_writer *w, const void *msg, size_t len, void *ud);
 
 /* Default bound on one buffered partial frame when a codec sets max_frame = 0. */
@@ -170,15 +170,15 @@ knet_server *knet_server_new(const char *addr);
  * of its connections has delivered connect(false); then returns
  * KNET_ESERVERCLOSED. Returns another negative code at once on an
  * unrecoverable error: KNET_EADDR, KNET_ERESOLVE, -EADDRINUSE, -EACCES,
- * -EMFILE or -ENOMEM (also when the loop threads could not start; a later
- * call tries again)...
+ * -EMFILE, -ENFILE, -ENOMEM (also when the loop threads could not start, or
+ * -EAGAIN when no loop thread could; a later call tries again)...
  * Callbacks run on loop threads, never on the calling thread. */
 int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
                                  const knet_codec *codec);
 
 /* Stops accepting and closes every connection at once (thread-safe, does not
  * block, callable from callbacks); each connect(false) runs on its loop thread.
- * Returns 0, or KNET_ESERVERCLOSED if already closed. */
+ * Returns 0, KNET_ESERVERCLOSED if already closed, or -EINVAL for NULL. */
 int knet_server_close(knet_server *s);
 
 /* Graceful shutdown: stop accepting, shut every connection down gracefully
@@ -237,7 +237,7 @@ void knet_server_free(knet_server *s);
 /* ---------------------------------------------------------------- client */
 
 /* Creates a client that dials addr ("host:port" or "[v6]:port"). Retry is
- * off. Returns NULL only when out of memory. */
+ * off. Returns NULL when out of memory or of descriptors (its wake-up eventfd). */
 knet_client *knet_client_new(const char *addr);
 
 /* Retries failed dials with exponential backoff (thread-safe). */
@@ -252,22 +252,23 @@ void knet_client_set_retry_backoff(knet_client *c, uint32_t initial_ms, uint32_t
 
 /* Dials, serves the connection until it closes, then dials again at once
  * (knet's persistent client; the backoff paces failed dials only). Blocks. Returns KNET_ECLIENTCLOSED after
- * knet_client_close, a dial error when retry is off, or -EMFILE / -ENOMEM
- * when the loop threads could not start. Callbacks run on a
+ * knet_client_close, a dial error when retry is off, KNET_EBUSY while another
+ * call serves this client, -EINVAL for NULL, or -EMFILE, -ENFILE, -ENOMEM,
+ * -EAGAIN when the loop threads could not start. Callbacks run on a
  * loop thread. handler and codec (NULL = defaults) are copied. */
 int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
                                const knet_codec *codec);
 
 /* Closes the current connection and stops dialing; interrupts a backoff wait
  * at once (thread-safe, does not block); connect(false) runs on the loop
- * thread. Returns 0, or KNET_ECLIENTCLOSED if already closed. */
+ * thread. Returns 0, KNET_ECLIENTCLOSED if already closed, or -EINVAL for NULL. */
 int knet_client_close(knet_client *c);
 
 /* Graceful stop: no more dialing; the current connection is shut down as
  * with knet_conn_close_with_timeout(conn, timeout_ms) (its callbacks keep
  * running on the loop thread); then knet_client_dial_and_serve returns
  * KNET_ECLIENTCLOSED. Thread-safe, does not block. Returns 0, or
- * KNET_ECLIENTCLOSED if already stopping. */
+ * KNET_ECLIENTCLOSED if already stopping, or -EINVAL for NULL. */
 int knet_client_shutdown(knet_client *c, uint32_t timeout_ms);
 
 /* Closes the client's connections after idle_ms with no bytes either way, as
@@ -316,7 +317,8 @@ void knet_conn_shutdown(knet_conn *conn);
 
 /* Graceful close (thread-safe): refuse new sends, write every queued byte,
  * shutdown(SHUT_WR), keep delivering receive until the peer closes, force-close
- * after ms; receive and connect(false) run on the loop thread. */
+ * after ms; receive and connect(false) run on the loop thread. Asked again (or by
+ * a server or client shutdown) while under way, it keeps the earlier deadline. */
 void knet_conn_close_with_timeout(knet_conn *conn, uint32_t ms);
 
 /* Closes at once: queued and unread bytes are dropped. connect(false) follows
