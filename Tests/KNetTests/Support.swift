@@ -62,6 +62,9 @@ final class Background: Sendable {
         thread.start()
     }
 
+    /// True once the body has ended (returned or thrown).
+    var isFinished: Bool { outcome.withLock { $0 != nil } }
+
     /// Waits (bounded) for the body to end; returns what it threw, or nil when it returned
     /// normally. Records a test issue when it did not end in time.
     func join(timeout seconds: Double = 15, sourceLocation: SourceLocation = #_sourceLocation) -> (any Error)? {

@@ -152,58 +152,6 @@ static void test_port_before_listening(void)
     knet_server_free(s);
 }
 
-/* Whether this machine has a usable ::1. */
-static bool have_ipv6_loopback(void)
-{
-    int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return false;
-    struct sockaddr_in6 a;
-    memset(&a, 0, sizeof a);
-    a.sin6_family = AF_INET6;
-    a.sin6_addr = in6addr_loopback;
-    bool ok = bind(fd, (struct sockaddr *)&a, sizeof a) == 0;
-    close(fd);
-    return ok;
-}
-
-/* "[::1]:0" listens on IPv6 loopback; addresses are written "[::1]:port". */
-static void test_ipv6_loopback(void)
-{
-    if (!have_ipv6_loopback()) {
-        printf("  skipped: no ::1\n");
-        return;
-    }
-    tu_tracker *t = tu_tracker_new();
-    knet_handler h = tu_tracker_handler(t);
-    tu_server ts;
-    int port = tu_server_start(&ts, "[::1]:0", &h, NULL);
-    CHECK_GT(port, 0);
-    int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    CHECK_GE(fd, 0);
-    struct sockaddr_in6 a;
-    memset(&a, 0, sizeof a);
-    a.sin6_family = AF_INET6;
-    a.sin6_addr = in6addr_loopback;
-    a.sin6_port = htons((uint16_t)port);
-    CHECK_EQ(connect(fd, (struct sockaddr *)&a, sizeof a), 0);
-    struct sockaddr_in6 me;
-    socklen_t mel = sizeof me;
-    CHECK_EQ(getsockname(fd, (struct sockaddr *)&me, &mel), 0);
-    knet_conn *conn = tu_tracker_rec(t, 0)->conn;
-    char got[KNET_ADDRSTRLEN], want[KNET_ADDRSTRLEN];
-    snprintf(want, sizeof want, "[::1]:%d", port);
-    CHECK_EQ(knet_conn_local_addr(conn, got, sizeof got), (int)strlen(want));
-    CHECK(strcmp(got, want) == 0);
-    snprintf(want, sizeof want, "[::1]:%d", ntohs(me.sin6_port));
-    CHECK_EQ(knet_conn_remote_addr(conn, got, sizeof got), (int)strlen(want));
-    CHECK(strcmp(got, want) == 0);
-    close(fd);
-    WAIT_GE(&t->disconnects, 1);
-    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
-    tu_tracker_free(t);
-}
-
 /* A server can serve again after a previous one on the same port was closed
  * (SO_REUSEADDR: the closed connections' TIME_WAIT does not block the bind). */
 static void test_rebind_after_close(void)
@@ -240,7 +188,6 @@ int main(void)
     RUN(test_close_before_serving);
     RUN(test_never_served);
     RUN(test_kernel_ports);
-    RUN(test_ipv6_loopback);
     RUN(test_rebind_after_close);
     return tu_end();
 }
