@@ -31,7 +31,9 @@ static unsigned g_nloops;
 static long g_requested = -1; /* knet_set_loop_threads's n; -1 = not called */
 static atomic_bool g_started;
 static atomic_uint g_next;
+static bool g_starting;  /* under g_cfg_mu: kn_loops_start is making them */
 static pthread_mutex_t g_cfg_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t g_start_mu = PTHREAD_MUTEX_INITIALIZER; /* one start at a time */
 static _Thread_local kn_loop *tls_loop;
 
 uint64_t kn_now_ms(void) {
@@ -238,11 +240,11 @@ int kn_loop_ctl(kn_loop *L, int op, kn_io *io, uint32_t events) {
     return epoll_ctl(L->epfd, op, io->fd, &ev) < 0 ? -errno : 0;
 }
 
-/* The loop count asked for: knet_set_loop_threads's, else KNET_LOOP_THREADS,
- * else the online CPUs (also for knet_set_loop_threads(0)). Under g_cfg_mu. */
-static unsigned wanted_threads(void) {
-    if (g_requested > 0) return (unsigned)g_requested;
-    const char *env = g_requested < 0 ? getenv("KNET_LOOP_THREADS") : NULL;
+/* The loop count asked for: knet_set_loop_threads's n (requested), else
+ * KNET_LOOP_THREADS, else the online CPUs (also for knet_set_loop_threads(0)). */
+static unsigned wanted_threads(long requested) {
+    if (requested > 0) return (unsigned)requested;
+    const char *env = requested < 0 ? getenv("KNET_LOOP_THREADS") : NULL;
     if (env && *env) {
         char *end;
         unsigned long v = strtoul(env, &end, 10);
@@ -284,9 +286,8 @@ static void loop_destroy(kn_loop *L) {
 /* Makes every loop, then starts their threads. Out of fds or memory it undoes
  * all and returns -errno (a later call tries again): the caller's listen or
  * dial fails with it, the process goes on. Threads that cannot start leave
- * fewer loops than asked for, or -EAGAIN if none starts. Under g_cfg_mu. */
-static int start_loops(void) {
-    unsigned n = wanted_threads();
+ * fewer loops than asked for, or -EAGAIN if none starts. Under g_start_mu. */
+static int start_loops(unsigned n) {
     kn_loop *loops = calloc(n, sizeof *loops);
     if (!loops) return -ENOMEM;
     int rc = 0;
@@ -316,17 +317,31 @@ static int start_loops(void) {
         free(loops);
         return rc;
     }
+    pthread_mutex_lock(&g_cfg_mu);
     g_loops = loops; /* loops past started stay unused in the array */
     g_nloops = started;
     atomic_store(&g_started, true);
+    pthread_mutex_unlock(&g_cfg_mu);
     return 0;
 }
 
 int kn_loops_start(void) {
     if (atomic_load(&g_started)) return 0;
-    pthread_mutex_lock(&g_cfg_mu);
-    int rc = atomic_load(&g_started) ? 0 : start_loops();
-    pthread_mutex_unlock(&g_cfg_mu);
+    pthread_mutex_lock(&g_start_mu);
+    int rc = 0;
+    if (!atomic_load(&g_started)) {
+        /* The count is fixed from here (knet_set_loop_threads: KNET_EBUSY); the
+         * start itself runs outside g_cfg_mu, so a log sink may ask for it. */
+        pthread_mutex_lock(&g_cfg_mu);
+        g_starting = true;
+        long requested = g_requested;
+        pthread_mutex_unlock(&g_cfg_mu);
+        rc = start_loops(wanted_threads(requested));
+        pthread_mutex_lock(&g_cfg_mu);
+        g_starting = false;
+        pthread_mutex_unlock(&g_cfg_mu);
+    }
+    pthread_mutex_unlock(&g_start_mu);
     return rc;
 }
 
@@ -347,7 +362,7 @@ kn_loop *kn_loop_current(void) { return tls_loop; }
 
 int knet_set_loop_threads(unsigned n) {
     pthread_mutex_lock(&g_cfg_mu);
-    int rc = atomic_load(&g_started) ? KNET_EBUSY : 0;
+    int rc = atomic_load(&g_started) || g_starting ? KNET_EBUSY : 0;
     if (rc == 0) g_requested = n;
     pthread_mutex_unlock(&g_cfg_mu);
     return rc;
@@ -355,7 +370,8 @@ int knet_set_loop_threads(unsigned n) {
 
 unsigned knet_loop_threads(void) {
     pthread_mutex_lock(&g_cfg_mu);
-    unsigned n = atomic_load(&g_started) ? g_nloops : wanted_threads();
+    unsigned n = atomic_load(&g_started) ? g_nloops : 0;
+    long requested = g_requested;
     pthread_mutex_unlock(&g_cfg_mu);
-    return n;
+    return n ? n : wanted_threads(requested); /* may log: not under the lock */
 }

@@ -48,10 +48,22 @@ static void serve_and_echo(void)
     tu_tracker_free(t);
 }
 
+/* A log sink that asks about the loops while they start (and fail to). */
+static _Atomic int sink_calls, sink_threads, sink_set_rc;
+
+static void asking_sink(int level, const char *msg, void *ud)
+{
+    (void)level, (void)msg, (void)ud;
+    atomic_fetch_add(&sink_calls, 1);
+    atomic_store(&sink_threads, (int)knet_loop_threads());
+    atomic_store(&sink_set_rc, knet_set_loop_threads(2));
+}
+
 /* Runs first: the loops start with the first listen or dial. */
 static void test_loops_out_of_fds(void)
 {
     CHECK_EQ(knet_set_loop_threads(4), 0);
+    knet_set_log(asking_sink, KNET_LOG_ERROR, NULL);
     knet_server *s = knet_server_new("127.0.0.1:0");
     CHECK(s != NULL);
     int base = tu_fd_count();
@@ -62,7 +74,13 @@ static void test_loops_out_of_fds(void)
     CHECK_EQ(setrlimit(RLIMIT_NOFILE, &tight), 0);
     int rc = knet_server_listen_and_serve(s, NULL, NULL);
     CHECK_EQ(setrlimit(RLIMIT_NOFILE, &old), 0);
+    knet_set_log(NULL, KNET_LOG_WARN, NULL);
     CHECK_EQ(rc, -EMFILE);                  /* returned, the process goes on */
+    /* The failure was logged, and the sink could ask (no deadlock): still 4, and the
+     * count could not change while the loops were being made. */
+    CHECK_GE(atomic_load(&sink_calls), 1);
+    CHECK_EQ(atomic_load(&sink_threads), 4);
+    CHECK_EQ(atomic_load(&sink_set_rc), KNET_EBUSY);
     CHECK_EQ(tu_fd_count(), base);          /* the loops made so far were undone */
     CHECK_EQ(knet_set_loop_threads(4), 0);  /* none started: still configurable */
     knet_server_free(s);

@@ -67,7 +67,8 @@ enum knet_log_level { KNET_LOG_DEBUG = 0, KNET_LOG_INFO = 1, KNET_LOG_WARN = 2, 
 /* A log sink: called on whichever thread logs (loop, serving or dialing thread). */
 typedef void (*knet_log_fn)(int level, const char *msg, void *ud);
 
-/* Routes knet's log lines at or above min_level to fn (NULL = the default: stderr). */
+/* Routes knet's log lines at or above min_level to fn (NULL = the default: stderr).
+ * fn runs on the thread that logs (a loop thread or a caller's), with no knet lock held. */
 void knet_set_log(knet_log_fn fn, int min_level, void *ud);
 
 /* ---------------------------------------------------------------- event loops */
