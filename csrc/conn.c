@@ -685,10 +685,14 @@ void knet_conn_close(knet_conn *c) {
 void knet_conn_close_with_timeout(knet_conn *c, uint32_t ms) {
     if (!c) return;
     pthread_mutex_lock(&c->mu);
-    bool sched = atomic_load(&c->state) == KN_OPEN;
+    /* Also while closing gracefully (no force close pending): the loop then only
+     * brings the deadline forward. Of two requests not yet taken, the earlier wins. */
+    int st = atomic_load(&c->state);
+    unsigned req = atomic_load(&c->req);
+    bool sched = st == KN_OPEN || (st == KN_CLOSING && !(req & KN_REQ_CLOSE));
     if (sched) {
         atomic_store(&c->state, KN_CLOSING);
-        c->grace_ms = ms;
+        if (!(req & KN_REQ_GRACEFUL) || ms < c->grace_ms) c->grace_ms = ms;
         atomic_fetch_or(&c->req, KN_REQ_GRACEFUL);
     }
     pthread_mutex_unlock(&c->mu);

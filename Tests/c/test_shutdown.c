@@ -216,6 +216,34 @@ static void test_shutdown_brings_graceful_deadline_forward(void)
     tu_tracker_free(t);
 }
 
+/* Asked again while under way, a graceful close keeps the earlier deadline:
+ * 10 min then 200 ms ends at 200 ms; 200 ms then 10 min, too. */
+static void test_second_graceful_close_keeps_earlier_deadline(void)
+{
+    tu_tracker *t = tu_tracker_new();
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, t, NULL);
+    int fds[2] = {tu_connect(port), tu_connect(port)};
+    const uint32_t first[2] = {600000, 200}, second[2] = {200, 600000};
+    for (int i = 0; i < 2; i++) {
+        knet_conn *c = tu_tracker_rec(t, i)->conn;
+        char a[KNET_ADDRSTRLEN];
+        CHECK_GT(knet_conn_remote_addr(c, a, sizeof a), 0);
+        int k = tu_sock_port(fds[0]) == atoi(strrchr(a, ':') + 1) ? 0 : 1; /* its peer */
+        knet_conn_close_with_timeout(c, first[k]);
+        char b;
+        CHECK_EQ(tu_read_full(fds[k], &b, 1), 0); /* the server's FIN: under way */
+        knet_conn_close_with_timeout(c, second[k]);
+    }
+    WAIT_GE(&t->disconnects, 2); /* waits at most 20 s */
+    for (int i = 0; i < 2; i++)
+        CHECK_EQ(atomic_load(&t->recs[i].reason), -ETIMEDOUT);
+    close(fds[0]);
+    close(fds[1]);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
 int main(void)
 {
     tu_begin();
@@ -224,5 +252,6 @@ int main(void)
     RUN(test_shutdown_inside_receive);
     RUN(test_close_drops_queue);
     RUN(test_shutdown_brings_graceful_deadline_forward);
+    RUN(test_second_graceful_close_keeps_earlier_deadline);
     return tu_end();
 }
