@@ -61,14 +61,14 @@ public final class TCPClient: Sendable {
         _ = knet_client_shutdown(handle, knetMilliseconds(timeout))
     }
 
-    /// Closes a connection with no bytes either way for `timeout` (reason
-    /// `.system(errno: ETIMEDOUT)`); nil or zero turns it off (the default).
+    /// Closes a connection dialed from now on after `timeout` with no bytes either way
+    /// (reason `.system(errno: ETIMEDOUT)`); nil or zero turns it off (the default).
     public func setIdleTimeout(_ timeout: Duration?) {
         knet_client_set_idle_timeout(handle, timeout.map(knetMilliseconds) ?? 0)
     }
 
-    /// Bounds the bytes queued per connection (default 64 MiB, 0 = unlimited); a send
-    /// beyond it throws `.pendingSendFull`.
+    /// Bounds the bytes queued per connection dialed from now on (default 64 MiB, 0 =
+    /// unlimited); a send beyond it throws `.pendingSendFull`.
     public func setMaxQueuedBytes(_ maxBytes: Int) {
         knet_client_set_max_queued_bytes(handle, max(0, maxBytes))
     }

@@ -80,7 +80,8 @@ public final class TCPServer: Sendable {
         Int(max(0, knet_server_port(handle)))
     }
 
-    /// Blocks until the server listens and returns its port; throws the listen error, or
+    /// Blocks until the server listens and returns its port; throws the listen error,
+    /// `.serverClosed` when it was closed before it listened, or
     /// `.system(errno: ETIMEDOUT)` after `timeout`.
     @discardableResult
     public func waitUntilListening(timeout: Duration) throws -> Int {

@@ -40,6 +40,7 @@ extern "C" {
 #pragma GCC visibility push(default)
 #endif
 
+/* Version of this header (major.minor.patch). */
 #define KNET_VERSION_MAJOR 0
 #define KNET_VERSION_MINOR 1
 #define KNET_VERSION_PATCH 0
@@ -62,19 +63,21 @@ const char *knet_strerror(int err);
 
 /* ---------------------------------------------------------------- logging */
 
+/* Log levels: what knet_log_fn gets and knet_set_log's min_level. */
 enum knet_log_level { KNET_LOG_DEBUG = 0, KNET_LOG_INFO = 1, KNET_LOG_WARN = 2, KNET_LOG_ERROR = 3 };
 
 /* A log sink: called on whichever thread logs (loop, serving or dialing thread). */
 typedef void (*knet_log_fn)(int level, const char *msg, void *ud);
 
 /* Routes knet's log lines at or above min_level to fn (NULL = the default: stderr).
- * fn runs on the thread that logs (a loop thread or a caller's), with no knet lock held. */
+ * fn runs on the thread that logs (a loop thread or a caller's), maybe while a server,
+ * client or the loops start or stop: it must not start, stop or free one itself. */
 void knet_set_log(knet_log_fn fn, int min_level, void *ud);
 
 /* ---------------------------------------------------------------- event loops */
 
 /* Sets the number of loop threads (0 = online CPUs); returns KNET_EBUSY once the
- * loops have started (they start with the first server or client). The
+ * loops have started (they start when the first server or client starts serving). The
  * environment variable KNET_LOOP_THREADS is read when this was not called. */
 int knet_set_loop_threads(unsigned n);
 
@@ -152,7 +155,8 @@ typedef struct knet_length_field {
  * message makes knet_conn_send return KNET_ECODEC. */
 int knet_length_codec(knet_codec *codec, const knet_length_field *lf);
 
-/* Appends len bytes to the frame being written; returns 0 or -ENOMEM. */
+/* Appends len bytes to the frame being written; returns 0, -ENOMEM, or -EINVAL
+ * for a NULL writer or a NULL buf with len > 0. */
 int knet_writer_write(knet_writer *w, const void *buf, size_t len);
 
 /* Appends len uninitialised bytes and returns where to fill them (valid until
@@ -272,8 +276,8 @@ int knet_client_close(knet_client *c);
  * KNET_ECLIENTCLOSED if already stopping, or -EINVAL for NULL. */
 int knet_client_shutdown(knet_client *c, uint32_t timeout_ms);
 
-/* Closes the client's connections after idle_ms with no bytes either way, as
- * knet_server_set_idle_timeout does (0 = off, the default; thread-safe). */
+/* Closes the client's connections dialed from now on after idle_ms with no bytes
+ * either way, as knet_server_set_idle_timeout does (0 = off, the default; thread-safe). */
 void knet_client_set_idle_timeout(knet_client *c, uint32_t idle_ms);
 
 /* Sets the queue bound of the client's next connections, as
