@@ -283,10 +283,17 @@ median() {
         awk '{a[NR]=$1} END { if (NR == 0) print ""; else if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'
 }
 
-# Rotates the contender order by run number, so no one always goes first.
+# A shuffled contender order per run (the same for a given run number): no one always
+# goes first, and no one always runs next to the ceiling, whose run of the same round
+# is what its ratio is paired with.
 order() {
-    local r=$1 n=${#ACTIVE[@]} k
-    for ((k = 0; k < n; k++)); do echo "${ACTIVE[$(((k + r) % n))]}"; done
+    local a=("${ACTIVE[@]}") i j t
+    RANDOM=$((1000 + $1)) # seeded: the same order for a given run number
+    for ((i = ${#a[@]} - 1; i > 0; i--)); do
+        j=$((RANDOM % (i + 1)))
+        t=${a[i]} a[i]=${a[j]} a[j]=$t
+    done
+    printf '%s\n' "${a[@]}"
 }
 
 # ---------------------------------------------------------------- configurations
