@@ -146,6 +146,10 @@ static void test_graceful_shutdown_100_conns(void)
         CHECK_GE(i, 0);
         CHECK(l->s[i].conn == NULL);
         l->s[i].conn = t->recs[k].conn;
+        /* Bounds what the sender racing the shutdown can add (KNET_EPENDINGFULL
+         * beyond): a stalled main thread must not let it queue hundreds of MiB that
+         * the readers then have to drain before the deadline. */
+        knet_conn_set_max_queued_bytes(l->s[i].conn, l->per_conn + 256 * 1024);
     }
 
     pthread_t sth;
