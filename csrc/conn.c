@@ -329,11 +329,12 @@ static void conn_begin_graceful(kn_loop *L, knet_conn *c, uint32_t ms, int reaso
     kn_timer_start(L, &c->timer, ms);
 }
 
-/* A graceful close under way keeps its reason; a later one that asks for an
- * earlier deadline (a server's shutdown, a shorter close_with_timeout) brings
- * the deadline forward, never back. */
-static void conn_shorten_grace(kn_loop *L, knet_conn *c, uint32_t ms) {
-    if (c->timer.deadline > kn_now_ms() + ms) kn_timer_start(L, &c->timer, ms);
+/* Begins a graceful close with reason 0, or, when one is under way, keeps its
+ * reason and brings its deadline forward to ms if that is earlier, never back
+ * (a server's shutdown, a shorter close_with_timeout). */
+static void conn_graceful_within(kn_loop *L, knet_conn *c, uint32_t ms) {
+    if (!c->graceful) conn_begin_graceful(L, c, ms, 0);
+    else if (c->timer.deadline > kn_now_ms() + ms) kn_timer_start(L, &c->timer, ms);
 }
 
 /* Begins the graceful close knet_conn_close_with_timeout asked for. */
@@ -342,8 +343,7 @@ static void conn_begin_requested(kn_loop *L, knet_conn *c) {
     pthread_mutex_lock(&c->mu);
     uint32_t ms = c->grace_ms;
     pthread_mutex_unlock(&c->mu);
-    if (c->graceful) conn_shorten_grace(L, c, ms);
-    else conn_begin_graceful(L, c, ms, 0);
+    conn_graceful_within(L, c, ms);
 }
 
 /* The peer sent FIN. Outside a graceful close, knet closes the connection —
@@ -375,11 +375,7 @@ static void conn_on_eof(kn_loop *L, knet_conn *c) {
 
 void kn_conn_graceful(kn_loop *L, knet_conn *c, uint32_t ms) {
     if (c->io.fd < 0) return;
-    if (c->graceful) {
-        conn_shorten_grace(L, c, ms);
-        return;
-    }
-    conn_begin_graceful(L, c, ms, 0);
+    conn_graceful_within(L, c, ms);
     conn_flush(c);
 }
 

@@ -22,7 +22,6 @@ struct knet_server {
     uint32_t backoff_ms;
     /* under o.mu */
     int port; /* 0 before listening, the port once listening, or the listen error */
-    int bound_port; /* the listener's port, published (port) once it is watched */
     bool serving, closed, forced, listener_open;
 };
 
@@ -135,8 +134,11 @@ static void listener_start(kn_loop *L, void *arg) {
         close(s->lio.fd);
         s->lio.fd = -1;
     }
+    kn_sockaddr bound;
+    socklen_t sl = sizeof bound;
+    if (rc == 0) getsockname(s->lio.fd, &bound.sa, &sl);
     pthread_mutex_lock(&s->o.mu);
-    s->port = rc < 0 ? rc : s->bound_port;
+    s->port = rc < 0 ? rc : ntohs(bound.sa.sa_family == AF_INET6 ? bound.in6.sin6_port : bound.in.sin_port);
     if (rc < 0) s->listener_open = false;
     pthread_cond_broadcast(&s->o.cv);
     pthread_mutex_unlock(&s->o.mu);
@@ -176,17 +178,9 @@ int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
     rc = kn_owner_start(&s->o);
     if (rc == 0) rc = kn_addr_resolve(s->addr, true, &sa, 1);
     int fd = rc < 0 ? rc : open_listener(&sa);
-    int port = 0;
     kn_loop *lloop = NULL;
-    if (fd >= 0) {
-        kn_sockaddr bound;
-        socklen_t sl = sizeof bound;
-        getsockname(fd, &bound.sa, &sl);
-        port = ntohs(bound.sa.sa_family == AF_INET6 ? bound.in6.sin6_port : bound.in.sin_port);
-        lloop = kn_loop_next();
-    } else {
-        kn_log(KNET_LOG_DEBUG, "listen on \"%s\": %s", s->addr, knet_strerror(fd));
-    }
+    if (fd >= 0) lloop = kn_loop_next();
+    else kn_log(KNET_LOG_DEBUG, "listen on \"%s\": %s", s->addr, knet_strerror(fd));
 
     pthread_mutex_lock(&s->o.mu);
     if (fd < 0) {
@@ -196,7 +190,6 @@ int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
         pthread_mutex_unlock(&s->o.mu);
         return fd;
     }
-    s->bound_port = port;
     s->lio.fd = fd;
     s->lloop = lloop;
     /* Closed already: the port stays 0 (wait_listening reports the close). Else
