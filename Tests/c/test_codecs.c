@@ -504,25 +504,28 @@ static void test_many_pieces_direct_send(void)
     tu_tracker_free(t);
 }
 
-/* An 8-byte length codec with no practical limit (max_frame UINT64_MAX, so the core's
- * frame bound is SIZE_MAX) still receives a frame far larger than one read. */
-static void test_unbounded_length_codec(void)
+/* Echoes n pattern bytes (seed) through a server with codec, as one 8-byte-prefix
+ * frame (framed) or as a raw stream, checks them intact and that the connection
+ * then ends with the peer's close. */
+static void echo_large(const knet_codec *codec, size_t n, uint32_t seed, bool framed)
 {
-    knet_length_field lf = {8, false, UINT64_MAX};
-    knet_codec codec;
-    CHECK_EQ(knet_length_codec(&codec, &lf), 0);
-    CHECK_EQ(codec.max_frame, SIZE_MAX);
     tu_tracker *t = tu_tracker_new();
     t->echo = true;
     tu_server ts;
-    int fd = tu_connect(tu_tracked_server_start(&ts, t, &codec));
-    size_t n = 300 * 1024;
+    int fd = tu_connect(tu_tracked_server_start(&ts, t, codec));
     uint8_t *body = malloc(n), *got = malloc(n);
     CHECK(body && got);
-    tu_pattern_fill(body, n, 0, 12);
-    tu_write_frame(fd, 8, false, body, n);
-    CHECK_EQ(tu_read_frame(fd, 8, false, got, n), n);
-    CHECK_EQ(tu_pattern_mismatch(got, n, 0, 12), n);
+    tu_pattern_fill(body, n, 0, seed);
+    if (framed) {
+        tu_write_frame(fd, 8, false, body, n);
+        CHECK_EQ(tu_read_frame(fd, 8, false, got, n), n);
+    } else {
+        tu_write_all(fd, body, n);
+        CHECK_EQ(tu_read_full(fd, got, n), (ssize_t)n);
+    }
+    CHECK_EQ(tu_pattern_mismatch(got, n, 0, seed), n);
+    if (!framed)
+        CHECK_EQ(atomic_load(&t->recs[0].disconnected), 0);
     close(fd);
     WAIT_GE(&t->disconnects, 1);
     CHECK_EQ(atomic_load(&t->recs[0].reason), KNET_EOF);
@@ -532,30 +535,23 @@ static void test_unbounded_length_codec(void)
     free(got);
 }
 
+/* An 8-byte length codec with no practical limit (max_frame UINT64_MAX, so the core's
+ * frame bound is SIZE_MAX) still receives a frame far larger than one read. */
+static void test_unbounded_length_codec(void)
+{
+    knet_length_field lf = {8, false, UINT64_MAX};
+    knet_codec codec;
+    CHECK_EQ(knet_length_codec(&codec, &lf), 0);
+    CHECK_EQ(codec.max_frame, SIZE_MAX);
+    echo_large(&codec, 300 * 1024, 12, true);
+}
+
 /* A raw stream has no frames for max_frame to bound: reads far larger than it are
  * delivered (and echoed) intact, and the connection stays open. */
 static void test_raw_stream_ignores_max_frame(void)
 {
     knet_codec codec = {NULL, NULL, NULL, 4096};
-    tu_tracker *t = tu_tracker_new();
-    t->echo = true;
-    tu_server ts;
-    int fd = tu_connect(tu_tracked_server_start(&ts, t, &codec));
-    size_t n = 256 * 1024;
-    uint8_t *body = malloc(n), *got = malloc(n);
-    CHECK(body && got);
-    tu_pattern_fill(body, n, 0, 13);
-    tu_write_all(fd, body, n);
-    CHECK_EQ(tu_read_full(fd, got, n), (ssize_t)n);
-    CHECK_EQ(tu_pattern_mismatch(got, n, 0, 13), n);
-    CHECK_EQ(atomic_load(&t->recs[0].disconnected), 0);
-    close(fd);
-    WAIT_GE(&t->disconnects, 1);
-    CHECK_EQ(atomic_load(&t->recs[0].reason), KNET_EOF);
-    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
-    tu_tracker_free(t);
-    free(body);
-    free(got);
+    echo_large(&codec, 256 * 1024, 13, false);
 }
 
 /* A codec write that returns a positive value (not a promised return) fails the send

@@ -26,18 +26,10 @@ int __wrap_epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
  * one round trip, closes and frees it. */
 static void serve_and_echo(void)
 {
-    knet_server *s = knet_server_new("127.0.0.1:0");
-    CHECK(s != NULL);
     tu_tracker *t = tu_tracker_new();
     t->echo = true;
     tu_server ts;
-    memset(&ts, 0, sizeof ts);
-    ts.srv = s;
-    ts.handler = tu_tracker_handler(t);
-    tu_counter_init(&ts.done);
-    int port = tu_server_run(&ts);
-    CHECK_GT(port, 0);
-    int fd = tu_connect(port);
+    int fd = tu_connect(tu_tracked_server_start(&ts, t, NULL)); /* checks port > 0 */
     tu_write_str(fd, "ping");
     char b[4];
     READ_EXACT(fd, b, sizeof b);
