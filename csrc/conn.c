@@ -210,8 +210,14 @@ void kn_conn_attach(kn_loop *L, knet_conn *c) {
     }
     c->io.cb = conn_on_io;
     c->timer.cb = conn_timeout;
-    c->events = EPOLLIN;
-    int rc = kn_loop_ctl(L, EPOLL_CTL_ADD, &c->io, EPOLLIN);
+    /* Edge-triggered: an event is reported once per arrival, so a connection
+     * served in one pass is not re-polled and put first in the next one (as
+     * level-triggered epoll does), ahead of those that waited longer: with many
+     * connections that doubled the p99 round trip. Reads therefore go on until
+     * the socket is drained, and what a read budget leaves goes on the ready list.
+     * EPOLLRDHUP tells a FIN that came with the last bytes: one edge for both. */
+    c->events = EPOLLIN | EPOLLRDHUP | EPOLLET;
+    int rc = kn_loop_ctl(L, EPOLL_CTL_ADD, &c->io, c->events);
     if (rc < 0) {
         kn_log(KNET_LOG_ERROR, "epoll_ctl(ADD): %s", knet_strerror(rc));
         kn_conn_finish(c, rc);
@@ -369,7 +375,7 @@ static void conn_on_eof(kn_loop *L, knet_conn *c) {
     }
     if (!c->graceful) conn_begin_graceful(L, c, KN_DEFAULT_GRACE_MS, KNET_EOF);
     c->peer_eof = true;
-    conn_set_events(c, c->events & ~(uint32_t)EPOLLIN);
+    conn_set_events(c, c->events & ~(uint32_t)(EPOLLIN | EPOLLRDHUP));
     conn_flush(c);
 }
 
@@ -378,6 +384,8 @@ void kn_conn_graceful(kn_loop *L, knet_conn *c, uint32_t ms) {
     conn_graceful_within(L, c, ms);
     conn_flush(c);
 }
+
+static void conn_read(kn_loop *L, knet_conn *c);
 
 void kn_conn_service(kn_loop *L, knet_conn *c) {
     if (c->io.fd < 0 || !c->attached) return;
@@ -391,6 +399,11 @@ void kn_conn_service(kn_loop *L, knet_conn *c) {
     }
     conn_take_inbox(c);
     if (req & KN_REQ_GRACEFUL) conn_begin_requested(L, c);
+    if (c->read_more && !c->peer_eof) {
+        conn_read(L, c);
+        if (c->io.fd < 0 || (atomic_load_explicit(&c->req, memory_order_relaxed) & KN_REQ_CLOSE))
+            return;
+    }
     conn_flush(c);
 }
 
@@ -413,6 +426,7 @@ static void conn_read(kn_loop *L, knet_conn *c) {
         __builtin_prefetch((const void *)ud);
         __builtin_prefetch((const void *)(ud + 64));
     }
+    c->read_more = false;
     for (int budget = KN_READ_BUDGET; budget > 0; budget--) {
         size_t len = c->ilen, cap;
         char *buf;
@@ -450,9 +464,10 @@ static void conn_read(kn_loop *L, knet_conn *c) {
         }
         ssize_t n = read(c->io.fd, buf + len, cap - len);
         if (n <= 0) {
+            if (n < 0 && errno == EINTR) continue; /* not drained: no new edge comes */
             if (n == 0) {
                 conn_on_eof(L, c);
-            } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+            } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
                 kn_conn_finish(c, -errno);
             }
             return; /* c->ibuf still holds the partial frame */
@@ -509,8 +524,15 @@ static void conn_read(kn_loop *L, knet_conn *c) {
             memcpy(c->ibuf, buf + off, left);
             c->ilen = left;
         }
-        if ((size_t)n < cap - len) return; /* a short read: the socket is drained */
+        /* A short read drained the socket: bytes arriving after it raise a new
+         * edge. Not so once the peer finished: the FIN (or an error) raised its
+         * edge already and only a read returning 0 (or failing) reports it. */
+        if ((size_t)n < cap - len && !c->read_to_end) return;
     }
+    /* The budget ran out with input maybe left, which no new edge will report:
+     * read on from the ready list, after the other connections of this pass. */
+    c->read_more = true;
+    conn_schedule(c);
 }
 
 static void conn_on_io(kn_loop *L, kn_io *io, uint32_t ev) {
@@ -522,7 +544,8 @@ static void conn_on_io(kn_loop *L, kn_io *io, uint32_t ev) {
     unsigned req = atomic_load_explicit(&c->req, memory_order_relaxed);
     if (req & KN_REQ_CLOSE) return;
     if (req & KN_REQ_GRACEFUL) conn_begin_requested(L, c);
-    if ((ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) && !c->peer_eof) {
+    if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) c->read_to_end = true;
+    if ((ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) && !c->peer_eof) {
         conn_read(L, c);
         /* A close asked for in receive drops the queue: write none of it now. */
         if (c->io.fd < 0 || (atomic_load_explicit(&c->req, memory_order_relaxed) & KN_REQ_CLOSE))

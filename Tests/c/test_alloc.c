@@ -1,7 +1,8 @@
 /* knet_conn_set_alloc: reads go into the handler's memory (and receive points into it),
  * a NULL return falls back to the loop's buffer, a buffer too small for a partial frame
- * is passed over, every byte and frame arrives intact and in order, and the setting is
- * refused off the loop thread. */
+ * is passed over, every byte and frame arrives intact and in order (also when one
+ * event's input outlasts the read budget), and the setting is refused off the loop
+ * thread. */
 #include "testutil.h"
 
 #define STREAM_BYTES (1u << 20)
@@ -155,6 +156,22 @@ static void test_partial_frames_with_small_buffers(void)
     free(wire);
 }
 
+/* Connections are edge-triggered: input that outlasts one event's read budget
+ * (16-byte buffers: 256 bytes) is read to the end with no more bytes arriving to
+ * raise another event. The peer writes all of it at once and then only waits. */
+static void test_input_beyond_read_budget(void)
+{
+    enum { N = 64 * 1024 };
+    uint8_t *wire = malloc(N);
+    CHECK(wire != NULL);
+    tu_pattern_fill(wire, N, 0, 7);
+    astate s = {.sizes = {16}, .nsizes = 1};
+    serve_one(&s, NULL, wire, N, N, N);
+    CHECK_EQ(s.got, N);
+    CHECK_EQ(s.outside, 0);
+    free(wire);
+}
+
 /* Only the connection's own loop thread may set it. */
 static void test_refused_off_loop(void)
 {
@@ -177,6 +194,7 @@ int main(void)
     RUN(test_raw_reads_into_handler_memory);
     RUN(test_null_falls_back_to_loop_buffer);
     RUN(test_partial_frames_with_small_buffers);
+    RUN(test_input_beyond_read_budget);
     RUN(test_refused_off_loop);
     return tu_end();
 }
