@@ -215,8 +215,9 @@ void kn_conn_attach(kn_loop *L, knet_conn *c) {
      * level-triggered epoll does), ahead of those that waited longer: with many
      * connections that doubled the p99 round trip. Reads therefore go on until
      * the socket is drained, and what a read budget leaves goes on the ready list.
-     * EPOLLRDHUP tells a FIN that came with the last bytes: one edge for both. */
-    c->events = EPOLLIN | EPOLLRDHUP | EPOLLET;
+     * EPOLLRDHUP tells a FIN that came with the last bytes (one edge for both),
+     * EPOLLPRI urgent data, where a read stops short at the mark. */
+    c->events = EPOLLIN | EPOLLRDHUP | EPOLLPRI | EPOLLET;
     int rc = kn_loop_ctl(L, EPOLL_CTL_ADD, &c->io, c->events);
     if (rc < 0) {
         kn_log(KNET_LOG_ERROR, "epoll_ctl(ADD): %s", knet_strerror(rc));
@@ -375,7 +376,7 @@ static void conn_on_eof(kn_loop *L, knet_conn *c) {
     }
     if (!c->graceful) conn_begin_graceful(L, c, KN_DEFAULT_GRACE_MS, KNET_EOF);
     c->peer_eof = true;
-    conn_set_events(c, c->events & ~(uint32_t)(EPOLLIN | EPOLLRDHUP));
+    conn_set_events(c, c->events & ~(uint32_t)(EPOLLIN | EPOLLRDHUP | EPOLLPRI));
     conn_flush(c);
 }
 
@@ -526,7 +527,8 @@ static void conn_read(kn_loop *L, knet_conn *c) {
         }
         /* A short read drained the socket: bytes arriving after it raise a new
          * edge. Not so once the peer finished: the FIN (or an error) raised its
-         * edge already and only a read returning 0 (or failing) reports it. */
+         * edge already and only a read returning 0 (or failing) reports it; nor
+         * at an urgent mark, where a read stops short of the bytes after it. */
         if ((size_t)n < cap - len && !c->read_to_end) return;
     }
     /* The budget ran out with input maybe left, which no new edge will report:
@@ -544,8 +546,8 @@ static void conn_on_io(kn_loop *L, kn_io *io, uint32_t ev) {
     unsigned req = atomic_load_explicit(&c->req, memory_order_relaxed);
     if (req & KN_REQ_CLOSE) return;
     if (req & KN_REQ_GRACEFUL) conn_begin_requested(L, c);
-    if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) c->read_to_end = true;
-    if ((ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) && !c->peer_eof) {
+    if (ev & (EPOLLRDHUP | EPOLLPRI | EPOLLHUP | EPOLLERR)) c->read_to_end = true;
+    if ((ev & (EPOLLIN | EPOLLRDHUP | EPOLLPRI | EPOLLHUP | EPOLLERR)) && !c->peer_eof) {
         conn_read(L, c);
         /* A close asked for in receive drops the queue: write none of it now. */
         if (c->io.fd < 0 || (atomic_load_explicit(&c->req, memory_order_relaxed) & KN_REQ_CLOSE))

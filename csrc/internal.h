@@ -221,7 +221,8 @@ struct knet_conn {
     size_t ilen, icap;
     uint32_t events; /* epoll interest (always with EPOLLET) */
     bool read_more;  /* input left when the read budget ran out: the ready list reads on */
-    bool read_to_end; /* FIN, reset or error seen: a short read no longer means drained */
+    bool read_to_end; /* FIN, reset, error or urgent data seen: a short read no longer
+                         means drained */
     bool graceful;   /* flushing before close */
     int close_as;    /* the reason a graceful close ends with */
     bool peer_eof;   /* the peer finished sending */

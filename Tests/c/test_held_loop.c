@@ -7,12 +7,19 @@
  *    buffer, knet_conn_set_alloc);
  *  - a close asked for in receive, when the same event also made the socket
  *    writable: nothing more of the queue is written;
- *  - sends from another thread meet the queued-bytes bound with framed sizes. */
+ *  - sends from another thread meet the queued-bytes bound with framed sizes;
+ *  - urgent data (MSG_OOB) with bytes after it: the read that stops short at the
+ *    mark does not end the edge-triggered event's reading. */
 #include "testutil.h"
 
 #define READ_CAP 1024
 
-typedef enum { MODE_GRACEFUL_THEN_FIN, MODE_CLOSE_WITH_EPOLLOUT, MODE_FRAMED_BOUND } test_mode;
+typedef enum {
+    MODE_GRACEFUL_THEN_FIN,
+    MODE_CLOSE_WITH_EPOLLOUT,
+    MODE_FRAMED_BOUND,
+    MODE_URGENT
+} test_mode;
 
 static test_mode mode;
 static tu_counter connects, holding, go, closed;
@@ -21,6 +28,8 @@ static _Atomic int target_reason, receives;
 static knet_server *_Atomic server;
 static _Atomic uint64_t out_at_close; /* the server's bytes_out when receive closed */
 static char rbuf[READ_CAP];
+static tu_counter got; /* MODE_URGENT: bytes the target received, kept in gotbuf */
+static char gotbuf[16];
 
 static void *small_alloc(knet_conn *c, size_t suggested, size_t *cap, void *ud)
 {
@@ -52,10 +61,17 @@ static void on_connect(knet_conn *c, bool connected, void *ud)
 
 static void on_receive(knet_conn *c, const void *buf, size_t len, void *ud)
 {
-    (void)buf, (void)ud;
+    (void)ud;
     if (c != atomic_load(&target)) { /* the holder: keep the loop until released */
         tu_counter_add(&holding, 1);
         CHECK(tu_counter_wait_ge(&go, 1, TU_DEADLINE_MS));
+        return;
+    }
+    if (mode == MODE_URGENT) {
+        long at = tu_counter_get(&got);
+        CHECK_LE((size_t)at + len, sizeof gotbuf);
+        memcpy(gotbuf + at, buf, len);
+        tu_counter_add(&got, (long)len);
         return;
     }
     if (atomic_fetch_add(&receives, 1) > 0)
@@ -77,6 +93,7 @@ static int setup(tu_server *ts, test_mode m, const knet_codec *codec)
     tu_counter_init(&holding);
     tu_counter_init(&go);
     tu_counter_init(&closed);
+    tu_counter_init(&got);
     atomic_store(&target, NULL);
     atomic_store(&target_reason, 1);
     atomic_store(&receives, 0);
@@ -111,6 +128,7 @@ static void teardown(tu_server *ts, int peer, int holder)
     tu_counter_destroy(&holding);
     tu_counter_destroy(&go);
     tu_counter_destroy(&closed);
+    tu_counter_destroy(&got);
 }
 
 static void test_graceful_close_in_receive_then_fin(void)
@@ -186,6 +204,24 @@ static void test_framed_bytes_meet_the_bound(void)
     teardown(&ts, peer, holder);
 }
 
+static void test_urgent_data_then_more(void)
+{
+    tu_server ts;
+    int peer = setup(&ts, MODE_URGENT, NULL);
+    int holder = hold_loop(&ts); /* both sends below wait for one event */
+    int one = 1; /* no Nagle: "def" must not wait for the ACK of "abc" */
+    CHECK_EQ(setsockopt(peer, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one), 0);
+    CHECK_EQ(send(peer, "abc", 3, MSG_OOB), 3); /* 'c' is urgent: not inline */
+    CHECK_EQ(send(peer, "def", 3, 0), 3);
+    tu_counter_add(&go, 1);
+
+    /* The first read stops at the mark with "ab"; the rest must follow with no
+     * more input (the peer only waits). */
+    WAIT_GE(&got, 5);
+    CHECK_EQ(memcmp(gotbuf, "abdef", 5), 0);
+    teardown(&ts, peer, holder);
+}
+
 int main(void)
 {
     CHECK_EQ(knet_set_loop_threads(1), 0); /* the holder shares the peer's loop */
@@ -193,5 +229,6 @@ int main(void)
     RUN(test_graceful_close_in_receive_then_fin);
     RUN(test_close_in_receive_writes_no_more);
     RUN(test_framed_bytes_meet_the_bound);
+    RUN(test_urgent_data_then_more);
     return tu_end();
 }
