@@ -222,7 +222,7 @@ struct knet_conn {
     uint32_t events; /* epoll interest (always with EPOLLET) */
     bool read_more;  /* input left when the read budget ran out: the ready list reads on */
     bool read_to_end; /* FIN, reset, error or urgent data seen: a short read no longer
-                         means drained */
+                         means drained (kept: urgent data once costs a read per event) */
     bool graceful;   /* flushing before close */
     int close_as;    /* the reason a graceful close ends with */
     bool peer_eof;   /* the peer finished sending */
