@@ -635,10 +635,13 @@ static inline knet_handler tu_tracker_handler(tu_tracker *t)
     return h;
 }
 
-/* Record i, after waiting until that many connections arrived. */
+/* Record i, once it is filled in (i + 1 connections arrived, record i among them). */
 static inline tu_rec *tu_tracker_rec(tu_tracker *t, int i)
 {
     WAIT_GE(&t->connects, i + 1);
+    /* connects counts finished records, not record i: with two loops the
+     * connection that took index i may still be filling it in. */
+    WAIT_UNTIL(atomic_load(&t->recs[i].connected) > 0);
     return &t->recs[i];
 }
 
