@@ -387,7 +387,7 @@ void kn_conn_graceful(kn_loop *L, knet_conn *c, uint32_t ms) {
     conn_flush(c);
 }
 
-static void conn_read(kn_loop *L, knet_conn *c);
+static bool conn_read_go_on(kn_loop *L, knet_conn *c);
 
 void kn_conn_service(kn_loop *L, knet_conn *c) {
     if (c->io.fd < 0 || !c->attached) return;
@@ -401,11 +401,7 @@ void kn_conn_service(kn_loop *L, knet_conn *c) {
     }
     conn_take_inbox(c);
     if (req & KN_REQ_GRACEFUL) conn_begin_requested(L, c);
-    if (c->read_more && !c->peer_eof) {
-        conn_read(L, c);
-        if (c->io.fd < 0 || (atomic_load_explicit(&c->req, memory_order_relaxed) & KN_REQ_CLOSE))
-            return;
-    }
+    if (c->read_more && !conn_read_go_on(L, c)) return;
     conn_flush(c);
 }
 
@@ -538,6 +534,13 @@ static void conn_read(kn_loop *L, knet_conn *c) {
     conn_schedule(c);
 }
 
+/* Reads; false when c finished, or a close asked for in receive drops the
+ * queue (write none of it now). */
+static bool conn_read_go_on(kn_loop *L, knet_conn *c) {
+    conn_read(L, c);
+    return c->io.fd >= 0 && !(atomic_load_explicit(&c->req, memory_order_relaxed) & KN_REQ_CLOSE);
+}
+
 static void conn_on_io(kn_loop *L, kn_io *io, uint32_t ev) {
     knet_conn *c = (knet_conn *)io;
     /* Requests made before this event go first. A close (e.g. asked for inside
@@ -548,12 +551,9 @@ static void conn_on_io(kn_loop *L, kn_io *io, uint32_t ev) {
     if (req & KN_REQ_CLOSE) return;
     if (req & KN_REQ_GRACEFUL) conn_begin_requested(L, c);
     if (ev & (EPOLLRDHUP | EPOLLPRI | EPOLLHUP | EPOLLERR)) c->read_to_end = true;
-    if ((ev & (EPOLLIN | EPOLLRDHUP | EPOLLPRI | EPOLLHUP | EPOLLERR)) && !c->peer_eof) {
-        conn_read(L, c);
-        /* A close asked for in receive drops the queue: write none of it now. */
-        if (c->io.fd < 0 || (atomic_load_explicit(&c->req, memory_order_relaxed) & KN_REQ_CLOSE))
-            return;
-    }
+    if ((ev & (EPOLLIN | EPOLLRDHUP | EPOLLPRI | EPOLLHUP | EPOLLERR)) && !c->peer_eof &&
+        !conn_read_go_on(L, c))
+        return;
     if ((ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) && c->outq.head) conn_flush(c);
 }
 
