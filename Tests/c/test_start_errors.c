@@ -1,7 +1,8 @@
-/* Errors where the core starts things: loop threads that cannot start (out of
- * descriptors) and a listener no loop can watch (epoll_ctl is wrapped at link
- * time to fail like a full max_user_watches). Each is returned by the call that
- * met it, leaves no descriptor behind, and a later call works. */
+/* Errors where the core starts things: loops that cannot be made (out of
+ * descriptors), loop threads that cannot start (pthread_create is wrapped at link
+ * time to fail with EAGAIN) and a listener no loop can watch (epoll_ctl is
+ * wrapped to fail like a full max_user_watches). Each is returned by the call
+ * that met it, leaves no descriptor behind, and a later call works. */
 #include "testutil.h"
 
 #include <sys/epoll.h>
@@ -20,6 +21,18 @@ int __wrap_epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
         return -1;
     }
     return __real_epoll_ctl(epfd, op, fd, ev);
+}
+
+int __real_pthread_create(pthread_t *t, const pthread_attr_t *a, void *(*fn)(void *), void *arg);
+int __wrap_pthread_create(pthread_t *t, const pthread_attr_t *a, void *(*fn)(void *), void *arg);
+
+static _Atomic bool fail_creates; /* every pthread_create fails (as at RLIMIT_NPROC) */
+
+int __wrap_pthread_create(pthread_t *t, const pthread_attr_t *a, void *(*fn)(void *), void *arg)
+{
+    if (atomic_load(&fail_creates))
+        return EAGAIN;
+    return __real_pthread_create(t, a, fn, arg);
 }
 
 /* Serves a new server (listen_and_serve on a thread) with an echo handler, checks
@@ -80,6 +93,26 @@ static void test_loops_out_of_fds(void)
     CHECK_EQ(knet_loop_threads(), 4u);
 }
 
+/* Runs before the loops start: no loop thread starts, so the listen fails with
+ * -EAGAIN, the loops made for them are undone, and the count stays settable. */
+static void test_no_loop_thread_starts(void)
+{
+    CHECK_EQ(knet_set_loop_threads(2), 0);
+    knet_set_log(NULL, KNET_LOG_ERROR + 1, NULL); /* the expected error, not printed */
+    knet_server *s = knet_server_new("127.0.0.1:0");
+    CHECK(s != NULL);
+    int base = tu_fd_count();
+    atomic_store(&fail_creates, true);
+    int rc = knet_server_listen_and_serve(s, NULL, NULL);
+    atomic_store(&fail_creates, false);
+    knet_set_log(NULL, KNET_LOG_WARN, NULL);
+    CHECK_EQ(rc, -EAGAIN);
+    CHECK_EQ(tu_fd_count(), base);         /* both loops' epoll and eventfd closed */
+    CHECK_EQ(knet_loop_threads(), 2u);     /* not started: what was asked for */
+    CHECK_EQ(knet_set_loop_threads(2), 0); /* and still configurable */
+    knet_server_free(s);
+}
+
 static void test_listener_not_watched(void)
 {
     knet_server *s = knet_server_new("127.0.0.1:0");
@@ -99,6 +132,7 @@ static void test_listener_not_watched(void)
 int main(void)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
+    RUN(test_no_loop_thread_starts); /* before the loops start, as the next one */
     RUN(test_loops_out_of_fds); /* before tu_begin, whose warm-up starts the loops */
     tu_begin();
     RUN(test_listener_not_watched);
