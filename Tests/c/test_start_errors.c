@@ -1,10 +1,12 @@
 /* Errors where the core starts things: loops that cannot be made (out of
  * descriptors), loop threads that cannot start (pthread_create is wrapped at link
- * time to fail with EAGAIN) and a listener no loop can watch (epoll_ctl is
- * wrapped to fail like a full max_user_watches). Each is returned by the call
- * that met it, leaves no descriptor behind, and a later call works. */
+ * time to fail with EAGAIN), a listener no loop can watch (epoll_ctl is wrapped
+ * to fail like a full max_user_watches) and a server closed while it resolves
+ * (getaddrinfo is wrapped to wait). Each is returned by the call that met it,
+ * leaves no descriptor behind, and a later call works. */
 #include "testutil.h"
 
+#include <netdb.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
 
@@ -26,13 +28,36 @@ int __wrap_epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 int __real_pthread_create(pthread_t *t, const pthread_attr_t *a, void *(*fn)(void *), void *arg);
 int __wrap_pthread_create(pthread_t *t, const pthread_attr_t *a, void *(*fn)(void *), void *arg);
 
-static _Atomic bool fail_creates; /* every pthread_create fails (as at RLIMIT_NPROC) */
+/* pthread_creates that still succeed before every later one fails as at
+ * RLIMIT_NPROC; -1: all succeed. */
+static _Atomic int creates_left = -1;
 
 int __wrap_pthread_create(pthread_t *t, const pthread_attr_t *a, void *(*fn)(void *), void *arg)
 {
-    if (atomic_load(&fail_creates))
+    int left = atomic_load(&creates_left);
+    while (left > 0 && !atomic_compare_exchange_weak(&creates_left, &left, left - 1)) {
+    }
+    if (left == 0)
         return EAGAIN;
     return __real_pthread_create(t, a, fn, arg);
+}
+
+int __real_getaddrinfo(const char *host, const char *serv, const struct addrinfo *hints,
+                       struct addrinfo **res);
+int __wrap_getaddrinfo(const char *host, const char *serv, const struct addrinfo *hints,
+                       struct addrinfo **res);
+
+static _Atomic bool hold_resolves; /* getaddrinfo waits for resolves_released */
+static tu_counter resolves_held, resolves_released;
+
+int __wrap_getaddrinfo(const char *host, const char *serv, const struct addrinfo *hints,
+                       struct addrinfo **res)
+{
+    if (atomic_load(&hold_resolves)) {
+        tu_counter_add(&resolves_held, 1);
+        WAIT_GE(&resolves_released, 1);
+    }
+    return __real_getaddrinfo(host, serv, hints, res);
 }
 
 /* Serves a new server (listen_and_serve on a thread) with an echo handler, checks
@@ -89,8 +114,83 @@ static void test_loops_out_of_fds(void)
     CHECK_EQ(tu_fd_count(), base);          /* the loops made so far were undone */
     CHECK_EQ(knet_set_loop_threads(4), 0);  /* none started: still configurable */
     knet_server_free(s);
-    serve_and_echo();                       /* with descriptors back, the loops start */
-    CHECK_EQ(knet_loop_threads(), 4u);
+}
+
+/* A log sink that counts the warnings it is given. */
+static _Atomic int warn_calls;
+static char warn_msg[128];
+
+static void warn_sink(int level, const char *msg, void *ud)
+{
+    (void)ud;
+    if (level == KNET_LOG_WARN && atomic_fetch_add(&warn_calls, 1) == 0)
+        snprintf(warn_msg, sizeof warn_msg, "%s", msg);
+}
+
+/* Runs after the failed starts: 2 of 4 loop threads start. The listen works on
+ * the loops that run (a warning says how many), the two that never ran are undone,
+ * and connections are spread over the two that did, none onto an unstarted one. */
+static void test_some_loop_threads_start(void)
+{
+    CHECK_EQ(knet_loop_threads(), 4u); /* asked for by the test before */
+    int base = tu_fd_count();
+    knet_set_log(warn_sink, KNET_LOG_WARN, NULL);
+    atomic_store(&creates_left, 3); /* the serving thread, then two loop threads */
+    tu_tracker *t = tu_tracker_new();
+    t->echo = true;
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, t, NULL); /* this starts the loops */
+    atomic_store(&creates_left, -1);
+    knet_set_log(NULL, KNET_LOG_WARN, NULL);
+    CHECK_EQ(knet_loop_threads(), 2u);
+    CHECK_EQ(atomic_load(&warn_calls), 1);
+    CHECK(strstr(warn_msg, "2 of 4") != NULL);
+    /* Two loops' epoll + eventfd, and the listener; the other two loops' are closed. */
+    CHECK_EQ(tu_fd_count(), base + 5);
+
+    int fds[4];
+    for (int i = 0; i < 4; i++) {
+        fds[i] = tu_connect(port);
+        tu_write_str(fds[i], "ping");
+        char b[4];
+        READ_EXACT(fds[i], b, sizeof b);
+        CHECK(memcmp(b, "ping", 4) == 0);
+    }
+    WAIT_GE(&t->connects, 4);
+    bool two_loops = false; /* connections were served on both loops */
+    for (int i = 1; i < 4; i++)
+        two_loops |= !pthread_equal(tu_tracker_rec(t, i)->thread, tu_tracker_rec(t, 0)->thread);
+    CHECK(two_loops);
+    for (int i = 0; i < 4; i++)
+        close(fds[i]);
+    WAIT_GE(&t->disconnects, 4);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
+/* A server closed while it resolves its address never listens: no port is
+ * published, listen_and_serve and wait_listening report the close, and the socket
+ * it opened after the resolve is closed. */
+static void test_closed_while_resolving(void)
+{
+    int base = tu_fd_count();
+    tu_counter_init(&resolves_held);
+    tu_counter_init(&resolves_released);
+    tu_server ts;
+    tu_server_init(&ts, "localhost:0", NULL, NULL);
+    atomic_store(&hold_resolves, true);
+    CHECK_EQ(pthread_create(&ts.thread, NULL, tu_server_main, &ts), 0);
+    WAIT_GE(&resolves_held, 1);
+    atomic_store(&hold_resolves, false);
+    CHECK_EQ(knet_server_close(ts.srv), 0);
+    tu_counter_add(&resolves_released, 1);
+    WAIT_GE(&ts.done, 1);
+    CHECK_EQ(knet_server_port(ts.srv), 0);
+    CHECK_EQ(knet_server_wait_listening(ts.srv, TU_DEADLINE_MS), KNET_ESERVERCLOSED);
+    CHECK_EQ(tu_server_join(&ts), KNET_ESERVERCLOSED);
+    CHECK_FDS(base);
+    tu_counter_destroy(&resolves_held);
+    tu_counter_destroy(&resolves_released);
 }
 
 /* Runs before the loops start: no loop thread starts, so the listen fails with
@@ -102,9 +202,9 @@ static void test_no_loop_thread_starts(void)
     knet_server *s = knet_server_new("127.0.0.1:0");
     CHECK(s != NULL);
     int base = tu_fd_count();
-    atomic_store(&fail_creates, true);
+    atomic_store(&creates_left, 0);
     int rc = knet_server_listen_and_serve(s, NULL, NULL);
-    atomic_store(&fail_creates, false);
+    atomic_store(&creates_left, -1);
     knet_set_log(NULL, KNET_LOG_WARN, NULL);
     CHECK_EQ(rc, -EAGAIN);
     CHECK_EQ(tu_fd_count(), base);         /* both loops' epoll and eventfd closed */
@@ -134,7 +234,9 @@ int main(void)
     setvbuf(stdout, NULL, _IOLBF, 0);
     RUN(test_no_loop_thread_starts); /* before the loops start, as the next one */
     RUN(test_loops_out_of_fds); /* before tu_begin, whose warm-up starts the loops */
+    RUN(test_some_loop_threads_start); /* the start that works, after the two that fail */
     tu_begin();
     RUN(test_listener_not_watched);
+    RUN(test_closed_while_resolving);
     return tu_end();
 }
