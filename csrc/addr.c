@@ -13,6 +13,12 @@ socklen_t kn_sockaddr_len(const kn_sockaddr *a) {
     return a->sa.sa_family == AF_INET6 ? sizeof a->in6 : sizeof a->in;
 }
 
+unsigned kn_sockaddr_port(const kn_sockaddr *a) {
+    return a->sa.sa_family == AF_INET6  ? ntohs(a->in6.sin6_port)
+           : a->sa.sa_family == AF_INET ? ntohs(a->in.sin_port)
+                                        : 0;
+}
+
 /* Splits addr into host (without brackets) and a numeric port. */
 static int split(const char *addr, char *host, size_t hostcap, unsigned *port) {
     const char *colon, *h = addr;
@@ -114,14 +120,12 @@ int kn_addr_resolve(const char *addr, bool passive, kn_sockaddr *out, int max) {
 
 int kn_addr_format(const kn_sockaddr *a, char *buf, size_t len) {
     char ip[INET6_ADDRSTRLEN];
-    unsigned port;
+    unsigned port = kn_sockaddr_port(a);
     int n;
     if (a->sa.sa_family == AF_INET) {
         inet_ntop(AF_INET, &a->in.sin_addr, ip, sizeof ip);
-        port = ntohs(a->in.sin_port);
         n = snprintf(buf, len, "%s:%u", ip, port);
     } else if (a->sa.sa_family == AF_INET6) {
-        port = ntohs(a->in6.sin6_port);
         if (IN6_IS_ADDR_V4MAPPED(&a->in6.sin6_addr)) {
             inet_ntop(AF_INET, &a->in6.sin6_addr.s6_addr[12], ip, sizeof ip);
             n = snprintf(buf, len, "%s:%u", ip, port);

@@ -37,6 +37,8 @@ typedef union kn_sockaddr {
 } kn_sockaddr;
 
 socklen_t kn_sockaddr_len(const kn_sockaddr *a);
+/* The port of an IPv4 or IPv6 address (host order), 0 for any other family. */
+unsigned kn_sockaddr_port(const kn_sockaddr *a);
 /* Parses addr without resolving: 1 = *out holds a literal or wildcard address;
  * 0 = host names a host to resolve (port set); or KNET_EADDR. */
 int kn_addr_parse(const char *addr, bool passive, kn_sockaddr *out, char *host, size_t hostcap,

@@ -134,11 +134,11 @@ static void listener_start(kn_loop *L, void *arg) {
         close(s->lio.fd);
         s->lio.fd = -1;
     }
-    kn_sockaddr bound;
+    kn_sockaddr bound = {.sa = {.sa_family = AF_UNSPEC}};
     socklen_t sl = sizeof bound;
     if (rc == 0) getsockname(s->lio.fd, &bound.sa, &sl);
     pthread_mutex_lock(&s->o.mu);
-    s->port = rc < 0 ? rc : ntohs(bound.sa.sa_family == AF_INET6 ? bound.in6.sin6_port : bound.in.sin_port);
+    s->port = rc < 0 ? rc : (int)kn_sockaddr_port(&bound);
     if (rc < 0) s->listener_open = false;
     pthread_cond_broadcast(&s->o.cv);
     pthread_mutex_unlock(&s->o.mu);
