@@ -101,7 +101,8 @@ static void test_retry_until_server_appears(void)
     tu_tracker_free(st);
 }
 
-/* knet_client_close during a 10 s backoff returns KNET_ECLIENTCLOSED promptly. */
+/* knet_client_close during a 10 s backoff returns KNET_ECLIENTCLOSED promptly; a
+ * second dial_and_serve meanwhile gets KNET_EBUSY and leaves the first serving. */
 static void test_close_during_backoff(void)
 {
     long warns0 = tu_counter_get(&log_warns);
@@ -112,6 +113,7 @@ static void test_close_during_backoff(void)
     tu_client tc;
     tu_client_start(&tc, c, NULL, NULL);
     WAIT_GE(&log_warns, warns0 + 1); /* the first dial failed: now in the 10 s wait */
+    CHECK_EQ(knet_client_dial_and_serve(c, NULL, NULL), KNET_EBUSY);
     int64_t t0 = tu_now_ms();
     CHECK_EQ(knet_client_close(c), 0);
     CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);

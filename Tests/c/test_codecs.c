@@ -555,22 +555,26 @@ static void test_raw_stream_ignores_max_frame(void)
 }
 
 /* A codec write that returns a positive value (not a promised return) fails the send
- * with KNET_ECODEC and sends nothing of the half-made frame. */
-static int positive_write(knet_writer *w, const void *msg, size_t len, void *ud)
+ * with KNET_ECODEC and sends nothing of the half-made frame; one that passes
+ * knet_writer_write a NULL buffer gets -EINVAL, which the send returns. */
+static int bad_write(knet_writer *w, const void *msg, size_t len, void *ud)
 {
     (void)ud;
+    if (len == 4 && memcmp(msg, "null", 4) == 0)
+        return knet_writer_write(w, NULL, 1);
     int rc = knet_writer_write(w, msg, len);
     return rc == 0 && len == 3 ? 7 : rc; /* "bad": framed, then a positive return */
 }
 
-static void test_codec_write_positive_return(void)
+static void test_codec_write_bad_returns(void)
 {
-    knet_codec codec = {NULL, positive_write, NULL, 0};
+    knet_codec codec = {NULL, bad_write, NULL, 0};
     tu_tracker *t = tu_tracker_new();
     tu_server ts;
     int fd = tu_connect(tu_tracked_server_start(&ts, t, &codec));
     knet_conn *conn = tu_tracker_rec(t, 0)->conn;
     CHECK_EQ(knet_conn_send(conn, "bad", 3), KNET_ECODEC);
+    CHECK_EQ(knet_conn_send(conn, "null", 4), -EINVAL);
     CHECK_EQ(knet_conn_send(conn, "good", 4), 0);
     char got[4];
     READ_EXACT(fd, got, 4);
@@ -594,6 +598,6 @@ int main(void)
     RUN(test_many_pieces_direct_send);
     RUN(test_unbounded_length_codec);
     RUN(test_raw_stream_ignores_max_frame);
-    RUN(test_codec_write_positive_return);
+    RUN(test_codec_write_bad_returns);
     return tu_end();
 }

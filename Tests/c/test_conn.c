@@ -199,6 +199,12 @@ static void test_nodelay_and_retain(void)
     /* A NULL handle is refused, not dereferenced. */
     CHECK_EQ(knet_conn_send(NULL, "x", 1), -EINVAL);
     CHECK_EQ(knet_conn_set_nodelay(NULL, true), -EINVAL);
+    CHECK_EQ(knet_server_close(NULL), -EINVAL);
+    CHECK_EQ(knet_server_shutdown(NULL, 0), -EINVAL);
+    CHECK_EQ(knet_client_dial_and_serve(NULL, NULL, NULL), -EINVAL);
+    CHECK_EQ(knet_client_close(NULL), -EINVAL);
+    CHECK_EQ(knet_client_shutdown(NULL, 0), -EINVAL);
+    CHECK_EQ(knet_writer_write(NULL, "x", 1), -EINVAL);
 }
 
 /* ------------------------------------------------------------------ strerror */
