@@ -1,11 +1,13 @@
 /* Errors where the core starts things: loops that cannot be made (out of
  * descriptors), loop threads that cannot start (pthread_create is wrapped at link
  * time to fail with EAGAIN), a listener no loop can watch (epoll_ctl is wrapped
- * to fail like a full max_user_watches) and a server closed while it resolves
- * (getaddrinfo is wrapped to wait). Each is returned by the call that met it,
- * leaves no descriptor behind, and a later call works. */
+ * to fail like a full max_user_watches), a client made with no descriptor left
+ * and a server closed while it resolves (getaddrinfo is wrapped to wait). Each is
+ * returned by the call that met it, leaves no descriptor behind, and a later call
+ * works. */
 #include "testutil.h"
 
+#include <fcntl.h>
 #include <netdb.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
@@ -168,6 +170,28 @@ static void test_some_loop_threads_start(void)
     tu_tracker_free(t);
 }
 
+/* Out of descriptors, knet_client_new returns NULL (its wake-up eventfd cannot be
+ * made) and leaves nothing open; with descriptors back it works. */
+static void test_client_new_out_of_fds(void)
+{
+    int base = tu_fd_count();
+    int lowest_free = open("/dev/null", O_RDONLY | O_CLOEXEC); /* the lowest free number */
+    CHECK_GE(lowest_free, 0);
+    close(lowest_free);
+    struct rlimit old, tight;
+    CHECK_EQ(getrlimit(RLIMIT_NOFILE, &old), 0);
+    tight = old;
+    tight.rlim_cur = (rlim_t)lowest_free; /* no new descriptor at all */
+    CHECK_EQ(setrlimit(RLIMIT_NOFILE, &tight), 0);
+    knet_client *c = knet_client_new("127.0.0.1:1");
+    CHECK_EQ(setrlimit(RLIMIT_NOFILE, &old), 0);
+    CHECK(c == NULL);
+    CHECK_EQ(tu_fd_count(), base);
+    c = knet_client_new("127.0.0.1:1");
+    CHECK(c != NULL);
+    knet_client_free(c);
+}
+
 /* A server closed while it resolves its address never listens: no port is
  * published, listen_and_serve and wait_listening report the close, and the socket
  * it opened after the resolve is closed. */
@@ -237,6 +261,7 @@ int main(void)
     RUN(test_some_loop_threads_start); /* the start that works, after the two that fail */
     tu_begin();
     RUN(test_listener_not_watched);
+    RUN(test_client_new_out_of_fds);
     RUN(test_closed_while_resolving);
     return tu_end();
 }
