@@ -93,6 +93,35 @@ extension KNetTests {
         _ = peer
     }
 
+    @Test("a client's idle timeout and queue bound apply to the connection it dials")
+    func clientLimits() throws {
+        let peer = try SilentListener()
+        let handler = RecordingHandler()
+        let client = TCPClient("127.0.0.1:\(peer.port)")
+        client.disableRetry()
+        client.setIdleTimeout(.seconds(1))
+        client.setMaxQueuedBytes(1 << 20)
+        let serving = Background { try client.dialAndServe(handler: handler, codec: nil) }
+        #expect(eventually { handler.only?.object != nil })
+        let conn = try #require(handler.only?.object)
+        let message = [UInt8](repeating: 1, count: 64 * 1024)
+        var thrown: KNetError?
+        for _ in 0..<256 {  // 16 MiB: past 1 MiB plus the kernel's buffers, short of 64 MiB
+            do { try conn.send(message) } catch let error as KNetError {
+                thrown = error
+                break
+            }
+        }
+        #expect(thrown == .pendingSendFull)
+        // Nothing moves after that: the idle timeout ends the connection (and the
+        // persistent client dials again).
+        #expect(eventually { handler.snapshot.connections[0]?.disconnects == 1 })
+        #expect(handler.snapshot.connections[0]?.reasonAtDisconnect == .error(.system(errno: ETIMEDOUT)))
+        client.close()
+        #expect(serving.join() as? KNetError == .clientClosed)
+        #expect(handler.snapshot.contractFailures == 0)
+    }
+
     @Test("client shutdown(timeout:) ends dialAndServe with clientClosed after a graceful close")
     func clientGracefulShutdown() throws {
         let serverHandler = RecordingHandler()

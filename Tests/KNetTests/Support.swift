@@ -335,6 +335,27 @@ final class ReservedPort {
     deinit { release() }
 }
 
+/// A listening socket on 127.0.0.1 that never accepts: the kernel completes the
+/// handshakes and buffers what arrives, so it is a peer that never reads.
+final class SilentListener {
+    let port: Int
+    private let fd: Int32
+
+    init() throws {
+        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw KNetError.system(errno: errno) }
+        do {
+            port = try boundPort(fd)
+            guard listen(fd, 8) == 0 else { throw KNetError.system(errno: errno) }
+        } catch {
+            Glibc.close(fd)
+            throw error
+        }
+    }
+
+    deinit { Glibc.close(fd) }
+}
+
 /// Binds fd to 127.0.0.1 on a kernel-chosen port and returns the port.
 private func boundPort(_ fd: Int32) throws -> Int {
     var address = sockaddr_in()

@@ -321,6 +321,83 @@ static void test_client_idle_timeout(void)
     tu_tracker_free(ct);
 }
 
+/* A listening socket on 127.0.0.1:0 whose accepted sockets get a small receive buffer
+ * (so a peer that never reads stops a sender soon); accept times out. */
+static int raw_listener(int *port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK_GE(fd, 0);
+    int rcvbuf = 16384;
+    CHECK_EQ(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf), 0);
+    tu_set_timeouts(fd);
+    struct sockaddr_in a = tu_loopback(0);
+    CHECK_EQ(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+    CHECK_EQ(listen(fd, 8), 0);
+    *port = tu_sock_port(fd);
+    return fd;
+}
+
+/* Queues MSG-byte sends on conn until one fails or limit bytes went; returns the
+ * bytes queued, the failing send's result in *rc (0 when none failed). */
+static size_t send_until(knet_conn *conn, size_t limit, int *rc)
+{
+    static uint8_t buf[MSG];
+    memset(buf, 'n', sizeof buf);
+    size_t sent = 0;
+    *rc = 0;
+    while (sent < limit && (*rc = knet_conn_send(conn, buf, sizeof buf)) == 0)
+        sent += sizeof buf;
+    return sent;
+}
+
+/* The client's idle timeout and queue bound apply to the connections it dials after
+ * they are set: the current one keeps the defaults (no idle close, a 64 MiB bound),
+ * the next one gets both. The peer is a plain socket that never reads. */
+static void test_client_limits_from_next_dial(void)
+{
+    enum { IDLE_MS = 800 };
+    int port;
+    int lfd = raw_listener(&port);
+    tu_tracker *ct = tu_tracker_new();
+    knet_handler ch = tu_tracker_handler(ct);
+    knet_client *c = tu_client_for_port(port);
+    tu_client tc;
+    tu_client_start(&tc, c, &ch, NULL);
+    int fd1 = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+    CHECK_GE(fd1, 0);
+    knet_conn *c1 = tu_tracker_rec(ct, 0)->conn;
+    knet_client_set_idle_timeout(c, IDLE_MS);
+    knet_client_set_max_queued_bytes(c, (size_t)1 << 20);
+
+    /* The current connection: 24 MiB queue (far past 1 MiB plus the kernel's
+     * buffers), and it outlives the idle timeout with nothing moving. */
+    int rc;
+    CHECK_EQ(send_until(c1, (size_t)24 << 20, &rc), (size_t)24 << 20);
+    CHECK_EQ(rc, 0);
+    tu_sleep_ms(2 * IDLE_MS + 400); /* observing that nothing happens */
+    CHECK_EQ(tu_counter_get(&ct->disconnects), 0);
+    tu_set_linger0(fd1);
+    close(fd1);
+
+    /* The re-dialed connection: the send stops at the new bound, then the idle
+     * timeout ends it. */
+    int fd2 = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+    CHECK_GE(fd2, 0);
+    knet_conn *c2 = tu_tracker_rec(ct, 1)->conn;
+    size_t sent = send_until(c2, (size_t)16 << 20, &rc);
+    CHECK_EQ(rc, KNET_EPENDINGFULL);
+    printf("  next connection: KNET_EPENDINGFULL after %zu KiB\n", sent / 1024);
+    WAIT_GE(&ct->disconnects, 2);
+    CHECK_NE(atomic_load(&ct->recs[0].reason), -ETIMEDOUT);
+    CHECK_EQ(atomic_load(&ct->recs[1].reason), -ETIMEDOUT);
+    CHECK_EQ(knet_client_close(c), 0);
+    CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    knet_client_free(c);
+    close(fd2);
+    close(lfd);
+    tu_tracker_free(ct);
+}
+
 int main(void)
 {
     tu_begin();
@@ -333,5 +410,6 @@ int main(void)
     RUN(test_max_queued_bytes);
     RUN(test_client_shutdown);
     RUN(test_client_idle_timeout);
+    RUN(test_client_limits_from_next_dial);
     return tu_end();
 }
