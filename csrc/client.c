@@ -137,6 +137,35 @@ static int dial(knet_client *c, int *out, kn_sockaddr *peer) {
 
 static void client_stop_conn(knet_conn *conn, uint32_t grace_ms);
 
+/* Serves the dialed fd as the client's connection until it ends. Returns 0, or,
+ * when it never reached its loop (out of memory, no epoll watch left), the error:
+ * a failed dial, so the backoff paces the next one. */
+static int serve_one(knet_client *c, int fd, const kn_sockaddr *peer) {
+    kn_owner_admit(&c->o); /* a client has no connection limit */
+    knet_conn *conn = kn_conn_new(fd, &c->o, peer);
+    if (!conn) {
+        close(fd);
+        kn_owner_conn_done(&c->o);
+        return -ENOMEM;
+    }
+    knet_conn_retain(conn); /* the client's reference, for knet_client_conn */
+    pthread_mutex_lock(&c->o.mu);
+    c->conn = conn; /* before connect(true) can run */
+    bool closed = c->closed;
+    uint32_t grace_ms = c->o.grace_ms;
+    pthread_mutex_unlock(&c->o.mu);
+    kn_conn_start(conn);
+    if (closed) client_stop_conn(conn, grace_ms);
+    pthread_mutex_lock(&c->o.mu);
+    while (c->o.live > 0) pthread_cond_wait(&c->o.cv, &c->o.mu);
+    c->conn = NULL;
+    pthread_mutex_unlock(&c->o.mu);
+    /* attached is the loop's, read after its last write (live fell under o.mu). */
+    int rc = conn->attached ? 0 : knet_conn_close_reason(conn);
+    knet_conn_release(conn);
+    return rc;
+}
+
 int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
                                const knet_codec *codec) {
     if (!c) return -EINVAL;
@@ -168,39 +197,18 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
         kn_sockaddr peer;
         rc = dial(c, &fd, &peer);
         if (rc == KNET_ECLIENTCLOSED) break;
-        if (rc < 0) {
-            if (!retry) break;
-            wait = wait ? (wait > max / 2 ? max : wait * 2) : initial;
-            kn_log(KNET_LOG_WARN, "dial %s: %s; retrying in %u ms", c->addr, knet_strerror(rc),
-                   wait);
-            if (wait_or_closed(c, -1, 0, (int)wait) < 0) {
-                rc = KNET_ECLIENTCLOSED;
-                break;
-            }
+        if (rc == 0) rc = serve_one(c, fd, &peer);
+        if (rc == 0) { /* served: dial again at once */
+            wait = 0;
             continue;
         }
-        wait = 0;
-        kn_owner_admit(&c->o); /* a client has no connection limit */
-        knet_conn *conn = kn_conn_new(fd, &c->o, &peer);
-        if (!conn) {
-            close(fd);
-            kn_owner_conn_done(&c->o);
-            rc = -ENOMEM;
+        if (!retry) break;
+        wait = wait ? (wait > max / 2 ? max : wait * 2) : initial;
+        kn_log(KNET_LOG_WARN, "dial %s: %s; retrying in %u ms", c->addr, knet_strerror(rc), wait);
+        if (wait_or_closed(c, -1, 0, (int)wait) < 0) {
+            rc = KNET_ECLIENTCLOSED;
             break;
         }
-        knet_conn_retain(conn); /* the client's reference, for knet_client_conn */
-        pthread_mutex_lock(&c->o.mu);
-        c->conn = conn; /* before connect(true) can run */
-        closed = c->closed;
-        uint32_t grace_ms = c->o.grace_ms;
-        pthread_mutex_unlock(&c->o.mu);
-        kn_conn_start(conn);
-        if (closed) client_stop_conn(conn, grace_ms);
-        pthread_mutex_lock(&c->o.mu);
-        while (c->o.live > 0) pthread_cond_wait(&c->o.cv, &c->o.mu);
-        c->conn = NULL;
-        pthread_mutex_unlock(&c->o.mu);
-        knet_conn_release(conn);
     }
     pthread_mutex_lock(&c->o.mu);
     while (c->o.live > 0 || c->o.tasks > 0) pthread_cond_wait(&c->o.cv, &c->o.mu);
@@ -223,8 +231,10 @@ static int client_stop(knet_client *c, uint32_t grace_ms) {
         return KNET_ECLIENTCLOSED;
     }
     c->closed = true;
+    /* No o.closing: that would make the loop drop a connection not yet attached,
+     * bytes sent on it included. The close below (or the dialer, seeing closed)
+     * asks the connection itself, which its attach honours. */
     c->o.grace_ms = grace_ms;
-    atomic_store(&c->o.closing, true);
     knet_conn *conn = c->conn;
     if (conn) knet_conn_retain(conn);
     /* A task until this returns: else the serving thread could see the close,

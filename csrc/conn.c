@@ -151,19 +151,27 @@ static void conn_set_events(knet_conn *c, uint32_t ev) {
     if (kn_loop_ctl(c->loop, EPOLL_CTL_MOD, &c->io, ev) == 0) c->events = ev;
 }
 
-void kn_conn_finish(knet_conn *c, int reason) {
-    if (c->io.fd < 0) return;
-    kn_loop *L = c->loop;
-    kn_owner *o = c->owner;
+/* Marks c closed with reason and takes its descriptor and inbox, under mu: from
+ * then on other threads see it closed (sends fail, no fd is handed out). */
+static int conn_mark_closed(knet_conn *c, int reason, kn_queue *in) {
     pthread_mutex_lock(&c->mu);
     int fd = c->io.fd;
     c->io.fd = -1;
     atomic_store(&c->state, KN_CLOSED);
     atomic_store(&c->reason, reason);
-    kn_queue in = c->inbox;
+    *in = c->inbox;
     c->inbox.head = c->inbox.tail = NULL;
     atomic_store(&c->inbox_full, false);
     pthread_mutex_unlock(&c->mu);
+    return fd;
+}
+
+void kn_conn_finish(knet_conn *c, int reason) {
+    if (c->io.fd < 0) return;
+    kn_loop *L = c->loop;
+    kn_owner *o = c->owner;
+    kn_queue in;
+    int fd = conn_mark_closed(c, reason, &in);
 
     /* Removed before the close: close alone does not, while another descriptor
      * (a fork's child, say) keeps the socket open, and c is freed soon. */
@@ -252,9 +260,12 @@ void kn_conn_start(knet_conn *c) {
         return;
     }
     if (kn_loop_post(c->loop, attach_task, c) < 0) {
-        /* Never reached the loop: undo here (nothing else knows c yet). */
+        /* Never reached the loop: undo here. A client's connection is already
+         * visible (knet_client_conn), so it is marked closed first. */
         kn_log(KNET_LOG_ERROR, "cannot hand a connection to its loop: out of memory");
-        close(c->io.fd);
+        kn_queue in;
+        close(conn_mark_closed(c, -ENOMEM, &in));
+        queue_free(&in);
         kn_owner *o = c->owner;
         knet_conn_release(c);
         kn_owner_conn_done(o);

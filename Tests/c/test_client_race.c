@@ -1,5 +1,6 @@
 /* A client's connection is visible through knet_client_conn a moment before its
- * loop attaches it. A close or a send made in that moment must still take effect.
+ * loop attaches it. A close, a send or a client shutdown made in that moment must
+ * still take effect (a shutdown: the bytes sent go out before the FIN).
  * And a close racing with the client's own end must finish before
  * knet_client_dial_and_serve returns.
  * The test holds the dialing thread right there — in its first allocation after
@@ -89,12 +90,12 @@ static void relay_receive(knet_conn *c, const void *buf, size_t len, void *ud)
     tu_counter_add(&relay_sent, 1);
 }
 
-typedef enum { RACE_CLOSE, RACE_SEND, RACE_SEND_ON_LOOP } race_kind;
+typedef enum { RACE_CLOSE, RACE_SEND, RACE_SEND_ON_LOOP, RACE_SHUTDOWN } race_kind;
 
 /* Dials an echo server with the dialer held after publishing its connection, closes
  * it or sends on it (from a user thread, or from a callback on its loop: written in
- * part at once, the rest queued) while it is visible and not yet attached, then
- * lets it attach. */
+ * part at once, the rest queued), or sends on it and shuts the client down, while it
+ * is visible and not yet attached, then lets it attach. */
 static void race(race_kind kind)
 {
     bool use_close = kind == RACE_CLOSE;
@@ -134,6 +135,9 @@ static void race(race_kind kind)
         CHECK_EQ(atomic_load(&relay_rc), 0);
     } else if (use_close) {
         knet_conn_close(conn);
+    } else if (kind == RACE_SHUTDOWN) {
+        CHECK_EQ(knet_conn_send(conn, "hello", 5), 0);
+        CHECK_EQ(knet_client_shutdown(cli, TU_DEADLINE_MS), 0);
     } else {
         CHECK_EQ(knet_conn_send(conn, "hello", 5), 0);
     }
@@ -144,6 +148,17 @@ static void race(race_kind kind)
     if (use_close) {
         WAIT_GE(&t->disconnects, 1);
         CHECK_EQ(atomic_load(&t->recs[0].reason), 0);
+    } else if (kind == RACE_SHUTDOWN) {
+        /* Attached and shut down gracefully: the bytes went out before the FIN,
+         * came back, and the close completed when the server closed in turn. */
+        CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+        CHECK_EQ(tu_counter_get(&t->connects), 1);
+        CHECK_EQ(tu_counter_get(&t->disconnects), 1);
+        CHECK_EQ(atomic_load(&t->recs[0].reason), 0);
+        CHECK_EQ(tu_counter_get(&t->bytes), 5);
+        WAIT_GE(&st->disconnects, 1); /* the probe (record 0) stays */
+        CHECK_EQ(atomic_load(&st->recs[1].rx_bytes), 5);
+        CHECK_EQ(atomic_load(&st->recs[1].reason), KNET_EOF);
     } else {
         /* It went out, all of it, and the server echoed it. */
         long want = kind == RACE_SEND ? 5 : (long)RELAY_BYTES;
@@ -163,8 +178,10 @@ static void race(race_kind kind)
         tu_counter_destroy(&relay_sent);
     }
     knet_conn_release(conn);
-    CHECK_EQ(knet_client_close(cli), 0);
-    CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    if (kind != RACE_SHUTDOWN) {
+        CHECK_EQ(knet_client_close(cli), 0);
+        CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    }
     knet_client_free(cli);
     tu_tracker_free(t);
     tu_counter_destroy(&race_held);
@@ -216,6 +233,8 @@ static void test_send_before_attach(void) { race(RACE_SEND); }
 
 static void test_send_on_loop_before_attach(void) { race(RACE_SEND_ON_LOOP); }
 
+static void test_shutdown_before_attach(void) { race(RACE_SHUTDOWN); }
+
 int main(void)
 {
     CHECK_EQ(knet_set_loop_threads(1), 0); /* the probe shares the client's loop */
@@ -223,6 +242,7 @@ int main(void)
     RUN(test_close_before_attach);
     RUN(test_send_before_attach);
     RUN(test_send_on_loop_before_attach);
+    RUN(test_shutdown_before_attach);
     RUN(test_serve_outlasts_close);
     return tu_end();
 }

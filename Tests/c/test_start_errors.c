@@ -2,7 +2,8 @@
  * descriptors), loop threads that cannot start (pthread_create is wrapped at link
  * time to fail with EAGAIN), a listener no loop can watch (epoll_ctl is wrapped
  * to fail like a full max_user_watches), a client made with no descriptor left
- * and a server closed while it resolves (getaddrinfo is wrapped to wait). Each is
+ * a server closed while it resolves (getaddrinfo is wrapped to wait), and a
+ * dialed connection no loop can watch. Each is
  * returned by the call that met it, leaves no descriptor behind, and a later call
  * works. */
 #include "testutil.h"
@@ -253,6 +254,78 @@ static void test_listener_not_watched(void)
     serve_and_echo(); /* the loop goes on watching new listeners */
 }
 
+/* A listening socket on 127.0.0.1:0 (accept times out). */
+static int raw_listener(int *port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK_GE(fd, 0);
+    tu_set_timeouts(fd);
+    struct sockaddr_in a = tu_loopback(0);
+    CHECK_EQ(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+    CHECK_EQ(listen(fd, 8), 0);
+    *port = tu_sock_port(fd);
+    return fd;
+}
+
+static tu_counter backoff_logged; /* warnings that a dial waits 60000 ms */
+
+static void backoff_sink(int level, const char *msg, void *ud)
+{
+    (void)ud;
+    if (level == KNET_LOG_WARN && strstr(msg, "No space left on device; retrying in 60000 ms"))
+        tu_counter_add(&backoff_logged, 1);
+}
+
+/* A dialed connection its loop cannot watch (epoll_ctl fails as at
+ * max_user_watches) counts as a failed dial, not as a served connection that ended:
+ * with retry off dial_and_serve returns the error; with retry on the backoff paces
+ * the next dial (not a connect/close storm against the server). No callbacks. */
+static void test_client_conn_not_watched(void)
+{
+    int port;
+    int lfd = raw_listener(&port);
+    int base = tu_fd_count();
+    tu_tracker *t = tu_tracker_new();
+    knet_handler h = tu_tracker_handler(t);
+
+    knet_client *c = tu_client_for_port(port); /* retry off */
+    tu_client tc;
+    atomic_store(&fail_adds, 1);
+    tu_client_start(&tc, c, &h, NULL);
+    CHECK_EQ(tu_client_join(&tc), -ENOSPC);
+    CHECK_EQ(atomic_load(&fail_adds), 0);
+    int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+    CHECK_GE(fd, 0);
+    EXPECT_PEER_CLOSED(fd);
+    close(fd);
+    knet_client_free(c);
+    CHECK_FDS(base);
+
+    tu_counter_init(&backoff_logged);
+    knet_set_log(backoff_sink, KNET_LOG_WARN, NULL);
+    c = tu_client_for_port(port);
+    knet_client_enable_retry(c);
+    knet_client_set_retry_backoff(c, 60000, 60000);
+    atomic_store(&fail_adds, 1);
+    tu_client_start(&tc, c, &h, NULL);
+    WAIT_GE(&backoff_logged, 1);
+    fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+    CHECK_GE(fd, 0);
+    EXPECT_PEER_CLOSED(fd);
+    close(fd);
+    CHECK_EQ(fcntl(lfd, F_SETFL, O_NONBLOCK), 0);
+    CHECK_EQ(accept(lfd, NULL, NULL), -1); /* one dial, then the wait */
+    CHECK(errno == EAGAIN || errno == EWOULDBLOCK);
+    CHECK_EQ(knet_client_close(c), 0); /* interrupts the 60 s wait */
+    CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    knet_set_log(NULL, KNET_LOG_WARN, NULL);
+    knet_client_free(c);
+    tu_counter_destroy(&backoff_logged);
+    CHECK_EQ(tu_counter_get(&t->connects), 0);
+    tu_tracker_free(t);
+    close(lfd);
+}
+
 int main(void)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -263,5 +336,6 @@ int main(void)
     RUN(test_listener_not_watched);
     RUN(test_client_new_out_of_fds);
     RUN(test_closed_while_resolving);
+    RUN(test_client_conn_not_watched);
     return tu_end();
 }
