@@ -363,8 +363,11 @@ static void conn_graceful_within(kn_loop *L, knet_conn *c, uint32_t ms) {
 
 /* Begins the graceful close knet_conn_close_with_timeout asked for. */
 static void conn_begin_requested(kn_loop *L, knet_conn *c) {
-    atomic_fetch_and(&c->req, ~(unsigned)KN_REQ_GRACEFUL);
+    /* Taken with the flag in one critical section: a second request then either
+     * sees the flag and keeps the earlier deadline, or comes after and is taken
+     * on its own (and can only bring the deadline forward). */
     pthread_mutex_lock(&c->mu);
+    atomic_fetch_and(&c->req, ~(unsigned)KN_REQ_GRACEFUL);
     uint32_t ms = c->grace_ms;
     pthread_mutex_unlock(&c->mu);
     conn_graceful_within(L, c, ms);
@@ -398,7 +401,8 @@ static void conn_on_eof(kn_loop *L, knet_conn *c) {
 }
 
 void kn_conn_graceful(kn_loop *L, knet_conn *c, uint32_t ms) {
-    if (c->io.fd < 0) return;
+    /* A close already asked for drops the queue: the ready list finishes c. */
+    if (c->io.fd < 0 || (atomic_load(&c->req) & KN_REQ_CLOSE)) return;
     conn_graceful_within(L, c, ms);
     conn_flush(c);
 }
@@ -407,7 +411,8 @@ static bool conn_read_go_on(kn_loop *L, knet_conn *c);
 
 void kn_conn_service(kn_loop *L, knet_conn *c) {
     if (c->io.fd < 0 || !c->attached) return;
-    unsigned req = atomic_exchange(&c->req, 0);
+    /* KN_REQ_GRACEFUL stays until conn_begin_requested takes it with grace_ms. */
+    unsigned req = atomic_fetch_and(&c->req, KN_REQ_GRACEFUL);
     if (req & KN_REQ_CLOSE) {
         pthread_mutex_lock(&c->mu);
         int reason = c->req_reason;

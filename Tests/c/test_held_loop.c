@@ -9,7 +9,9 @@
  *    writable: nothing more of the queue is written;
  *  - sends from another thread meet the queued-bytes bound with framed sizes;
  *  - urgent data (MSG_OOB) with bytes after it: the read that stops short at the
- *    mark does not end the edge-triggered event's reading. */
+ *    mark does not end the edge-triggered event's reading;
+ *  - a close, then a server shutdown, of a connection with bytes queued: the close
+ *    wins, the queue is dropped. */
 #include "testutil.h"
 
 #define READ_CAP 1024
@@ -18,7 +20,8 @@ typedef enum {
     MODE_GRACEFUL_THEN_FIN,
     MODE_CLOSE_WITH_EPOLLOUT,
     MODE_FRAMED_BOUND,
-    MODE_URGENT
+    MODE_URGENT,
+    MODE_CLOSE_THEN_SHUTDOWN
 } test_mode;
 
 static test_mode mode;
@@ -222,6 +225,27 @@ static void test_urgent_data_then_more(void)
     teardown(&ts, peer, holder);
 }
 
+/* knet_conn_close, then knet_server_shutdown, both taken in one loop iteration:
+ * the shutdown's task runs before the connection's close request is serviced, and
+ * must not flush the queue the close dropped. */
+static void test_close_then_server_shutdown(void)
+{
+    tu_server ts;
+    int peer = setup(&ts, MODE_CLOSE_THEN_SHUTDOWN, NULL);
+    knet_conn *c = atomic_load(&target);
+    int holder = hold_loop(&ts);
+    CHECK_EQ(knet_conn_send(c, "secret", 6), 0); /* queued: the loop is held */
+    knet_conn_close(c);
+    CHECK_EQ(knet_server_shutdown(ts.srv, TU_DEADLINE_MS), 0);
+    tu_counter_add(&go, 1);
+    WAIT_GE(&closed, 1);
+    CHECK_EQ(atomic_load(&target_reason), 0);
+    char b[6];
+    CHECK_EQ(tu_read_full(peer, b, sizeof b), 0); /* EOF, and none of the bytes */
+    CHECK_EQ(bytes_out(), 0);
+    teardown(&ts, peer, holder);
+}
+
 int main(void)
 {
     CHECK_EQ(knet_set_loop_threads(1), 0); /* the holder shares the peer's loop */
@@ -230,5 +254,6 @@ int main(void)
     RUN(test_close_in_receive_writes_no_more);
     RUN(test_framed_bytes_meet_the_bound);
     RUN(test_urgent_data_then_more);
+    RUN(test_close_then_server_shutdown);
     return tu_end();
 }
