@@ -233,7 +233,7 @@ static void *smoke_server_thread(void *arg)
     return NULL;
 }
 
-/* No arguments: server and a 10 x 16 KiB client in one process for 5 s. */
+/* No arguments: server and a 10 x 16 KiB client in one process for 10 s. */
 static int run_smoke(void)
 {
     knet_server *s = knet_server_new("127.0.0.1:0");
@@ -243,7 +243,7 @@ static int run_smoke(void)
     int port = knet_server_wait_listening(s, 5000);
     int status = 1;
     if (port > 0)
-        status = run_client("127.0.0.1", port, 10, 16384, 5);
+        status = run_client("127.0.0.1", port, 10, 16384, 10);
     else
         fprintf(stderr, "smoke server did not listen: %s\n", knet_strerror(port));
     (void)knet_server_close(s);

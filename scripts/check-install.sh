@@ -7,9 +7,9 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 cmake -S "$root" -B "$tmp/build" -DBUILD_TESTING=OFF -DKNET_BUILD_BENCHMARKS=OFF -DKNET_BUILD_EXAMPLES=OFF \
-      -DCMAKE_INSTALL_PREFIX="$tmp/prefix" >/dev/null
+      -DCMAKE_INSTALL_PREFIX="$tmp/configured-prefix" >/dev/null
 cmake --build "$tmp/build" -j2 >/dev/null
-cmake --install "$tmp/build" >/dev/null
+cmake --install "$tmp/build" --prefix "$tmp/prefix" >/dev/null # chosen at install, as README shows
 cmake -S "$root/examples/consumer" -B "$tmp/consumer" -DCMAKE_PREFIX_PATH="$tmp/prefix" >/dev/null
 cmake --build "$tmp/consumer" >/dev/null
 "$tmp/consumer/consumer"

@@ -10,8 +10,10 @@ public enum Endianness: Sendable, Hashable {
 
 /// Frames messages on a connection: `read` decodes one message from the buffered input,
 /// `write` frames one outgoing message. `read` runs on the connection's loop thread;
-/// `write` runs on the thread that called `send` and must not use that connection (off
-/// the loop it runs under the connection's lock, so keep it short).
+/// `write` runs on the thread that called `send` and must not call into knet at all, not
+/// even `send` on another connection: off the loop it runs under the connection's lock,
+/// and two such writes sending on each other's connection would wait on each other for
+/// ever. Keep it short.
 ///
 /// `read` is written as if reading a blocking stream: when it asks the `ByteReader` for
 /// more bytes than are buffered, the reader throws, and knet calls `read` again from the

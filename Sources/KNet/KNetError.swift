@@ -37,7 +37,7 @@ public enum KNetError: Error, Hashable, Sendable, CustomStringConvertible {
         case KNET_ECODEC: self = .codec
         case KNET_EOF: self = .endOfStream
         case KNET_EBUSY: self = .busy
-        default: self = .system(errno: code < 0 ? -code : code)
+        default: self = .system(errno: code < 0 ? 0 &- code : code) // Int32.min: no trap
         }
     }
 

@@ -195,7 +195,7 @@ case nil:
     setThreads(threads)
     let (server, done) = startServer(host: host, port: 0)
     runClients(host: host, port: server.port, conns: Int(setting("conns", 10, options)),
-               blockSize: Int(setting("block", 16384, options)), seconds: setting("seconds", 5, options))
+               blockSize: Int(setting("block", 16384, options)), seconds: setting("seconds", 10, options))
     server.close()
     done.wait()
 default:

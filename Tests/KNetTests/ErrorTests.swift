@@ -84,6 +84,10 @@ extension KNetTests {
         }
         #expect(Set(all.map(\.description)).count == all.count)
         #expect(KNetError.system(errno: ECONNREFUSED).description == String(cString: strerror(ECONNREFUSED)))
+        // Any Int32 maps without trapping, the extremes included.
+        #expect(KNetError(code: Int32.min) == .system(errno: Int32.min))
+        #expect(KNetError(code: Int32.min).code == Int32.min)
+        #expect(KNetError(code: Int32.max) == .system(errno: Int32.max))
     }
 
     @Test("the client retries until a server appears")
