@@ -29,6 +29,9 @@ final class ThreadSlot {
     @exclusivity(unchecked) var spareBase: UnsafeMutableRawPointer?
     /// Capacity of the next new spare; follows the size of the last large read.
     @exclusivity(unchecked) var spareCapacity = 0
+    /// Reads in a row that used under a quarter of the spare; at `shrinkAfter` the spare
+    /// is sized down.
+    @exclusivity(unchecked) var shortReads = 0
     /// The array a small message (under `handOverMinimum`) is copied into and handed over
     /// in. When the handler did not keep it, the next small message reuses its storage: a
     /// small message costs a copy but no allocation.
@@ -192,6 +195,9 @@ private func connectShim(_ conn: OpaquePointer?, _ connected: Bool, _ ud: Unsafe
 /// slot's small array), so a kept small message does not pin a large buffer.
 private let handOverMinimum = 1024
 
+/// Short reads in a row (under a quarter of the spare) after which the spare is sized down.
+private let shrinkAfter = 4
+
 /// Capacity a small array may have whatever its count (the allocator's rounding).
 private let smallSlack = 64
 
@@ -272,13 +278,21 @@ private func message(_ buf: UnsafeRawPointer?, _ len: Int, _ tcp: TCPConnection)
             if len * 4 >= slot.spare.capacity {
                 slot.spare.append(contentsOf: BytesInPlace(count: len))
                 slot.spareCapacity = wanted
+                slot.shortReads = 0
                 return (slot.spare, true)
             }
-            // Mostly empty for reads of this size: copy this one, size the next spare down.
+            // Mostly empty for reads of this size: copy this one. The spare is sized down
+            // only after several such reads in a row: the short tail of a large message
+            // alone would otherwise shrink it, the next large message then take three
+            // reads into growing spares, and so on for every message.
             let bytes = Array(UnsafeRawBufferPointer(start: buf, count: len))
-            slot.spare = []
-            slot.spareBase = nil
-            slot.spareCapacity = wanted
+            slot.shortReads += 1
+            if slot.shortReads >= shrinkAfter {
+                slot.shortReads = 0
+                slot.spare = []
+                slot.spareBase = nil
+                slot.spareCapacity = wanted
+            }
             return (bytes, false)
         }
     } else if tcp.swiftCodec {

@@ -290,4 +290,26 @@ extension KNetTests {
         }
         #expect(server.stop() == .serverClosed)
     }
+
+    @Test("after small raw reads, large messages soon arrive in one receive each")
+    func rawReadSizingRecovers() throws {
+        let handler = RecordingHandler(echo: true, keepObjects: false)
+        let server = try ServerHarness(handler: handler, codec: nil)
+        let peer = try PlainSocket(port: server.port)
+        let small = pattern(2000)
+        try peer.write(small)
+        #expect(try peer.read(exactly: small.count) == small)
+        let large = pattern(16384, offset: 7)
+        let rounds = 30
+        for _ in 0..<rounds {  // one at a time: each arrives whole (one loopback segment)
+            try peer.write(large)
+            #expect(try peer.read(exactly: large.count) == large)
+        }
+        // The spare grows over the first message's reads and is kept through its short
+        // tail: one receive per message after that (the odd split aside). Sizing it down
+        // at every short tail took three receives for every message.
+        let receives = handler.totalMessages - 1
+        #expect(receives <= rounds + 10, "\(receives) receives for \(rounds) messages")
+        #expect(server.stop() == .serverClosed)
+    }
 }
