@@ -37,8 +37,9 @@ public final class TCPClient: Sendable {
 
     /// Dials and serves with `handler` and `codec` (nil = defaults), dialing again at once
     /// each time the connection ends (the backoff paces failed dials only, as in Go's
-    /// knet). Blocks; throws `KNetError.clientClosed` after `close()`,
-    /// or the dial error (e.g. `.system(errno: ECONNREFUSED)`) when retry is off.
+    /// knet; a connection its loop could not take counts as a failed dial). Blocks; throws
+    /// `KNetError.clientClosed` after `close()`, or the dial error (e.g.
+    /// `.system(errno: ECONNREFUSED)`) when retry is off.
     public func dialAndServe(handler: (any TCPHandler)? = nil, codec: (any Codec)? = nil) throws {
         let rc = withExtendedLifetime(self) {
             withServeContext(handler: handler, codec: codec, clientSlot: current) { cHandler, cCodec in

@@ -256,7 +256,9 @@ void knet_client_disable_retry(knet_client *c);
 void knet_client_set_retry_backoff(knet_client *c, uint32_t initial_ms, uint32_t max_ms);
 
 /* Dials, serves the connection until it closes, then dials again at once
- * (knet's persistent client; the backoff paces failed dials only). Blocks. Returns KNET_ECLIENTCLOSED after
+ * (knet's persistent client; the backoff paces failed dials only; a connection
+ * its loop could not take, out of memory or epoll watches, is a failed dial).
+ * Blocks. Returns KNET_ECLIENTCLOSED after
  * knet_client_close, a dial error when retry is off, KNET_EBUSY while another
  * call serves this client, -EINVAL for NULL, or -EMFILE, -ENFILE, -ENOMEM,
  * -EAGAIN when the loop threads could not start. Callbacks run on a
