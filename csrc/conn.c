@@ -186,6 +186,7 @@ void kn_conn_finish(knet_conn *c, int reason) {
     c->ilen = c->icap = 0;
     kn_timer_stop(L, &c->timer);
     if (c->attached) {
+        kn_timer_unreserve(L);
         if (c->prev) c->prev->next = c->next;
         else L->conns = c->next;
         if (c->next) c->next->prev = c->prev;
@@ -232,8 +233,15 @@ void kn_conn_attach(kn_loop *L, knet_conn *c) {
      * mean. Reads therefore go on until the socket is drained, and what a read
      * budget leaves goes on the ready list. */
     c->events = CONN_READ_EVENTS | EPOLLET;
-    int rc = kn_loop_ctl(L, EPOLL_CTL_ADD, &c->io, c->events);
+    int rc = kn_timer_reserve(L); /* for its idle or graceful-close timer */
     if (rc < 0) {
+        kn_log(KNET_LOG_ERROR, "no room for a connection's timer: %s", knet_strerror(rc));
+        kn_conn_finish(c, rc);
+        return;
+    }
+    rc = kn_loop_ctl(L, EPOLL_CTL_ADD, &c->io, c->events);
+    if (rc < 0) {
+        kn_timer_unreserve(L);
         kn_log(KNET_LOG_ERROR, "epoll_ctl(ADD): %s", knet_strerror(rc));
         kn_conn_finish(c, rc);
         return;

@@ -70,6 +70,7 @@ typedef struct kn_task {
     struct kn_task *next;
     kn_task_fn fn;
     void *arg;
+    bool heap; /* made by kn_loop_post (freed after it ran), else the poster's */
 } kn_task;
 
 struct kn_loop {
@@ -89,6 +90,7 @@ struct kn_loop {
     uint64_t now;
     kn_timer **heap;
     size_t heap_len, heap_cap;
+    size_t timers; /* timers that may run here (reserved): heap_cap never falls short */
     knet_conn *conns; /* live connections (doubly linked) */
     knet_conn *reap;  /* finished conns; the loop's reference drops at the end of the iteration */
 };
@@ -100,9 +102,17 @@ unsigned kn_loop_count(void);  /* 0 before kn_loops_start succeeded */
 kn_loop *kn_loop_current(void); /* the loop of the calling thread, or NULL */
 /* Runs fn(L, arg) on L's thread, after what is already queued (never inline). */
 int kn_loop_post(kn_loop *L, kn_task_fn fn, void *arg);
+/* The same with a node the caller owns (no allocation, cannot fail); t must stay
+ * valid and unposted elsewhere until fn runs (fn may free it). */
+void kn_loop_post_node(kn_loop *L, kn_task *t, kn_task_fn fn, void *arg);
 void kn_loop_wake(kn_loop *L);
 int kn_loop_ctl(kn_loop *L, int op, kn_io *io, uint32_t events);
 void kn_timer_init(kn_timer *t, kn_timer_cb cb);
+/* Makes room in L's heap for one more timer owner (a connection, a listener), so
+ * kn_timer_start never allocates: a graceful close or shutdown cannot fail for
+ * memory. 0 or -ENOMEM. kn_timer_unreserve when the owner leaves L. */
+int kn_timer_reserve(kn_loop *L);
+void kn_timer_unreserve(kn_loop *L);
 void kn_timer_start(kn_loop *L, kn_timer *t, uint64_t ms);
 void kn_timer_stop(kn_loop *L, kn_timer *t);
 uint64_t kn_now_ms(void);
@@ -123,6 +133,7 @@ struct kn_owner {
     knet_codec codec;
     size_t max_frame;
     kn_slot *slots; /* one per loop, while serving */
+    kn_task *stop_nodes; /* 2 per loop: a graceful then a forced stop post no allocation */
     /* limits given to new connections (under mu) */
     size_t max_conns, max_qbytes;
     uint32_t idle_ms;
@@ -149,9 +160,11 @@ int kn_owner_start(kn_owner *o);
 /* Broadcast task: graceful close of o's connections with o->grace_ms. */
 void kn_owner_shutdown_task(kn_loop *L, void *arg);
 void kn_owner_stats(kn_owner *o, knet_stats *out);
-/* Posts fn(L, o) to every loop; the caller already added kn_loop_count() to
- * o->tasks under o->mu (in the same critical section that made the work due). */
-void kn_owner_broadcast(kn_owner *o, kn_task_fn fn);
+/* Posts fn(L, o) to every loop with o's stop nodes (set 0 for a graceful stop, 1
+ * for a forced one; each set is used once); the caller already added
+ * kn_loop_count() to o->tasks under o->mu (in the same critical section that made
+ * the work due). */
+void kn_owner_broadcast(kn_owner *o, kn_task_fn fn, unsigned set);
 void kn_owner_task_done(kn_owner *o);
 /* Closes (reason) every connection of o on loop L. */
 void kn_owner_close_conns(kn_loop *L, kn_owner *o, int reason);

@@ -90,15 +90,23 @@ void kn_timer_stop(kn_loop *L, kn_timer *t) {
     heap_down(L, i);
 }
 
-void kn_timer_start(kn_loop *L, kn_timer *t, uint64_t ms) {
-    kn_timer_stop(L, t);
-    if (L->heap_len == L->heap_cap) {
+int kn_timer_reserve(kn_loop *L) {
+    if (L->timers == L->heap_cap) {
         size_t cap = L->heap_cap ? L->heap_cap * 2 : 64;
         kn_timer **h = realloc(L->heap, cap * sizeof *h);
-        if (!h) abort(); /* a timer that silently never fires would hang a shutdown */
+        if (!h) return -ENOMEM;
         L->heap = h;
         L->heap_cap = cap;
     }
+    L->timers++;
+    return 0;
+}
+
+void kn_timer_unreserve(kn_loop *L) { L->timers--; }
+
+void kn_timer_start(kn_loop *L, kn_timer *t, uint64_t ms) {
+    kn_timer_stop(L, t);
+    /* Room was reserved when the timer's owner joined L (kn_timer_reserve). */
     t->deadline = kn_now_ms() + ms;
     t->idx = L->heap_len++;
     L->heap[t->idx] = t;
@@ -132,9 +140,7 @@ void kn_loop_wake(kn_loop *L) {
     }
 }
 
-int kn_loop_post(kn_loop *L, kn_task_fn fn, void *arg) {
-    kn_task *t = malloc(sizeof *t);
-    if (!t) return -ENOMEM;
+static void post(kn_loop *L, kn_task *t, kn_task_fn fn, void *arg) {
     t->next = NULL;
     t->fn = fn;
     t->arg = arg;
@@ -145,7 +151,19 @@ int kn_loop_post(kn_loop *L, kn_task_fn fn, void *arg) {
     atomic_store_explicit(&L->has_work, true, memory_order_release);
     pthread_mutex_unlock(&L->mu);
     if (tls_loop != L) kn_loop_wake(L);
+}
+
+int kn_loop_post(kn_loop *L, kn_task_fn fn, void *arg) {
+    kn_task *t = malloc(sizeof *t);
+    if (!t) return -ENOMEM;
+    t->heap = true;
+    post(L, t, fn, arg);
     return 0;
+}
+
+void kn_loop_post_node(kn_loop *L, kn_task *t, kn_task_fn fn, void *arg) {
+    t->heap = false;
+    post(L, t, fn, arg);
 }
 
 static void on_wake(kn_loop *L, kn_io *io, uint32_t events) {
@@ -180,9 +198,10 @@ static bool drain(kn_loop *L) {
     pthread_mutex_unlock(&L->mu);
 
     while (t) {
-        kn_task *next = t->next;
+        kn_task *next = t->next; /* both read first: fn may free a poster's node */
+        bool heap = t->heap;
         t->fn(L, t->arg);
-        free(t);
+        if (heap) free(t);
         t = next;
     }
     while (c) {

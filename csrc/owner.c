@@ -27,13 +27,19 @@ int kn_owner_start(kn_owner *o) {
     if (rc < 0) return rc;
     unsigned n = kn_loop_count();
     kn_slot *s = aligned_alloc(_Alignof(kn_slot), n * sizeof *s);
-    if (!s) return -ENOMEM;
+    kn_task *nodes = calloc(2 * (size_t)n, sizeof *nodes);
+    if (!s || !nodes) {
+        free(s);
+        free(nodes);
+        return -ENOMEM;
+    }
     for (unsigned i = 0; i < n; i++) {
         atomic_init(&s[i].bytes_in, 0);
         atomic_init(&s[i].bytes_out, 0);
     }
     pthread_mutex_lock(&o->mu);
     o->slots = s;
+    o->stop_nodes = nodes;
     pthread_mutex_unlock(&o->mu);
     return 0;
 }
@@ -69,6 +75,7 @@ void kn_owner_stats(kn_owner *o, knet_stats *out) {
 
 void kn_owner_destroy(kn_owner *o) {
     free(o->slots);
+    free(o->stop_nodes);
     pthread_cond_destroy(&o->cv);
     pthread_mutex_destroy(&o->mu);
 }
@@ -96,14 +103,9 @@ void kn_owner_task_done(kn_owner *o) {
     pthread_mutex_unlock(&o->mu);
 }
 
-void kn_owner_broadcast(kn_owner *o, kn_task_fn fn) {
+void kn_owner_broadcast(kn_owner *o, kn_task_fn fn, unsigned set) {
     unsigned n = kn_loop_count();
-    for (unsigned i = 0; i < n; i++) {
-        if (kn_loop_post(kn_loop_at(i), fn, o) < 0) {
-            kn_log(KNET_LOG_ERROR, "cannot post to loop %u: out of memory", i);
-            kn_owner_task_done(o);
-        }
-    }
+    for (unsigned i = 0; i < n; i++) kn_loop_post_node(kn_loop_at(i), &o->stop_nodes[set * n + i], fn, o);
 }
 
 void kn_owner_close_conns(kn_loop *L, kn_owner *o, int reason) {

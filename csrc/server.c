@@ -20,6 +20,7 @@ struct knet_server {
     kn_loop *lloop;
     kn_timer backoff;
     uint32_t backoff_ms;
+    kn_task start_node, close_node; /* the listener's tasks: posting them cannot fail */
     /* under o.mu */
     int port; /* 0 before listening, the port once listening, or the listen error */
     bool serving, closed, forced, listener_open;
@@ -128,7 +129,11 @@ static void listener_start(kn_loop *L, void *arg) {
     knet_server *s = arg;
     s->lio.cb = on_accept;
     kn_timer_init(&s->backoff, backoff_fired);
-    int rc = kn_loop_ctl(L, EPOLL_CTL_ADD, &s->lio, EPOLLIN);
+    int rc = kn_timer_reserve(L); /* for the accept backoff */
+    if (rc == 0) {
+        rc = kn_loop_ctl(L, EPOLL_CTL_ADD, &s->lio, EPOLLIN);
+        if (rc < 0) kn_timer_unreserve(L);
+    }
     if (rc < 0) {
         kn_log(KNET_LOG_ERROR, "cannot watch the listener: %s", knet_strerror(rc));
         close(s->lio.fd);
@@ -149,6 +154,7 @@ static void listener_close(kn_loop *L, void *arg) {
     knet_server *s = arg;
     if (s->lio.fd >= 0) {
         kn_timer_stop(L, &s->backoff);
+        kn_timer_unreserve(L);
         /* As for a connection: leave epoll before the close, which alone does not
          * while a fork's child keeps the socket open; s may be freed soon. */
         kn_loop_ctl(L, EPOLL_CTL_DEL, &s->lio, 0);
@@ -198,11 +204,7 @@ int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
     if (!s->closed) {
         s->listener_open = true;
         s->o.tasks++;
-        if (kn_loop_post(s->lloop, listener_start, s) < 0) {
-            s->o.tasks--;
-            s->listener_open = false;
-            s->port = -ENOMEM;
-        }
+        kn_loop_post_node(s->lloop, &s->start_node, listener_start, s);
     }
     pthread_cond_broadcast(&s->o.cv);
     /* Until closed, or the listener failed (port < 0: nothing was accepted). */
@@ -241,14 +243,11 @@ static int server_stop(knet_server *s, bool force, uint32_t ms) {
     if (serving) s->o.tasks += kn_loop_count();
     if (first && s->listener_open) {
         s->o.tasks++;
-        if (kn_loop_post(s->lloop, listener_close, s) < 0) {
-            s->o.tasks--;
-            kn_log(KNET_LOG_ERROR, "cannot close the listener: out of memory");
-        }
+        kn_loop_post_node(s->lloop, &s->close_node, listener_close, s);
     }
     pthread_cond_broadcast(&s->o.cv);
     pthread_mutex_unlock(&s->o.mu);
-    if (serving) kn_owner_broadcast(&s->o, force ? kn_owner_close_task : kn_owner_shutdown_task);
+    if (serving) kn_owner_broadcast(&s->o, force ? kn_owner_close_task : kn_owner_shutdown_task, force);
 
     return 0;
 }

@@ -182,15 +182,18 @@ int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
                                  const knet_codec *codec);
 
 /* Stops accepting and closes every connection at once (thread-safe, does not
- * block, callable from callbacks); each connect(false) runs on its loop thread.
+ * block, callable from callbacks, allocates nothing: it works out of memory);
+ * each connect(false) runs on its loop thread.
  * Returns 0, KNET_ESERVERCLOSED if already closed, or -EINVAL for NULL. */
 int knet_server_close(knet_server *s);
 
 /* Graceful shutdown: stop accepting, shut every connection down gracefully
  * (queued bytes written, FIN, wait for the peer to close), force-close what
  * remains after timeout_ms; then knet_server_listen_and_serve returns
- * KNET_ESERVERCLOSED. Thread-safe, does not block; receive and connect(false)
- * keep running on the loop threads meanwhile. A later knet_server_close
+ * KNET_ESERVERCLOSED. Thread-safe, does not block, allocates nothing (nor do the
+ * connections' graceful closes: each has its timer's room from its start, and
+ * one that cannot get it is closed at once, with no callbacks); receive and
+ * connect(false) keep running on the loop threads meanwhile. A later knet_server_close
  * force-closes at once. A connection already closing gracefully keeps its close
  * reason, and its deadline when that is earlier. Returns 0, KNET_ESERVERCLOSED if
  * already stopping, or -EINVAL for NULL. */
