@@ -100,7 +100,11 @@ int kn_addr_resolve(const char *addr, bool passive, kn_sockaddr *out, int max) {
     snprintf(ps, sizeof ps, "%u", port);
     rc = getaddrinfo(host, ps, &hints, &res);
     if (rc != 0) {
+        int err = errno;
         kn_log(KNET_LOG_DEBUG, "resolve %s: %s", host, gai_strerror(rc));
+        /* Out of memory or descriptors is that, not a name that does not resolve. */
+        if (rc == EAI_MEMORY) return -ENOMEM;
+        if (rc == EAI_SYSTEM && err > 0) return -err;
         return KNET_ERESOLVE;
     }
     int n = 0;

@@ -52,10 +52,17 @@ int __wrap_getaddrinfo(const char *host, const char *serv, const struct addrinfo
 
 static _Atomic bool hold_resolves; /* getaddrinfo waits for resolves_released */
 static tu_counter resolves_held, resolves_released;
+static _Atomic int resolve_fails_with; /* nonzero: getaddrinfo returns it (once) */
 
 int __wrap_getaddrinfo(const char *host, const char *serv, const struct addrinfo *hints,
                        struct addrinfo **res)
 {
+    int fail = atomic_exchange(&resolve_fails_with, 0);
+    if (fail) {
+        if (fail == EAI_SYSTEM)
+            errno = EMFILE;
+        return fail;
+    }
     if (atomic_load(&hold_resolves)) {
         tu_counter_add(&resolves_held, 1);
         WAIT_GE(&resolves_released, 1);
@@ -326,6 +333,26 @@ static void test_client_conn_not_watched(void)
     close(lfd);
 }
 
+/* A resolve that fails for memory or descriptors reports that, not KNET_ERESOLVE
+ * (which says the name does not resolve): EAI_MEMORY is -ENOMEM, EAI_SYSTEM its errno. */
+static void test_resolve_out_of_resources(void)
+{
+    const int fails[] = {EAI_MEMORY, EAI_SYSTEM, EAI_NONAME};
+    const int want[] = {-ENOMEM, -EMFILE, KNET_ERESOLVE};
+    for (int i = 0; i < 3; i++) {
+        knet_server *s = knet_server_new("localhost:0");
+        CHECK(s != NULL);
+        atomic_store(&resolve_fails_with, fails[i]);
+        CHECK_EQ(knet_server_listen_and_serve(s, NULL, NULL), want[i]);
+        knet_server_free(s);
+        knet_client *c = knet_client_new("localhost:1"); /* retry off */
+        CHECK(c != NULL);
+        atomic_store(&resolve_fails_with, fails[i]);
+        CHECK_EQ(knet_client_dial_and_serve(c, NULL, NULL), want[i]);
+        knet_client_free(c);
+    }
+}
+
 int main(void)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -337,5 +364,6 @@ int main(void)
     RUN(test_client_new_out_of_fds);
     RUN(test_closed_while_resolving);
     RUN(test_client_conn_not_watched);
+    RUN(test_resolve_out_of_resources);
     return tu_end();
 }
