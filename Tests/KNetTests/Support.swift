@@ -316,14 +316,7 @@ final class ReservedPort {
     private var fd: Int32
 
     init() throws {
-        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { throw KNetError.system(errno: errno) }
-        do {
-            port = try boundPort(fd)
-        } catch {
-            Glibc.close(fd)
-            throw error
-        }
+        (fd, port) = try boundSocket(listening: false)
     }
 
     /// Lets the port go (e.g. for a server about to listen on it).
@@ -342,18 +335,25 @@ final class SilentListener {
     private let fd: Int32
 
     init() throws {
-        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { throw KNetError.system(errno: errno) }
-        do {
-            port = try boundPort(fd)
-            guard listen(fd, 8) == 0 else { throw KNetError.system(errno: errno) }
-        } catch {
-            Glibc.close(fd)
-            throw error
-        }
+        (fd, port) = try boundSocket(listening: true)
     }
 
     deinit { Glibc.close(fd) }
+}
+
+/// A TCP socket bound to 127.0.0.1 on a kernel-chosen port, listening (backlog 8) when
+/// asked; closed again if that fails.
+private func boundSocket(listening: Bool) throws -> (fd: Int32, port: Int) {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { throw KNetError.system(errno: errno) }
+    do {
+        let port = try boundPort(fd)
+        if listening && listen(fd, 8) != 0 { throw KNetError.system(errno: errno) }
+        return (fd, port)
+    } catch {
+        Glibc.close(fd)
+        throw error
+    }
 }
 
 /// Binds fd to 127.0.0.1 on a kernel-chosen port and returns the port.

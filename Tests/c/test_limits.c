@@ -321,22 +321,6 @@ static void test_client_idle_timeout(void)
     tu_tracker_free(ct);
 }
 
-/* A listening socket on 127.0.0.1:0 whose accepted sockets get a small receive buffer
- * (so a peer that never reads stops a sender soon); accept times out. */
-static int raw_listener(int *port)
-{
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    CHECK_GE(fd, 0);
-    int rcvbuf = 16384;
-    CHECK_EQ(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf), 0);
-    tu_set_timeouts(fd);
-    struct sockaddr_in a = tu_loopback(0);
-    CHECK_EQ(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
-    CHECK_EQ(listen(fd, 8), 0);
-    *port = tu_sock_port(fd);
-    return fd;
-}
-
 /* Queues MSG-byte sends on conn until one fails or limit bytes went; returns the
  * bytes queued, the failing send's result in *rc (0 when none failed). */
 static size_t send_until(knet_conn *conn, size_t limit, int *rc)
@@ -357,7 +341,7 @@ static void test_client_limits_from_next_dial(void)
 {
     enum { IDLE_MS = 800 };
     int port;
-    int lfd = raw_listener(&port);
+    int lfd = tu_listen(&port, 16384);
     tu_tracker *ct = tu_tracker_new();
     knet_handler ch = tu_tracker_handler(ct);
     knet_client *c = tu_client_for_port(port);

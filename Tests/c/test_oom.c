@@ -38,10 +38,17 @@ void *__wrap_realloc(void *p, size_t n)
 
 enum { PEERS = 4 };
 
-/* A server (echo) with PEERS connections, one round trip each. */
-static int serve_peers(tu_server *ts, tu_tracker *t, int *peers)
+/* Stops a server with PEERS connections (one round trip each) while every allocation
+ * of the stopping thread fails: the stop allocates nothing, and it all happens —
+ * connect(false) for each connection (a close's KNET_ESERVERCLOSED; a shutdown's 0,
+ * once the peer closed in turn), the listener closed, listen_and_serve returned. */
+static void stop_allocates_nothing(bool graceful)
 {
-    int port = tu_tracked_server_start(ts, t, NULL);
+    tu_tracker *t = tu_tracker_new();
+    t->echo = true;
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, t, NULL);
+    int peers[PEERS];
     for (int i = 0; i < PEERS; i++) {
         peers[i] = tu_connect(port);
         char b;
@@ -49,62 +56,27 @@ static int serve_peers(tu_server *ts, tu_tracker *t, int *peers)
         READ_EXACT(peers[i], &b, 1);
     }
     WAIT_GE(&t->connects, PEERS);
-    return port;
-}
-
-/* knet_server_close with every allocation of the closing thread failing: it
- * allocates nothing, and it all happens — connect(false) for each connection, the
- * listener closed, listen_and_serve returns. */
-static void test_close_allocates_nothing(void)
-{
-    tu_tracker *t = tu_tracker_new();
-    t->echo = true;
-    tu_server ts;
-    int peers[PEERS];
-    int port = serve_peers(&ts, t, peers);
     atomic_store(&failed, 0);
     tls_fail_malloc = true;
-    int rc = knet_server_close(ts.srv);
-    tls_fail_malloc = false;
-    CHECK_EQ(rc, 0);
-    CHECK_EQ(atomic_load(&failed), 0);
-    CHECK_EQ(tu_server_join(&ts), KNET_ESERVERCLOSED);
-    CHECK_EQ(tu_counter_get(&t->disconnects), PEERS);
-    for (int i = 0; i < PEERS; i++) {
-        CHECK_EQ(atomic_load(&t->recs[i].reason), KNET_ESERVERCLOSED);
-        EXPECT_PEER_CLOSED(peers[i]);
-        close(peers[i]);
-    }
-    CHECK_EQ(tu_try_connect_ex(port, 0), -ECONNREFUSED);
-    tu_tracker_free(t);
-}
-
-/* The same for knet_server_shutdown: every connection closes gracefully once its
- * peer closes in turn (reason 0). */
-static void test_shutdown_allocates_nothing(void)
-{
-    tu_tracker *t = tu_tracker_new();
-    t->echo = true;
-    tu_server ts;
-    int peers[PEERS];
-    int port = serve_peers(&ts, t, peers);
-    atomic_store(&failed, 0);
-    tls_fail_malloc = true;
-    int rc = knet_server_shutdown(ts.srv, TU_DEADLINE_MS);
+    int rc = graceful ? knet_server_shutdown(ts.srv, TU_DEADLINE_MS) : knet_server_close(ts.srv);
     tls_fail_malloc = false;
     CHECK_EQ(rc, 0);
     CHECK_EQ(atomic_load(&failed), 0);
     for (int i = 0; i < PEERS; i++) {
-        EXPECT_PEER_CLOSED(peers[i]); /* the server's FIN */
+        EXPECT_PEER_CLOSED(peers[i]); /* the close, or the shutdown's FIN */
         close(peers[i]);
     }
     CHECK_EQ(tu_server_join(&ts), KNET_ESERVERCLOSED);
     CHECK_EQ(tu_counter_get(&t->disconnects), PEERS);
     for (int i = 0; i < PEERS; i++)
-        CHECK_EQ(atomic_load(&t->recs[i].reason), 0);
+        CHECK_EQ(atomic_load(&t->recs[i].reason), graceful ? 0 : KNET_ESERVERCLOSED);
     CHECK_EQ(tu_try_connect_ex(port, 0), -ECONNREFUSED);
     tu_tracker_free(t);
 }
+
+static void test_close_allocates_nothing(void) { stop_allocates_nothing(false); }
+
+static void test_shutdown_allocates_nothing(void) { stop_allocates_nothing(true); }
 
 static _Atomic int no_room_logged; /* error lines about a connection's timer room */
 

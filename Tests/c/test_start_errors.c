@@ -261,19 +261,6 @@ static void test_listener_not_watched(void)
     serve_and_echo(); /* the loop goes on watching new listeners */
 }
 
-/* A listening socket on 127.0.0.1:0 (accept times out). */
-static int raw_listener(int *port)
-{
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    CHECK_GE(fd, 0);
-    tu_set_timeouts(fd);
-    struct sockaddr_in a = tu_loopback(0);
-    CHECK_EQ(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
-    CHECK_EQ(listen(fd, 8), 0);
-    *port = tu_sock_port(fd);
-    return fd;
-}
-
 static tu_counter backoff_logged; /* warnings that a dial waits 60000 ms */
 
 static void backoff_sink(int level, const char *msg, void *ud)
@@ -290,7 +277,7 @@ static void backoff_sink(int level, const char *msg, void *ud)
 static void test_client_conn_not_watched(void)
 {
     int port;
-    int lfd = raw_listener(&port);
+    int lfd = tu_listen(&port, 0);
     int base = tu_fd_count();
     tu_tracker *t = tu_tracker_new();
     knet_handler h = tu_tracker_handler(t);

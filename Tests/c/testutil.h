@@ -329,6 +329,23 @@ static inline int tu_reserve_port(int *holder)
     return tu_sock_port(fd);
 }
 
+/* A plain listening socket on 127.0.0.1:0 (no knet), its port in *port; accept times
+ * out. rcvbuf > 0 sets SO_RCVBUF first, which accepted sockets inherit (a peer that
+ * never reads then stops a sender soon). */
+static inline int tu_listen(int *port, int rcvbuf)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK_GE(fd, 0);
+    if (rcvbuf > 0)
+        CHECK_EQ(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf), 0);
+    tu_set_timeouts(fd);
+    struct sockaddr_in a = tu_loopback(0);
+    CHECK_EQ(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+    CHECK_EQ(listen(fd, 8), 0);
+    *port = tu_sock_port(fd);
+    return fd;
+}
+
 /* Makes close(fd) send a RST instead of a FIN. */
 static inline void tu_set_linger0(int fd)
 {
