@@ -418,7 +418,9 @@ void kn_conn_graceful(kn_loop *L, knet_conn *c, uint32_t ms) {
 static bool conn_read_go_on(kn_loop *L, knet_conn *c);
 
 void kn_conn_service(kn_loop *L, knet_conn *c) {
-    if (c->io.fd < 0 || !c->attached) return;
+    /* attached first: only this loop writes it, while the io.fd of a connection that
+     * never reached its loop may be written by the thread that gave up on it. */
+    if (!c->attached || c->io.fd < 0) return;
     /* KN_REQ_GRACEFUL stays until conn_begin_requested takes it with grace_ms. */
     unsigned req = atomic_fetch_and(&c->req, KN_REQ_GRACEFUL);
     if (req & KN_REQ_CLOSE) {

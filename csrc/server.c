@@ -174,7 +174,9 @@ int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
     int rc = s->closed ? KNET_ESERVERCLOSED : s->serving ? KNET_EBUSY : 0;
     if (rc == 0) {
         s->serving = true;
-        s->port = 0; /* not the error of an earlier call */
+        s->port = 0;      /* not the error of an earlier call */
+        s->lloop = NULL;  /* nor its loop: a stop meanwhile posts work only once this
+                           * call listens, and only then does it wait for that work */
     }
     pthread_mutex_unlock(&s->o.mu);
     if (rc < 0) return rc;

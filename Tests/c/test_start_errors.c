@@ -340,6 +340,69 @@ static void test_resolve_out_of_resources(void)
     }
 }
 
+/* Holds the loop running it in receive until hold_go (for test_relisten_fails_after_close). */
+static tu_counter hold_in, hold_go;
+
+static void holding_receive(knet_conn *c, const void *buf, size_t len, void *ud)
+{
+    (void)c, (void)buf, (void)len, (void)ud;
+    tu_counter_add(&hold_in, 1);
+    WAIT_GE(&hold_go, 1);
+}
+
+/* A listen that failed on its loop, then a second listen of the same server closed
+ * while it resolves and failing to bind: it returns with nothing of the close's left
+ * queued on any loop, so the caller may free the server at once. (Before, the close
+ * saw the first listen's loop and posted stop tasks to every loop; the failing listen
+ * did not wait for them and a loop ran them on the freed server: ASan
+ * heap-use-after-free. One loop is held meanwhile so its task runs after the free.) */
+static void test_relisten_fails_after_close(void)
+{
+    tu_counter_init(&resolves_held);
+    tu_counter_init(&resolves_released);
+    tu_counter_init(&hold_in);
+    tu_counter_init(&hold_go);
+    knet_handler hh = {NULL, holding_receive, NULL};
+    tu_server hs;
+    int hport = tu_server_start(&hs, "127.0.0.1:0", &hh, NULL);
+    CHECK_GT(hport, 0);
+
+    int holder;
+    int port = tu_reserve_port(&holder);
+    close(holder); /* free for the first listen, which binds it and then fails */
+    char addr[64];
+    snprintf(addr, sizeof addr, "localhost:%d", port); /* a name: the resolve can be held */
+    tu_server ts;
+    tu_server_init(&ts, addr, NULL, NULL);
+    atomic_store(&fail_adds, 1);
+    CHECK_EQ(knet_server_listen_and_serve(ts.srv, NULL, NULL), -ENOSPC);
+    int occ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0); /* the second bind fails */
+    CHECK_GE(occ, 0);
+    struct sockaddr_in a = tu_loopback(port);
+    CHECK_EQ(bind(occ, (struct sockaddr *)&a, sizeof a), 0);
+    CHECK_EQ(listen(occ, 8), 0);
+
+    atomic_store(&hold_resolves, true);
+    CHECK_EQ(pthread_create(&ts.thread, NULL, tu_server_main, &ts), 0);
+    WAIT_GE(&resolves_held, 1);
+    atomic_store(&hold_resolves, false);
+    int peer = tu_connect(hport);
+    tu_write_str(peer, "x");
+    WAIT_GE(&hold_in, 1); /* one loop held */
+    CHECK_EQ(knet_server_close(ts.srv), 0);
+    tu_counter_add(&resolves_released, 1);
+    CHECK_EQ(tu_server_join(&ts), -EADDRINUSE); /* which frees the server at once */
+    tu_counter_add(&hold_go, 1);
+    close(peer);
+    /* hs's stop tasks run on every loop after anything queued there before. */
+    CHECK_EQ(tu_server_stop(&hs), KNET_ESERVERCLOSED);
+    close(occ);
+    tu_counter_destroy(&resolves_held);
+    tu_counter_destroy(&resolves_released);
+    tu_counter_destroy(&hold_in);
+    tu_counter_destroy(&hold_go);
+}
+
 int main(void)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -352,5 +415,6 @@ int main(void)
     RUN(test_closed_while_resolving);
     RUN(test_client_conn_not_watched);
     RUN(test_resolve_out_of_resources);
+    RUN(test_relisten_fails_after_close);
     return tu_end();
 }
