@@ -60,14 +60,7 @@ extension KNetTests {
         let conn = try #require(handler.only?.object)
         conn.setPendingSend(2)
         let message = [UInt8](repeating: 7, count: 256 * 1024)
-        var thrown: KNetError?
-        for _ in 0..<2000 {
-            do { try conn.send(message) } catch let error as KNetError {
-                thrown = error
-                break
-            }
-        }
-        #expect(thrown == .pendingSendFull)
+        #expect(try sendUntilError(conn, message, attempts: 2000) == .pendingSendFull)
         conn.close()
         #expect(throws: KNetError.connectionClosed) { try conn.send(message) }
         #expect(server.stop() == .serverClosed)

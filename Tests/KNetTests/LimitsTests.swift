@@ -81,14 +81,7 @@ extension KNetTests {
         let conn = try #require(handler.only?.object)
         conn.setMaxQueuedBytes(1 << 20)
         let message = [UInt8](repeating: 1, count: 64 * 1024)
-        var thrown: KNetError?
-        for _ in 0..<2000 {
-            do { try conn.send(message) } catch let error as KNetError {
-                thrown = error
-                break
-            }
-        }
-        #expect(thrown == .pendingSendFull)
+        #expect(try sendUntilError(conn, message, attempts: 2000) == .pendingSendFull)
         #expect(server.stop() == .serverClosed)
         _ = peer
     }
@@ -105,14 +98,8 @@ extension KNetTests {
         #expect(eventually { handler.only?.object != nil })
         let conn = try #require(handler.only?.object)
         let message = [UInt8](repeating: 1, count: 64 * 1024)
-        var thrown: KNetError?
-        for _ in 0..<256 {  // 16 MiB: past 1 MiB plus the kernel's buffers, short of 64 MiB
-            do { try conn.send(message) } catch let error as KNetError {
-                thrown = error
-                break
-            }
-        }
-        #expect(thrown == .pendingSendFull)
+        // 16 MiB at most: past 1 MiB plus the kernel's buffers, short of 64 MiB.
+        #expect(try sendUntilError(conn, message, attempts: 256) == .pendingSendFull)
         // Nothing moves after that: the idle timeout ends the connection (and the
         // persistent client dials again).
         #expect(eventually { handler.snapshot.connections[0]?.disconnects == 1 })

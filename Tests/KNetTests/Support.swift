@@ -228,6 +228,15 @@ final class RecordingHandler: TCPHandler {
     var totalBytes: Int { state.withLock { $0.connections.values.reduce(0) { $0 + $1.bytes.count } } }
 }
 
+/// Sends `message` on `conn` up to `attempts` times; returns the first KNetError a send
+/// threw, or nil when every send was accepted (other errors are rethrown).
+func sendUntilError(_ conn: TCPConnection, _ message: [UInt8], attempts: Int) throws -> KNetError? {
+    for _ in 0..<attempts {
+        do { try conn.send(message) } catch let error as KNetError { return error }
+    }
+    return nil
+}
+
 /// A blocking plain-socket peer on 127.0.0.1 (no knet), for byte-exact control.
 final class PlainSocket {
     let fd: Int32
