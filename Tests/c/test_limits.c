@@ -219,6 +219,19 @@ static void test_idle_timeout(void)
     tu_tracker_free(t);
 }
 
+/* Queues MSG-byte sends on conn until one fails or limit bytes went; returns the
+ * bytes queued, the failing send's result in *rc (0 when none failed). */
+static size_t send_until(knet_conn *conn, size_t limit, int *rc)
+{
+    static uint8_t buf[MSG];
+    memset(buf, 'n', sizeof buf);
+    size_t sent = 0;
+    *rc = 0;
+    while (sent < limit && (*rc = knet_conn_send(conn, buf, sizeof buf)) == 0)
+        sent += sizeof buf;
+    return sent;
+}
+
 /* max_queued_bytes: one message always fits an empty queue; with the peer not
  * reading, sends stop with KNET_EPENDINGFULL; the server-wide default applies. */
 static void test_max_queued_bytes(void)
@@ -232,15 +245,11 @@ static void test_max_queued_bytes(void)
     CHECK_GT(port, 0);
     int fd = tu_connect_ex(port, 16384);
     knet_conn *conn = tu_tracker_rec(t, 0)->conn;
+    int rc;
+    size_t sent = send_until(conn, (size_t)256 << 20, &rc);
+    CHECK_EQ(rc, KNET_EPENDINGFULL);
     static uint8_t buf[MSG];
     memset(buf, 'm', sizeof buf);
-    size_t sent = 0;
-    int rc;
-    while ((rc = knet_conn_send(conn, buf, sizeof buf)) == 0) {
-        sent += sizeof buf;
-        CHECK_LT(sent, (size_t)256 << 20);
-    }
-    CHECK_EQ(rc, KNET_EPENDINGFULL);
     printf("  EPENDINGFULL after %zu KiB\n", sent / 1024);
     knet_conn_set_max_queued_bytes(conn, 0); /* unlimited */
     CHECK_EQ(knet_conn_send(conn, buf, sizeof buf), 0);
@@ -319,19 +328,6 @@ static void test_client_idle_timeout(void)
     CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
     tu_tracker_free(st);
     tu_tracker_free(ct);
-}
-
-/* Queues MSG-byte sends on conn until one fails or limit bytes went; returns the
- * bytes queued, the failing send's result in *rc (0 when none failed). */
-static size_t send_until(knet_conn *conn, size_t limit, int *rc)
-{
-    static uint8_t buf[MSG];
-    memset(buf, 'n', sizeof buf);
-    size_t sent = 0;
-    *rc = 0;
-    while (sent < limit && (*rc = knet_conn_send(conn, buf, sizeof buf)) == 0)
-        sent += sizeof buf;
-    return sent;
 }
 
 /* The client's idle timeout and queue bound apply to the connections it dials after
