@@ -133,7 +133,7 @@ struct kn_owner {
     knet_codec codec;
     size_t max_frame;
     kn_slot *slots; /* one per loop, while serving */
-    kn_task *stop_nodes; /* 2 per loop: a graceful then a forced stop post no allocation */
+    kn_task *stop_nodes; /* 2 per loop, for kn_owner_stop_loops: a stop allocates nothing */
     /* limits given to new connections (under mu) */
     size_t max_conns, max_qbytes;
     uint32_t idle_ms;
@@ -146,7 +146,7 @@ struct kn_owner {
     atomic_bool closing;  /* a server's: no new connections; attach closes them (set under mu) */
     bool serves_one;      /* a client: its serving thread waits out every connection */
     int close_reason;     /* what connections closed by the owner report */
-    uint32_t grace_ms;    /* for kn_owner_shutdown_task */
+    uint32_t grace_ms;    /* for a graceful kn_owner_stop_loops */
 };
 
 void kn_owner_init(kn_owner *o);
@@ -157,19 +157,15 @@ void kn_owner_conn_done(kn_owner *o); /* live--; wakes the serving thread if it 
 bool kn_owner_admit(kn_owner *o);
 /* Allocates the per-loop byte counters (starts the loops); 0 or -ENOMEM. */
 int kn_owner_start(kn_owner *o);
-/* Broadcast task: graceful close of o's connections with o->grace_ms. */
-void kn_owner_shutdown_task(kn_loop *L, void *arg);
 void kn_owner_stats(kn_owner *o, knet_stats *out);
-/* Posts fn(L, o) to every loop with o's stop nodes (set 0 for a graceful stop, 1
- * for a forced one; each set is used once); the caller already added
- * kn_loop_count() to o->tasks under o->mu (in the same critical section that made
- * the work due). */
-void kn_owner_broadcast(kn_owner *o, kn_task_fn fn, unsigned set);
+/* Has every loop close o's connections (force: at once, with o->close_reason) or
+ * shut them down gracefully (with o->grace_ms), through o's stop nodes: each kind
+ * is posted at most once. The caller already added kn_loop_count() to o->tasks
+ * under o->mu (in the same critical section that made the work due). */
+void kn_owner_stop_loops(kn_owner *o, bool force);
 void kn_owner_task_done(kn_owner *o);
 /* Closes (reason) every connection of o on loop L. */
 void kn_owner_close_conns(kn_loop *L, kn_owner *o, int reason);
-/* Broadcast task: closes o's connections with o->close_reason. */
-void kn_owner_close_task(kn_loop *L, void *arg);
 
 /* ------------------------------------------------------------ send queue */
 typedef struct kn_chunk {

@@ -103,11 +103,6 @@ void kn_owner_task_done(kn_owner *o) {
     pthread_mutex_unlock(&o->mu);
 }
 
-void kn_owner_broadcast(kn_owner *o, kn_task_fn fn, unsigned set) {
-    unsigned n = kn_loop_count();
-    for (unsigned i = 0; i < n; i++) kn_loop_post_node(kn_loop_at(i), &o->stop_nodes[set * n + i], fn, o);
-}
-
 void kn_owner_close_conns(kn_loop *L, kn_owner *o, int reason) {
     knet_conn *c = L->conns;
     while (c) {
@@ -117,13 +112,13 @@ void kn_owner_close_conns(kn_loop *L, kn_owner *o, int reason) {
     }
 }
 
-void kn_owner_close_task(kn_loop *L, void *arg) {
+static void close_task(kn_loop *L, void *arg) {
     kn_owner *o = arg;
     kn_owner_close_conns(L, o, o->close_reason);
     kn_owner_task_done(o);
 }
 
-void kn_owner_shutdown_task(kn_loop *L, void *arg) {
+static void shutdown_task(kn_loop *L, void *arg) {
     kn_owner *o = arg;
     pthread_mutex_lock(&o->mu);
     uint32_t ms = o->grace_ms;
@@ -135,4 +130,11 @@ void kn_owner_shutdown_task(kn_loop *L, void *arg) {
         c = next;
     }
     kn_owner_task_done(o);
+}
+
+void kn_owner_stop_loops(kn_owner *o, bool force) {
+    unsigned n = kn_loop_count();
+    kn_task *nodes = o->stop_nodes + (force ? n : 0);
+    for (unsigned i = 0; i < n; i++)
+        kn_loop_post_node(kn_loop_at(i), &nodes[i], force ? close_task : shutdown_task, o);
 }

@@ -249,7 +249,7 @@ static int server_stop(knet_server *s, bool force, uint32_t ms) {
     }
     pthread_cond_broadcast(&s->o.cv);
     pthread_mutex_unlock(&s->o.mu);
-    if (serving) kn_owner_broadcast(&s->o, force ? kn_owner_close_task : kn_owner_shutdown_task, force);
+    if (serving) kn_owner_stop_loops(&s->o, force);
 
     return 0;
 }
