@@ -4,7 +4,8 @@
  * needs an allocation (before: a lost stop task left listen_and_serve blocked for
  * good, a timer heap that could not grow aborted the process). A connection whose
  * loop cannot make that room is closed at attach, with no callbacks, and the server
- * goes on. malloc and realloc are wrapped at link time to fail on demand. */
+ * goes on; a client connection that cannot be handed to its loop is a failed dial.
+ * malloc and realloc are wrapped at link time to fail on demand. */
 #include "testutil.h"
 
 void *__real_malloc(size_t n);
@@ -134,6 +135,43 @@ static void test_timer_room_taken_at_attach(void)
     tu_tracker_free(t);
 }
 
+/* Runs dial_and_serve with every allocation of the dialing thread failing. */
+static void *failing_dialer(void *arg)
+{
+    tls_fail_malloc = true;
+    void *r = tu_client_main(arg);
+    tls_fail_malloc = false;
+    return r;
+}
+
+/* A dialed connection that cannot be handed to its loop (the attach task's
+ * allocation fails) is a failed dial, as knet.h says: with retry off
+ * dial_and_serve returns -ENOMEM; the server side sees the connection closed; no
+ * callbacks. */
+static void test_client_attach_out_of_memory(void)
+{
+    int port;
+    int lfd = tu_listen(&port, 0);
+    tu_tracker *t = tu_tracker_new();
+    tu_client tc;
+    memset(&tc, 0, sizeof tc);
+    tc.cli = tu_client_for_port(port); /* retry off */
+    tc.handler = tu_tracker_handler(t);
+    tu_counter_init(&tc.done);
+    atomic_store(&failed, 0);
+    CHECK_EQ(pthread_create(&tc.thread, NULL, failing_dialer, &tc), 0);
+    CHECK_EQ(tu_client_join(&tc), -ENOMEM);
+    CHECK_GE(atomic_load(&failed), 1);
+    int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+    CHECK_GE(fd, 0);
+    EXPECT_PEER_CLOSED(fd);
+    close(fd);
+    knet_client_free(tc.cli);
+    CHECK_EQ(tu_counter_get(&t->connects), 0);
+    tu_tracker_free(t);
+    close(lfd);
+}
+
 int main(void)
 {
     CHECK_EQ(knet_set_loop_threads(2), 0);
@@ -141,5 +179,6 @@ int main(void)
     RUN(test_close_allocates_nothing);
     RUN(test_shutdown_allocates_nothing);
     RUN(test_timer_room_taken_at_attach);
+    RUN(test_client_attach_out_of_memory);
     return tu_end();
 }
