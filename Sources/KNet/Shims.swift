@@ -32,9 +32,9 @@ final class ThreadSlot {
     /// Reads in a row that used under a quarter of the spare; at `shrinkAfter` the spare
     /// is sized down.
     @exclusivity(unchecked) var shortReads = 0
-    /// The array a small message (under `handOverMinimum`) is copied into and handed over
-    /// in. When the handler did not keep it, the next small message reuses its storage: a
-    /// small message costs a copy but no allocation.
+    /// The array a small message (under `handOverMinimum`, or a read that used little of
+    /// a large spare) is copied into and handed over in. When the handler did not keep it,
+    /// the next such message reuses its storage: it costs a copy but no allocation.
     @exclusivity(unchecked) var small: [UInt8] = []
 
     /// After a receive of the spare itself: empties it, keeping the storage when the
@@ -281,11 +281,12 @@ private func message(_ buf: UnsafeRawPointer?, _ len: Int, _ tcp: TCPConnection)
                 slot.shortReads = 0
                 return (slot.spare, true)
             }
-            // Mostly empty for reads of this size: copy this one. The spare is sized down
-            // only after several such reads in a row: the short tail of a large message
-            // alone would otherwise shrink it, the next large message then take three
-            // reads into growing spares, and so on for every message.
-            let bytes = Array(UnsafeRawBufferPointer(start: buf, count: len))
+            // Mostly empty for reads of this size: copy this one, into the reused small
+            // array (no allocation when the handler did not keep the last one). The spare
+            // is sized down only after several such reads in a row: the short tail of a
+            // large message alone would otherwise shrink it, the next large message then
+            // take three reads into growing spares, and so on for every message.
+            let bytes = slot.smallMessage(UnsafeRawBufferPointer(start: buf, count: len))
             slot.shortReads += 1
             if slot.shortReads >= shrinkAfter {
                 slot.shortReads = 0
