@@ -421,8 +421,11 @@ void kn_conn_service(kn_loop *L, knet_conn *c) {
     /* attached first: only this loop writes it, while the io.fd of a connection that
      * never reached its loop may be written by the thread that gave up on it. */
     if (!c->attached || c->io.fd < 0) return;
-    /* KN_REQ_GRACEFUL stays until conn_begin_requested takes it with grace_ms. */
-    unsigned req = atomic_fetch_and(&c->req, KN_REQ_GRACEFUL);
+    /* KN_REQ_GRACEFUL stays until conn_begin_requested takes it with grace_ms.
+     * KN_REQ_CLOSE stays too: while it is set, a second close request keeps away
+     * from req_reason, so the first one's reason is the one reported (c is marked
+     * closed below, which turns away any later request). */
+    unsigned req = atomic_load(&c->req);
     if (req & KN_REQ_CLOSE) {
         pthread_mutex_lock(&c->mu);
         int reason = c->req_reason;
