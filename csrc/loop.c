@@ -247,8 +247,13 @@ static void *loop_main(void *arg) {
             kn_io *io = evs[i].data.ptr;
             if (io->fd >= 0) io->cb(L, io, evs[i].events);
         }
-        timers_run(L);
+        /* Requests other threads made before this wake-up go before the timers:
+         * a close, a graceful close or a send asked for while the loop was busy
+         * must not lose to an idle deadline that passed meanwhile. Work a timer
+         * queued on this loop is drained in the next iteration, without waiting. */
         more = drain(L);
+        timers_run(L);
+        more = more || atomic_load_explicit(&L->has_work, memory_order_acquire);
         reap(L);
     }
     return NULL;

@@ -107,7 +107,9 @@ void kn_owner_close_conns(kn_loop *L, kn_owner *o, int reason) {
     knet_conn *c = L->conns;
     while (c) {
         knet_conn *next = c->next;
-        if (c->owner == o) kn_conn_finish(c, reason);
+        /* A close asked for earlier keeps its reason: c is on the ready list, which
+         * finishes it with that reason (as kn_conn_graceful leaves it). */
+        if (c->owner == o && !(atomic_load(&c->req) & KN_REQ_CLOSE)) kn_conn_finish(c, reason);
         c = next;
     }
 }
