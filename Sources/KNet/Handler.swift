@@ -10,9 +10,9 @@ public protocol TCPHandler: Sendable {
     /// One message decoded by the codec arrived; runs on the connection's loop thread.
     /// `buf` is the handler's to keep; an array knet made holds at most 4 × its count (or
     /// 64 bytes) of capacity. A raw read of 1 KiB or more arrives in the very array it was
-    /// read into (no copy) unless that array is over 4 × the read (then it is copied once
-    /// and the next array sized down); a smaller message is copied into storage reused
-    /// when dropped.
+    /// read into (no copy) unless that array is over 4 × the read (then it is copied, and
+    /// after four such reads in a row the next array is sized down); a smaller message is
+    /// copied into storage reused when dropped.
     func receive(_ conn: TCPConnection, _ buf: [UInt8])
 }
 

@@ -201,12 +201,20 @@ private let shrinkAfter = 4
 /// Capacity a small array may have whatever its count (the allocator's rounding).
 private let smallSlack = 64
 
+/// What an array's allocation holds besides its elements (its header, the allocator's
+/// rounding). A spare asked for with this much less than a power of two gets no more
+/// than the power of two, so a read of a quarter of that is handed over: asked for in
+/// full, a 4 KiB spare has 4104 bytes and reads of 1024 and 1025 bytes were copied for
+/// ever (the spare remade at the same size after every four).
+private let spareOverhead = 64
+
 /// The capacity of a spare array for reads of `length` bytes: room to spare (a read that
-/// fills the buffer costs a second read), a power of two from 4 KiB to 64 KiB.
+/// fills the buffer costs a second read), a power of two from 4 KiB to 64 KiB less
+/// `spareOverhead`.
 private func spareCapacity(for length: Int) -> Int {
     var capacity = 4096
-    while capacity <= length && capacity < 65_536 { capacity <<= 1 }
-    return capacity
+    while capacity - spareOverhead <= length && capacity < 65_536 { capacity <<= 1 }
+    return capacity - spareOverhead
 }
 
 /// The bytes a read already put in an array's spare capacity: appending this sequence

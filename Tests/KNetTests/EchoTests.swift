@@ -312,4 +312,28 @@ extension KNetTests {
         #expect(receives <= rounds + 10, "\(receives) receives for \(rounds) messages")
         #expect(server.stop() == .serverClosed)
     }
+
+    @Test("steady raw reads of 1 KiB and a little more arrive in the array they were read into",
+          arguments: [1024, 1025, 1026, 1500])
+    func oneKiBReadsHandedOver(size: Int) throws {
+        let capacities = Locked<[Int]>([])
+        let handler = RecordingHandler(keepObjects: false, onReceive: { _, buf in
+            capacities.withLock { $0.append(buf.capacity) }
+        })
+        let server = try ServerHarness(handler: handler, codec: nil)
+        let peer = try PlainSocket(port: server.port)
+        let rounds = 24
+        for round in 0..<rounds {  // one at a time: each read is exactly `size` bytes
+            try peer.write(pattern(size, offset: round))
+            try #require(eventually { capacities.withLock { $0.count } == round + 1 })
+        }
+        // After a few reads (four short ones in a row size the spare down) each read lands
+        // in the spare itself, whose capacity is well over the read (a copy's fits it).
+        // A 4 KiB spare asked for in full got 4104 bytes, over 4 × 1024: reads of 1024
+        // and 1025 bytes were copied for ever, the spare remade after every four.
+        let tail = capacities.withLock { Array($0.suffix(8)) }
+        let handedOver = tail.filter { $0 >= size + 1024 }.count
+        #expect(handedOver == tail.count, "capacities of the last reads: \(tail)")
+        #expect(server.stop() == .serverClosed)
+    }
 }
