@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test of knet: the C suite (ctest) plainly, under ASan+UBSan and
-# under TSan; the Swift suite (swift test); and each fuzzer for a short time.
+# Runs every test of knet: the C suite (ctest) plainly, under ASan+UBSan,
+# under TSan and built with clang; the Swift suite (swift test); and each fuzzer for a short time.
 # Usage: scripts/test-all.sh            (from anywhere; builds into build-test-*)
-# Env:   KNET_TEST_SKIP="tsan fuzz ..."  skips parts: plain asan tsan swift swift-tsan fuzz
+# Env:   KNET_TEST_SKIP="tsan fuzz ..."  skips parts: plain asan tsan clang swift swift-tsan fuzz
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -23,6 +23,16 @@ run_ctest() { # name, cmake args...
 [[ $skip == *" plain "* ]] || run_ctest plain -DCMAKE_BUILD_TYPE=RelWithDebInfo
 [[ $skip == *" asan "* ]]  || run_ctest asan -DCMAKE_BUILD_TYPE=Debug "-DKNET_SANITIZE=address;undefined"
 [[ $skip == *" tsan "* ]]  || run_ctest tsan -DCMAKE_BUILD_TYPE=Debug -DKNET_SANITIZE=thread
+# The same -Werror build with clang (the Swift toolchain's when none is on PATH).
+if [[ $skip != *" clang "* ]]; then
+  cc=$(command -v clang || echo /opt/swift/usr/bin/clang)
+  cxx=$(command -v clang++ || echo /opt/swift/usr/bin/clang++)
+  if [[ -x $cc && -x $cxx ]]; then
+    run_ctest clang -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_COMPILER="$cc" -DCMAKE_CXX_COMPILER="$cxx"
+  else
+    echo "no clang found: the clang build is skipped"; failed+=("clang-missing")
+  fi
+fi
 
 if [[ $skip != *" swift "* ]]; then
   step "Swift suite (swift test)"
