@@ -71,7 +71,24 @@ static int queue_append(kn_queue *q, const struct iovec *iov, size_t n, size_t s
 }
 
 static void queue_splice(kn_queue *dst, kn_queue *src) {
-    if (!src->head) return;
+    /* A chunk whose bytes fit in the room left in dst's last one is copied there:
+     * else each batch the loop takes on its own (a sender slower than the loop)
+     * would pin a chunk of its own, 64 KiB for a 16-byte message. What is linked
+     * leaves less room unused before it than it holds itself. */
+    while (src->head && dst->tail) {
+        kn_chunk *s = src->head, *t = dst->tail;
+        size_t len = s->len - s->off;
+        if (len > t->cap - t->len) break;
+        memcpy(t->data + t->len, s->data + s->off, len);
+        t->len += len;
+        t->nmsgs += s->nmsgs;
+        src->head = s->next;
+        free(s);
+    }
+    if (!src->head) {
+        src->tail = NULL;
+        return;
+    }
     if (dst->tail) dst->tail->next = src->head;
     else dst->head = src->head;
     dst->tail = src->tail;
@@ -301,10 +318,12 @@ static void conn_schedule(knet_conn *c) {
 /* Takes what other threads queued (under mu) behind what the loop holds. */
 static void conn_take_inbox(knet_conn *c) {
     pthread_mutex_lock(&c->mu);
-    queue_splice(&c->outq, &c->inbox);
+    kn_queue in = c->inbox;
+    c->inbox.head = c->inbox.tail = NULL;
     c->inbox_sched = false;
     atomic_store_explicit(&c->inbox_full, false, memory_order_relaxed);
     pthread_mutex_unlock(&c->mu);
+    queue_splice(&c->outq, &in); /* may copy: outside the senders' lock */
 }
 
 /* Writes as much of the queue as the socket takes; once it is empty, a
@@ -518,7 +537,8 @@ static void conn_read(kn_loop *L, knet_conn *c) {
              * so the limit does not depend on how the bytes were split. A raw
              * stream has no frames: its messages are reads, never buffered. */
             if (r < 0 || (size_t)r > total - off || (k->read && (size_t)r > o->max_frame)) {
-                err = r < 0 ? (int)r : KNET_ECODEC;
+                /* A negative return int cannot hold is no code: never 0 or 1 ("open"). */
+                err = r < 0 && r >= INT_MIN ? (int)r : KNET_ECODEC;
                 break;
             }
             off += (size_t)r;

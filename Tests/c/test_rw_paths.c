@@ -1,0 +1,139 @@
+/* Read and send paths (second review):
+ *  - small sends from another thread to a connection whose peer does not read
+ *    keep the queue's memory near the bytes queued (each one taken by the loop
+ *    on its own must not pin a 64 KiB chunk);
+ *  - a codec read returning a negative value outside int's range closes the
+ *    connection with an error, as a negative code does. */
+#include "testutil.h"
+
+#include <malloc.h>
+
+/* Live bytes of blocks of 64 KiB or more (the send queue's chunks), counted
+ * through wrapped malloc and free. */
+static _Atomic long long big_live;
+void *__real_malloc(size_t n);
+void __real_free(void *p);
+void *__wrap_malloc(size_t n)
+{
+    void *p = __real_malloc(n);
+    if (p && n >= 65536)
+        atomic_fetch_add(&big_live, (long long)malloc_usable_size(p));
+    return p;
+}
+void __wrap_free(void *p)
+{
+    if (p) {
+        size_t u = malloc_usable_size(p);
+        if (u >= 65536)
+            atomic_fetch_sub(&big_live, (long long)u);
+    }
+    __real_free(p);
+}
+
+#define FILLER ((size_t)8 << 20)
+#define SMALL 16
+#define NSMALL 1000
+
+static void test_small_off_loop_sends_memory(void)
+{
+    tu_tracker *t = tu_tracker_new();
+    t->echo = true;
+    knet_handler h = tu_tracker_handler(t);
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &h, NULL);
+    CHECK_GT(port, 0);
+    int slow = tu_connect_ex(port, 4096); /* never reads until the end */
+    knet_conn *a = tu_tracker_rec(t, 0)->conn;
+    int pace = tu_connect(port);
+    (void)tu_tracker_rec(t, 1);
+
+    /* More than the kernel takes: the rest stays queued, EPOLLOUT armed. */
+    uint8_t *filler = malloc(FILLER);
+    CHECK(filler != NULL);
+    tu_pattern_fill(filler, FILLER, 0, 7);
+    CHECK_EQ(knet_conn_send(a, filler, FILLER), 0);
+    /* One round trip on the other connection: the loop took the filler. */
+    char b = 'x';
+    tu_write_all(pace, &b, 1);
+    READ_EXACT(pace, &b, 1);
+
+    long long before = atomic_load(&big_live);
+    uint8_t msg[SMALL];
+    for (int i = 0; i < NSMALL; i++) {
+        tu_pattern_fill(msg, SMALL, FILLER + (uint64_t)i * SMALL, 7);
+        CHECK_EQ(knet_conn_send(a, msg, SMALL), 0);
+        /* Paced as a producer slower than the loop would be: the loop takes
+         * (at least) every other message on its own. */
+        tu_write_all(pace, &b, 1);
+        READ_EXACT(pace, &b, 1);
+    }
+    long long grown = atomic_load(&big_live) - before;
+    printf("  %d sends of %d bytes queued: chunk memory +%lld KiB\n", NSMALL, SMALL, grown / 1024);
+    CHECK_LT(grown, 1 << 20); /* 16,000 bytes queued */
+
+    /* Everything arrives, whole and in order. */
+    size_t total = FILLER + (size_t)NSMALL * SMALL, got = 0;
+    uint8_t *rb = malloc(65536);
+    CHECK(rb != NULL);
+    while (got < total) {
+        ssize_t n = tu_read_some(slow, rb, total - got < 65536 ? total - got : 65536);
+        CHECK_GT(n, 0);
+        CHECK_EQ(tu_pattern_mismatch(rb, (size_t)n, got, 7), (size_t)n);
+        got += (size_t)n;
+    }
+    free(rb);
+    free(filler);
+    close(slow);
+    close(pace);
+    WAIT_GE(&t->disconnects, 2);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
+/* A codec that rejects everything with a negative value int cannot hold. */
+static ptrdiff_t garbage_value;
+static ptrdiff_t garbage_read(const void *in, size_t len, const void **msg, size_t *mlen, void *ud)
+{
+    (void)in, (void)len, (void)msg, (void)mlen, (void)ud;
+    return garbage_value;
+}
+
+static void run_garbage_negative(ptrdiff_t v)
+{
+    garbage_value = v;
+    tu_tracker *t = tu_tracker_new();
+    knet_handler h = tu_tracker_handler(t);
+    knet_codec k = {garbage_read, NULL, NULL, 0};
+    tu_server ts;
+    tu_server_init(&ts, "127.0.0.1:0", &h, &k);
+    int port = tu_server_run(&ts);
+    CHECK_GT(port, 0);
+    int fd = tu_connect(port);
+    (void)tu_tracker_rec(t, 0);
+    tu_write_str(fd, "hello");
+    WAIT_GE(&t->disconnects, 1);
+    int reason = atomic_load(&t->recs[0].reason);
+    printf("  codec read returned %lld: close reason %d\n", (long long)v, reason);
+    CHECK_LT(reason, 0);
+    CHECK_EQ(atomic_load(&t->recs[0].rx_msgs), 0);
+    close(fd);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
+static void test_codec_read_negative_out_of_int_range(void)
+{
+    run_garbage_negative(-(ptrdiff_t)((int64_t)1 << 32) + 1); /* (int) = 1: "open" */
+    run_garbage_negative(-(ptrdiff_t)((int64_t)1 << 32));     /* (int) = 0: no close */
+}
+
+int main(int argc, char **argv)
+{
+    tu_begin();
+    const char *only = argc > 1 ? argv[1] : "";
+    if (!*only || strstr("test_small_off_loop_sends_memory", only))
+        RUN(test_small_off_loop_sends_memory);
+    if (!*only || strstr("test_codec_read_negative_out_of_int_range", only))
+        RUN(test_codec_read_negative_out_of_int_range);
+    return tu_end();
+}
