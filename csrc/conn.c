@@ -31,7 +31,13 @@ static int queue_append(kn_queue *q, const struct iovec *iov, size_t n, size_t s
     kn_chunk *t = q->tail;
     size_t room = t ? t->cap - t->len : 0;
     if (room < total) {
-        size_t need = total - room, cap = need > KN_CHUNK ? need : KN_CHUNK;
+        /* Chunks grow with the queue: the first holds 4 KiB, each next one twice
+         * its predecessor up to 64 KiB (or the message), so a few small messages
+         * pending hold a page, not 64 KiB, and a long queue still goes out in few
+         * large pieces. */
+        size_t grow = t ? 2 * t->cap : KN_CHUNK_MIN;
+        if (grow > KN_CHUNK) grow = KN_CHUNK;
+        size_t need = total - room, cap = need > grow ? need : grow;
         kn_chunk *k = malloc(sizeof *k + cap);
         if (!k) return -ENOMEM;
         k->next = NULL;

@@ -15,7 +15,8 @@
 #include <sys/uio.h>
 
 #define KN_READ_BUF (64u * 1024u)  /* per-loop read buffer */
-#define KN_CHUNK (64u * 1024u)     /* send-queue chunk payload */
+#define KN_CHUNK_MIN (4u * 1024u)  /* a queue's first chunk payload */
+#define KN_CHUNK (64u * 1024u)     /* largest chunk payload (a larger message gets its own) */
 #define KN_READ_BUDGET 16          /* full reads per readiness event (fairness) */
 #define KN_ACCEPT_BUDGET 64        /* accepts per readiness event */
 #define KN_IOV_MAX 64              /* iovecs per sendmsg */

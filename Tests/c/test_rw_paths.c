@@ -2,6 +2,7 @@
  *  - small sends from another thread to a connection whose peer does not read
  *    keep the queue's memory near the bytes queued (each one taken by the loop
  *    on its own must not pin a 64 KiB chunk);
+ *  - one small send from another thread allocates about a page, not 64 KiB;
  *  - a codec read returning a negative value outside int's range closes the
  *    connection with an error, as a negative code does. */
 #include "testutil.h"
@@ -11,6 +12,9 @@
 /* Live bytes of blocks of 64 KiB or more (the send queue's chunks), counted
  * through wrapped malloc and free. */
 static _Atomic long long big_live;
+/* And what the calling thread allocates while counting (any size). */
+static _Thread_local bool tls_counting;
+static _Thread_local long long tls_allocated;
 void *__real_malloc(size_t n);
 void __real_free(void *p);
 void *__wrap_malloc(size_t n)
@@ -18,6 +22,8 @@ void *__wrap_malloc(size_t n)
     void *p = __real_malloc(n);
     if (p && n >= 65536)
         atomic_fetch_add(&big_live, (long long)malloc_usable_size(p));
+    if (p && tls_counting)
+        tls_allocated += (long long)malloc_usable_size(p);
     return p;
 }
 void __wrap_free(void *p)
@@ -90,6 +96,37 @@ static void test_small_off_loop_sends_memory(void)
     tu_tracker_free(t);
 }
 
+/* A small send from a thread other than the loop's (a broadcast to many
+ * connections, say) holds about a page until the loop writes it, not a 64 KiB
+ * chunk: the queue's first chunk is small, later ones grow. */
+static void test_small_send_allocates_a_page(void)
+{
+    tu_tracker *t = tu_tracker_new();
+    knet_handler h = tu_tracker_handler(t);
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &h, NULL);
+    CHECK_GT(port, 0);
+    int fd = tu_connect(port);
+    knet_conn *c = tu_tracker_rec(t, 0)->conn;
+    uint8_t msg[SMALL];
+    tu_pattern_fill(msg, SMALL, 0, 7);
+    tls_allocated = 0;
+    tls_counting = true;
+    int rc = knet_conn_send(c, msg, SMALL); /* into the inbox: allocates here */
+    tls_counting = false;
+    CHECK_EQ(rc, 0);
+    printf("  one %d-byte send from another thread allocated %lld bytes\n", SMALL, tls_allocated);
+    CHECK_GT(tls_allocated, SMALL);
+    CHECK_LE(tls_allocated, 8192);
+    uint8_t got[SMALL];
+    READ_EXACT(fd, got, SMALL);
+    CHECK_EQ(memcmp(got, msg, SMALL), 0);
+    close(fd);
+    WAIT_GE(&t->disconnects, 1);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
 /* A codec that rejects everything with a negative value int cannot hold. */
 static ptrdiff_t garbage_value;
 static ptrdiff_t garbage_read(const void *in, size_t len, const void **msg, size_t *mlen, void *ud)
@@ -133,6 +170,8 @@ int main(int argc, char **argv)
     const char *only = argc > 1 ? argv[1] : "";
     if (!*only || strstr("test_small_off_loop_sends_memory", only))
         RUN(test_small_off_loop_sends_memory);
+    if (!*only || strstr("test_small_send_allocates_a_page", only))
+        RUN(test_small_send_allocates_a_page);
     if (!*only || strstr("test_codec_read_negative_out_of_int_range", only))
         RUN(test_codec_read_negative_out_of_int_range);
     return tu_end();
