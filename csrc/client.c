@@ -186,8 +186,7 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
     uint32_t wait = 0;
     for (;;) {
         pthread_mutex_lock(&c->o.mu);
-        bool closed = c->closed, retry = c->retry;
-        uint32_t initial = c->backoff_initial, max = c->backoff_max;
+        bool closed = c->closed;
         pthread_mutex_unlock(&c->o.mu);
         if (closed) {
             rc = KNET_ECLIENTCLOSED;
@@ -202,6 +201,13 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
             wait = 0;
             continue;
         }
+        /* The settings as they are now that the dial failed: a dial can take long
+         * (name lookup, SYN retries), and an enable or disable made meanwhile is
+         * for this failure. */
+        pthread_mutex_lock(&c->o.mu);
+        bool retry = c->retry;
+        uint32_t initial = c->backoff_initial, max = c->backoff_max;
+        pthread_mutex_unlock(&c->o.mu);
         if (!retry) break;
         wait = wait ? (wait > max / 2 ? max : wait * 2) : initial;
         kn_log(KNET_LOG_WARN, "dial %s: %s; retrying in %u ms", c->addr, knet_strerror(rc), wait);

@@ -1,0 +1,92 @@
+/* knet_client_enable_retry / knet_client_disable_retry are thread-safe and apply to a
+ * dial that fails after the call, also when that dial began before it: connect is
+ * wrapped at link time to hold a chosen dial until the test lets it go on. */
+#include "testutil.h"
+
+int __real_connect(int fd, const struct sockaddr *addr, socklen_t len);
+int __wrap_connect(int fd, const struct sockaddr *addr, socklen_t len);
+
+static _Atomic int hold_dials;  /* dials to hold in connect */
+static tu_counter dials;        /* connect calls made by dials */
+static tu_counter released;     /* how many held dials may go on */
+
+int __wrap_connect(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    long n = tu_counter_get(&dials);
+    tu_counter_add(&dials, 1);
+    if (atomic_load(&hold_dials) > 0) {
+        atomic_fetch_sub(&hold_dials, 1);
+        CHECK(tu_counter_wait_ge(&released, n + 1, TU_DEADLINE_MS));
+    }
+    return __real_connect(fd, addr, len);
+}
+
+/* Retry enabled while the first dial is under way (retry off when it began): the
+ * refused dial is retried, dial_and_serve does not return -ECONNREFUSED. */
+static void test_enable_retry_during_dial(void)
+{
+    int holder;
+    int port = tu_reserve_port(&holder); /* dials are refused */
+    knet_client *cli = tu_client_for_port(port); /* retry off */
+    knet_client_set_retry_backoff(cli, 1, 1);
+    knet_handler h = knet_default_handler;
+    tu_counter_init(&dials);
+    tu_counter_init(&released);
+    atomic_store(&hold_dials, 1);
+    tu_client tc;
+    tu_client_start(&tc, cli, &h, NULL);
+    WAIT_GE(&dials, 1);                 /* the first dial is in connect */
+    knet_client_enable_retry(cli);
+    tu_counter_add(&released, 1000000); /* let it (and every later dial) go on */
+    /* Retried: a second dial comes, dial_and_serve goes on until closed. */
+    bool redialed = tu_counter_wait_ge(&dials, 2, 5000);
+    if (!redialed) {
+        pthread_mutex_lock(&tc.done.mu);
+        fprintf(stderr, "no second dial; dial_and_serve returned %d (%s)\n", tc.rc, knet_strerror(tc.rc));
+        pthread_mutex_unlock(&tc.done.mu);
+    }
+    CHECK(redialed);
+    CHECK_EQ(knet_client_close(cli), 0);
+    CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    knet_client_free(cli);
+    close(holder);
+    tu_counter_destroy(&dials);
+    tu_counter_destroy(&released);
+}
+
+/* Retry disabled while a dial is under way (retry on when it began): the refused dial
+ * makes dial_and_serve return its error, with no backoff wait and no further dial. */
+static void test_disable_retry_during_dial(void)
+{
+    int holder;
+    int port = tu_reserve_port(&holder);
+    knet_client *cli = tu_client_for_port(port);
+    knet_client_enable_retry(cli);
+    knet_client_set_retry_backoff(cli, 30000, 60000); /* a retry would wait 30 s */
+    knet_handler h = knet_default_handler;
+    tu_counter_init(&dials);
+    tu_counter_init(&released);
+    atomic_store(&hold_dials, 1);
+    tu_client tc;
+    tu_client_start(&tc, cli, &h, NULL);
+    WAIT_GE(&dials, 1);
+    knet_client_disable_retry(cli);
+    tu_counter_add(&released, 1000000);
+    bool returned = tu_counter_wait_ge(&tc.done, 1, 5000);
+    if (!returned) fprintf(stderr, "dial_and_serve still running 5 s after a refused dial with retry off\n");
+    CHECK(returned);
+    CHECK_EQ(tu_client_join(&tc), -ECONNREFUSED);
+    CHECK_EQ(tu_counter_get(&dials), 1);
+    knet_client_free(cli);
+    close(holder);
+    tu_counter_destroy(&dials);
+    tu_counter_destroy(&released);
+}
+
+int main(void)
+{
+    tu_begin();
+    RUN(test_enable_retry_during_dial);
+    RUN(test_disable_retry_during_dial);
+    return tu_end();
+}
