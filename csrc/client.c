@@ -29,9 +29,11 @@ knet_client *knet_client_new(const char *addr) {
     c->addr = strdup(addr ? addr : "");
     c->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (!c->addr || c->wake_fd < 0) {
+        int err = c->wake_fd < 0 ? errno : ENOMEM; /* what the caller finds in errno */
         if (c->wake_fd >= 0) close(c->wake_fd);
         free(c->addr);
         free(c);
+        errno = err;
         return NULL;
     }
     kn_owner_init(&c->o);

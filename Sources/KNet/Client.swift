@@ -1,3 +1,10 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import CKNet
 
 /// A persistent dialing client (knet's TCPClient): `dialAndServe` dials, serves the
@@ -10,9 +17,14 @@ public final class TCPClient: Sendable {
     let current = ConnectionSlot()
 
     /// Creates a client that dials `address` ("host:port" or "[v6]:port"); retry is off.
+    /// Traps when the client cannot be made: out of memory, or no descriptor left for its
+    /// wake-up eventfd (the message names which).
     public init(_ address: String) {
         _ = knetLoggingInstalled
-        guard let handle = knet_client_new(address) else { fatalError("knet_client_new: out of memory") }
+        guard let handle = knet_client_new(address) else {
+            let err = errno // ENOMEM, or EMFILE/ENFILE from the eventfd
+            fatalError("knet_client_new: \(String(cString: knet_strerror(-err)))")
+        }
         self.handle = handle
     }
 

@@ -245,7 +245,8 @@ void knet_server_free(knet_server *s);
 /* ---------------------------------------------------------------- client */
 
 /* Creates a client that dials addr ("host:port" or "[v6]:port"). Retry is
- * off. Returns NULL when out of memory or of descriptors (its wake-up eventfd). */
+ * off. Returns NULL, with errno set, when out of memory (ENOMEM) or of
+ * descriptors (its wake-up eventfd: EMFILE, ENFILE). */
 knet_client *knet_client_new(const char *addr);
 
 /* Retries failed dials with exponential backoff (thread-safe). */
