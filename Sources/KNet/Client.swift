@@ -42,7 +42,8 @@ public final class TCPClient: Sendable {
         knet_client_disable_retry(handle)
     }
 
-    /// Sets the retry backoff: first wait `initial`, doubling up to `max`.
+    /// Sets the retry backoff: first wait `initial`, doubling up to `max` (0 counts as
+    /// 1 ms, a `max` below `initial` as `initial`); applies from the next failed dial.
     public func setRetryBackoff(initial: Duration, max: Duration) {
         knet_client_set_retry_backoff(handle, knetMilliseconds(initial), knetMilliseconds(max))
     }
@@ -69,7 +70,7 @@ public final class TCPClient: Sendable {
 
     /// Graceful stop: no more dialing; the current connection is shut down as with
     /// `TCPConnection.close(timeout:)`; then `dialAndServe` throws `.clientClosed`.
-    /// Does not block.
+    /// Does not block; a later `close()` force-closes at once.
     public func shutdown(timeout: Duration) {
         _ = knet_client_shutdown(handle, knetMilliseconds(timeout))
     }

@@ -75,7 +75,8 @@ public final class TCPServer: Sendable {
                            idleClosed: raw.idle_closed, bytesIn: raw.bytes_in, bytesOut: raw.bytes_out)
     }
 
-    /// The bound port once listening (useful with port 0), or 0 before.
+    /// The bound port once listening (useful with port 0; still after a close), or 0
+    /// before listening or when listening failed.
     public var port: Int {
         Int(max(0, knet_server_port(handle)))
     }

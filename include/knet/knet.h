@@ -176,8 +176,10 @@ knet_server *knet_server_new(const char *addr);
  * KNET_ESERVERCLOSED. Returns another negative code at once on an
  * unrecoverable error: KNET_EADDR, KNET_ERESOLVE, -EADDRINUSE, -EACCES,
  * -EMFILE, -ENFILE, -ENOMEM (also when the loop threads could not start, or
- * -EAGAIN when no loop thread could; a later call tries again)...
- * Callbacks run on loop threads, never on the calling thread. */
+ * -EAGAIN when no loop thread could; a later call tries again)...; KNET_EBUSY
+ * while another call serves this server, KNET_ESERVERCLOSED at once if it was
+ * closed, -EINVAL for NULL. Callbacks run on loop threads, never on the
+ * calling thread. */
 int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
                                  const knet_codec *codec);
 
@@ -230,7 +232,8 @@ typedef struct knet_stats {
 /* Fills *out with the server's counters (thread-safe). */
 void knet_server_stats(knet_server *s, knet_stats *out);
 
-/* Returns the bound port once listening, 0 before, or a negative listen error. */
+/* Returns the bound port once listening (still after the server closed), 0
+ * before, or a negative listen error. */
 int knet_server_port(const knet_server *s);
 
 /* Blocks until the server listens (returns its port), failed to listen
@@ -256,7 +259,9 @@ void knet_client_enable_retry(knet_client *c);
 void knet_client_disable_retry(knet_client *c);
 
 /* Sets the retry backoff: first wait initial_ms, doubling up to max_ms
- * (defaults 1000 and 60000). */
+ * (defaults 1000 and 60000). initial_ms 0 counts as 1, a max_ms below
+ * initial_ms as initial_ms; both are capped at INT_MAX. Read when a dial
+ * fails, so a change made during a dial applies to it (so do enable/disable). */
 void knet_client_set_retry_backoff(knet_client *c, uint32_t initial_ms, uint32_t max_ms);
 
 /* Dials, serves the connection until it closes, then dials again at once
@@ -278,7 +283,8 @@ int knet_client_close(knet_client *c);
 /* Graceful stop: no more dialing; the current connection is shut down as
  * with knet_conn_close_with_timeout(conn, timeout_ms) (its callbacks keep
  * running on the loop thread); then knet_client_dial_and_serve returns
- * KNET_ECLIENTCLOSED. Thread-safe, does not block. Returns 0, or
+ * KNET_ECLIENTCLOSED. Thread-safe, does not block. timeout_ms 0 counts as 1. A
+ * later knet_client_close force-closes at once (and returns 0). Returns 0, or
  * KNET_ECLIENTCLOSED if already stopping, or -EINVAL for NULL. */
 int knet_client_shutdown(knet_client *c, uint32_t timeout_ms);
 
