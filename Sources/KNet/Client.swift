@@ -51,8 +51,10 @@ public final class TCPClient: Sendable {
     /// Dials and serves with `handler` and `codec` (nil = defaults), dialing again at once
     /// each time the connection ends (the backoff paces failed dials only, as in Go's
     /// knet; a connection its loop could not take counts as a failed dial). Blocks; throws
-    /// `KNetError.clientClosed` after `close()`, or the dial error (e.g.
-    /// `.system(errno: ECONNREFUSED)`) when retry is off.
+    /// `KNetError.clientClosed` after `close()`, the dial error (e.g.
+    /// `.system(errno: ECONNREFUSED)`) when retry is off, `.busy` at once while another
+    /// `dialAndServe` of this client runs, or a loop-start error
+    /// (`.system(errno:)` EMFILE, ENFILE, ENOMEM, EAGAIN).
     public func dialAndServe(handler: (any TCPHandler)? = nil, codec: (any Codec)? = nil) throws {
         let rc = withExtendedLifetime(self) {
             withServeContext(handler: handler, codec: codec, clientSlot: current) { cHandler, cCodec in

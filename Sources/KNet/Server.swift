@@ -55,14 +55,14 @@ public final class TCPServer: Sendable {
         knet_server_set_max_conns(handle, max(0, maxConnections))
     }
 
-    /// Closes connections with no bytes either way for `timeout` (reason
-    /// `.system(errno: ETIMEDOUT)`); nil or zero turns it off (the default).
+    /// Closes connections accepted from now on that have had no bytes either way for
+    /// `timeout` (reason `.system(errno: ETIMEDOUT)`); nil or zero turns it off (the default).
     public func setIdleTimeout(_ timeout: Duration?) {
         knet_server_set_idle_timeout(handle, timeout.map(knetMilliseconds) ?? 0)
     }
 
-    /// Bounds the bytes queued per connection (default 64 MiB, 0 = unlimited); a send
-    /// beyond it throws `.pendingSendFull`.
+    /// Bounds the bytes queued per connection accepted from now on (default 64 MiB,
+    /// 0 = unlimited); a send beyond it throws `.pendingSendFull`.
     public func setMaxQueuedBytes(_ maxBytes: Int) {
         knet_server_set_max_queued_bytes(handle, max(0, maxBytes))
     }
@@ -81,8 +81,9 @@ public final class TCPServer: Sendable {
         Int(max(0, knet_server_port(handle)))
     }
 
-    /// Blocks until the server listens and returns its port; throws the listen error,
-    /// `.serverClosed` when it was closed before it listened, or
+    /// Blocks until the server listens and returns its port; throws the listen error of
+    /// the latest `listenAndServe` (a wait begun before a retried call started sees the
+    /// earlier failure), `.serverClosed` when it was closed before it listened, or
     /// `.system(errno: ETIMEDOUT)` after `timeout`.
     @discardableResult
     public func waitUntilListening(timeout: Duration) throws -> Int {
