@@ -79,8 +79,8 @@ static int queue_append(kn_queue *q, const struct iovec *iov, size_t n, size_t s
 static void queue_splice(kn_queue *dst, kn_queue *src) {
     /* A chunk whose bytes fit in the room left in dst's last one is copied there:
      * else each batch the loop takes on its own (a sender slower than the loop)
-     * would pin a chunk of its own, 64 KiB for a 16-byte message. What is linked
-     * leaves less room unused before it than it holds itself. */
+     * would pin a chunk of its own, 4 KiB or more for a 16-byte message. What is
+     * linked leaves less room unused before it than it holds itself. */
     while (src->head && dst->tail) {
         kn_chunk *s = src->head, *t = dst->tail;
         size_t len = s->len - s->off;
