@@ -16,7 +16,7 @@
 struct knet_client {
     kn_owner o;
     char *addr;
-    int wake_fd; /* readable once the client is closed */
+    int wake_fd; /* readable once the client is closed; made by the first serve */
     /* under o.mu */
     bool retry, serving, closed;
     uint32_t backoff_initial, backoff_max;
@@ -27,15 +27,11 @@ knet_client *knet_client_new(const char *addr) {
     knet_client *c = calloc(1, sizeof *c);
     if (!c) return NULL;
     c->addr = strdup(addr ? addr : "");
-    c->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (!c->addr || c->wake_fd < 0) {
-        int err = c->wake_fd < 0 ? errno : ENOMEM; /* what the caller finds in errno */
-        if (c->wake_fd >= 0) close(c->wake_fd);
-        free(c->addr);
+    if (!c->addr) {
         free(c);
-        errno = err;
         return NULL;
     }
+    c->wake_fd = -1;
     kn_owner_init(&c->o);
     c->o.close_reason = KNET_ECLIENTCLOSED;
     c->o.serves_one = true;
@@ -46,7 +42,7 @@ knet_client *knet_client_new(const char *addr) {
 
 void knet_client_free(knet_client *c) {
     if (!c) return;
-    close(c->wake_fd);
+    if (c->wake_fd >= 0) close(c->wake_fd);
     kn_owner_destroy(&c->o);
     free(c->addr);
     free(c);
@@ -173,6 +169,12 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
     if (!c) return -EINVAL;
     pthread_mutex_lock(&c->o.mu);
     int rc = c->closed ? KNET_ECLIENTCLOSED : c->serving ? KNET_EBUSY : 0;
+    if (rc == 0 && c->wake_fd < 0) {
+        /* Made here, not in knet_client_new: out of descriptors is then an error
+         * this call returns. Kept until knet_client_free (a stop may write to it). */
+        c->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (c->wake_fd < 0) rc = -errno;
+    }
     if (rc == 0) c->serving = true;
     pthread_mutex_unlock(&c->o.mu);
     if (rc < 0) return rc;
@@ -248,10 +250,13 @@ static int client_stop(knet_client *c, uint32_t grace_ms) {
     /* A task until this returns: else the serving thread could see the close,
      * return, and let the caller free c while it is still used here. */
     c->o.tasks++;
+    int wake_fd = c->wake_fd; /* -1 before the first serve, which then sees closed */
     pthread_mutex_unlock(&c->o.mu);
-    uint64_t one = 1;
-    ssize_t n = write(c->wake_fd, &one, sizeof one);
-    (void)n;
+    if (wake_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t n = write(wake_fd, &one, sizeof one);
+        (void)n;
+    }
     if (conn) {
         client_stop_conn(conn, grace_ms);
         knet_conn_release(conn);

@@ -1,10 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import CKNet
 
 /// A persistent dialing client (knet's TCPClient): `dialAndServe` dials, serves the
@@ -17,14 +10,10 @@ public final class TCPClient: Sendable {
     let current = ConnectionSlot()
 
     /// Creates a client that dials `address` ("host:port" or "[v6]:port"); retry is off.
-    /// Traps when the client cannot be made: out of memory, or no descriptor left for its
-    /// wake-up eventfd (the message names which).
+    /// Opens no descriptor (running out of them is an error `dialAndServe` throws).
     public init(_ address: String) {
         _ = knetLoggingInstalled
-        guard let handle = knet_client_new(address) else {
-            let err = errno // ENOMEM, or EMFILE/ENFILE from the eventfd
-            fatalError("knet_client_new: \(String(cString: knet_strerror(-err)))")
-        }
+        guard let handle = knet_client_new(address) else { fatalError("knet_client_new: out of memory") }
         self.handle = handle
     }
 
@@ -53,8 +42,8 @@ public final class TCPClient: Sendable {
     /// knet; a connection its loop could not take counts as a failed dial). Blocks; throws
     /// `KNetError.clientClosed` after `close()`, the dial error (e.g.
     /// `.system(errno: ECONNREFUSED)`) when retry is off, `.busy` at once while another
-    /// `dialAndServe` of this client runs, or a loop-start error
-    /// (`.system(errno:)` EMFILE, ENFILE, ENOMEM, EAGAIN).
+    /// `dialAndServe` of this client runs, or `.system(errno:)` EMFILE, ENFILE, ENOMEM or
+    /// EAGAIN when its wake-up descriptor or the loop threads could not be made.
     public func dialAndServe(handler: (any TCPHandler)? = nil, codec: (any Codec)? = nil) throws {
         let rc = withExtendedLifetime(self) {
             withServeContext(handler: handler, codec: codec, clientSlot: current) { cHandler, cCodec in

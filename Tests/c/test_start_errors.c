@@ -178,8 +178,9 @@ static void test_some_loop_threads_start(void)
     tu_tracker_free(t);
 }
 
-/* Out of descriptors, knet_client_new returns NULL (its wake-up eventfd cannot be
- * made) and leaves nothing open; with descriptors back it works. */
+/* Out of descriptors, knet_client_new still makes a client (it opens none);
+ * knet_client_dial_and_serve returns -EMFILE (its wake-up eventfd cannot be made)
+ * and leaves nothing open; with descriptors back the same client serves. */
 static void test_client_new_out_of_fds(void)
 {
     int base = tu_fd_count();
@@ -191,13 +192,19 @@ static void test_client_new_out_of_fds(void)
     tight = old;
     tight.rlim_cur = (rlim_t)lowest_free; /* no new descriptor at all */
     CHECK_EQ(setrlimit(RLIMIT_NOFILE, &tight), 0);
-    knet_client *c = knet_client_new("127.0.0.1:1");
-    CHECK_EQ(setrlimit(RLIMIT_NOFILE, &old), 0);
-    CHECK(c == NULL);
-    CHECK_EQ(tu_fd_count(), base);
-    c = knet_client_new("127.0.0.1:1");
+    knet_client *c = knet_client_new("127.0.0.1:1"); /* retry off */
     CHECK(c != NULL);
+    int rc = knet_client_dial_and_serve(c, NULL, NULL);
+    CHECK_EQ(setrlimit(RLIMIT_NOFILE, &old), 0);
+    CHECK_EQ(rc, -EMFILE);
+    CHECK_EQ(tu_fd_count(), base);
+    int holder;
+    int port = tu_reserve_port(&holder); /* bound, not listening: dials are refused */
     knet_client_free(c);
+    c = tu_client_for_port(port);
+    CHECK_EQ(knet_client_dial_and_serve(c, NULL, NULL), -ECONNREFUSED);
+    knet_client_free(c);
+    close(holder);
 }
 
 /* A server closed while it resolves its address never listens: no port is

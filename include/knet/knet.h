@@ -248,8 +248,8 @@ void knet_server_free(knet_server *s);
 /* ---------------------------------------------------------------- client */
 
 /* Creates a client that dials addr ("host:port" or "[v6]:port"). Retry is
- * off. Returns NULL, with errno set, when out of memory (ENOMEM) or of
- * descriptors (its wake-up eventfd: EMFILE, ENFILE). */
+ * off. Opens no descriptor (knet_client_dial_and_serve does); returns NULL only
+ * when out of memory. */
 knet_client *knet_client_new(const char *addr);
 
 /* Retries failed dials with exponential backoff (thread-safe). */
@@ -270,7 +270,8 @@ void knet_client_set_retry_backoff(knet_client *c, uint32_t initial_ms, uint32_t
  * Blocks. Returns KNET_ECLIENTCLOSED after
  * knet_client_close, a dial error when retry is off, KNET_EBUSY while another
  * call serves this client, -EINVAL for NULL, or -EMFILE, -ENFILE, -ENOMEM,
- * -EAGAIN when the loop threads could not start. Callbacks run on a
+ * -EAGAIN when the client's wake-up eventfd or the loop threads could not be
+ * made (a later call tries again). Callbacks run on a
  * loop thread. handler and codec (NULL = defaults) are copied. */
 int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
                                const knet_codec *codec);
