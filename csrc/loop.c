@@ -177,12 +177,11 @@ static void on_wake(kn_loop *L, kn_io *io, uint32_t events) {
     (void)atomic_exchange_explicit(&L->wake_pending, false, memory_order_acq_rel);
 }
 
-/* Runs posted tasks and services ready connections; returns true if more
- * work was queued meanwhile by this loop itself. The has_work check keeps the
- * mutex off the loop's path when nothing was posted (nearly every iteration):
- * a poster sets it under mu before it wakes the loop. */
-static bool drain(kn_loop *L) {
-    if (!atomic_load_explicit(&L->has_work, memory_order_acquire)) return false;
+/* Runs posted tasks and services ready connections. The has_work check keeps
+ * the mutex off the loop's path when nothing was posted (nearly every
+ * iteration): a poster sets it under mu before it wakes the loop. */
+static void drain(kn_loop *L) {
+    if (!atomic_load_explicit(&L->has_work, memory_order_acquire)) return;
     pthread_mutex_lock(&L->mu);
     atomic_store_explicit(&L->has_work, false, memory_order_relaxed);
     kn_task *t = L->tasks_head;
@@ -210,7 +209,6 @@ static bool drain(kn_loop *L) {
         knet_conn_release(c); /* the ready list's reference */
         c = next;
     }
-    return atomic_load_explicit(&L->has_work, memory_order_acquire);
 }
 
 static void reap(kn_loop *L) {
@@ -249,11 +247,12 @@ static void *loop_main(void *arg) {
         }
         /* Requests other threads made before this wake-up go before the timers:
          * a close, a graceful close or a send asked for while the loop was busy
-         * must not lose to an idle deadline that passed meanwhile. Work a timer
-         * queued on this loop is drained in the next iteration, without waiting. */
-        more = drain(L);
+         * must not lose to an idle deadline that passed meanwhile. Work the drain
+         * or a timer queued on this loop (no wake-up: has_work alone says so) is
+         * taken in the next iteration, without waiting. */
+        drain(L);
         timers_run(L);
-        more = more || atomic_load_explicit(&L->has_work, memory_order_acquire);
+        more = atomic_load_explicit(&L->has_work, memory_order_acquire);
         reap(L);
     }
     return NULL;
