@@ -21,21 +21,31 @@ int __wrap_connect(int fd, const struct sockaddr *addr, socklen_t len)
     return __real_connect(fd, addr, len);
 }
 
+/* Starts a client (retry as given, the backoff initial..max) on a port whose dials
+ * are refused, and returns once its first dial is held in connect. */
+static knet_client *start_held_dial(tu_client *tc, int *holder, bool retry, uint32_t initial,
+                                    uint32_t max)
+{
+    int port = tu_reserve_port(holder); /* bound, not listening: dials are refused */
+    knet_client *cli = tu_client_for_port(port);
+    if (retry)
+        knet_client_enable_retry(cli);
+    knet_client_set_retry_backoff(cli, initial, max);
+    tu_counter_init(&dials);
+    tu_counter_init(&released);
+    atomic_store(&hold_dials, 1);
+    tu_client_start(tc, cli, NULL, NULL);
+    WAIT_GE(&dials, 1); /* the first dial is in connect */
+    return cli;
+}
+
 /* Retry enabled while the first dial is under way (retry off when it began): the
  * refused dial is retried, dial_and_serve does not return -ECONNREFUSED. */
 static void test_enable_retry_during_dial(void)
 {
     int holder;
-    int port = tu_reserve_port(&holder); /* dials are refused */
-    knet_client *cli = tu_client_for_port(port); /* retry off */
-    knet_client_set_retry_backoff(cli, 1, 1);
-    knet_handler h = knet_default_handler;
-    tu_counter_init(&dials);
-    tu_counter_init(&released);
-    atomic_store(&hold_dials, 1);
     tu_client tc;
-    tu_client_start(&tc, cli, &h, NULL);
-    WAIT_GE(&dials, 1);                 /* the first dial is in connect */
+    knet_client *cli = start_held_dial(&tc, &holder, false, 1, 1);
     knet_client_enable_retry(cli);
     tu_counter_add(&released, 1000000); /* let it (and every later dial) go on */
     /* Retried: a second dial comes, dial_and_serve goes on until closed. */
@@ -59,17 +69,8 @@ static void test_enable_retry_during_dial(void)
 static void test_disable_retry_during_dial(void)
 {
     int holder;
-    int port = tu_reserve_port(&holder);
-    knet_client *cli = tu_client_for_port(port);
-    knet_client_enable_retry(cli);
-    knet_client_set_retry_backoff(cli, 30000, 60000); /* a retry would wait 30 s */
-    knet_handler h = knet_default_handler;
-    tu_counter_init(&dials);
-    tu_counter_init(&released);
-    atomic_store(&hold_dials, 1);
     tu_client tc;
-    tu_client_start(&tc, cli, &h, NULL);
-    WAIT_GE(&dials, 1);
+    knet_client *cli = start_held_dial(&tc, &holder, true, 30000, 60000); /* a retry would wait 30 s */
     knet_client_disable_retry(cli);
     tu_counter_add(&released, 1000000);
     bool returned = tu_counter_wait_ge(&tc.done, 1, 5000);

@@ -76,7 +76,7 @@ static void *pacer(void *arg)
     return NULL;
 }
 
-int main(void)
+static void test_mixed_sends_under_pending_limit(void)
 {
     tu_tracker *t = tu_tracker_new();
     t->on_receive = on_recv_hook;
@@ -131,6 +131,11 @@ int main(void)
     WAIT_GE(&t->disconnects, 2);
     CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
     tu_tracker_free(t);
-    printf("1 passed, 0 failed\n");
-    return 0;
+}
+
+int main(void)
+{
+    tu_begin();
+    RUN(test_mixed_sends_under_pending_limit);
+    return tu_end();
 }

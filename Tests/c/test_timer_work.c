@@ -18,9 +18,8 @@ static void x_connect(knet_conn *c, bool connected, void *ud)
     }
 }
 
-int main(void)
+static void test_timer_work_is_done_at_once(void)
 {
-    CHECK_EQ(knet_set_loop_threads(1), 0);
     knet_handler hx = {x_connect, NULL, NULL}, hy = {y_connect, NULL, NULL};
     tu_server sx, sy;
     tu_server_init(&sx, "127.0.0.1:0", &hx, NULL);
@@ -43,6 +42,12 @@ int main(void)
     knet_conn_release(atomic_load(&y_conn));
     CHECK_EQ(tu_server_stop(&sx), KNET_ESERVERCLOSED);
     CHECK_EQ(tu_server_stop(&sy), KNET_ESERVERCLOSED);
-    printf("1 passed, 0 failed\n");
-    return 0;
+}
+
+int main(void)
+{
+    CHECK_EQ(knet_set_loop_threads(1), 0);
+    tu_begin();
+    RUN(test_timer_work_is_done_at_once);
+    return tu_end();
 }
