@@ -101,6 +101,34 @@ static void test_retry_until_server_appears(void)
     tu_tracker_free(st);
 }
 
+/* The backoff values knet.h says are adjusted: an initial wait of 0 counts as 1 ms,
+ * a max below the initial wait as the initial wait (every logged wait shows it). */
+static void backoff_logs(uint32_t initial, uint32_t max, const char *want)
+{
+    int hold, port = tu_reserve_port(&hold);
+    long warns0 = tu_counter_get(&log_warns);
+    knet_client *c = tu_client_for_port(port);
+    knet_client_enable_retry(c);
+    knet_client_set_retry_backoff(c, initial, max);
+    tu_client tc;
+    tu_client_start(&tc, c, NULL, NULL);
+    WAIT_GE(&log_warns, warns0 + 3); /* the second and later waits use max too */
+    pthread_mutex_lock(&log_mu);
+    printf("  backoff (%u, %u): %s\n", initial, max, log_last);
+    CHECK(strstr(log_last, want) != NULL);
+    pthread_mutex_unlock(&log_mu);
+    CHECK_EQ(knet_client_close(c), 0);
+    CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    knet_client_free(c);
+    close(hold);
+}
+
+static void test_backoff_values_adjusted(void)
+{
+    backoff_logs(0, 0, "retrying in 1 ms");
+    backoff_logs(50, 10, "retrying in 50 ms");
+}
+
 /* knet_client_close during a 10 s backoff returns KNET_ECLIENTCLOSED promptly; a
  * second dial_and_serve meanwhile gets KNET_EBUSY and leaves the first serving. */
 static void test_close_during_backoff(void)
@@ -235,6 +263,7 @@ int main(void)
     RUN(test_refused_without_retry);
     RUN(test_bad_client_address);
     RUN(test_retry_until_server_appears);
+    RUN(test_backoff_values_adjusted);
     RUN(test_close_during_backoff);
     RUN(test_close_before_dial);
     RUN(test_redial_after_server_closes_conn);

@@ -304,6 +304,39 @@ static void test_client_shutdown(void)
     tu_tracker_free(ct);
 }
 
+/* knet_client_shutdown's adjustments (knet.h): a later knet_client_close returns 0 and
+ * force-closes the connection still shutting down; a timeout of 0 counts as 1 ms (a
+ * graceful close that times out, not a close). The peer never closes. */
+static void client_shutdown_silent_peer(uint32_t timeout_ms, bool then_close, int want_reason)
+{
+    int port;
+    int lfd = tu_listen(&port, 0);
+    tu_tracker *ct = tu_tracker_new();
+    knet_handler ch = tu_tracker_handler(ct);
+    knet_client *c = tu_client_for_port(port);
+    tu_client tc;
+    tu_client_start(&tc, c, &ch, NULL);
+    int peer = accept(lfd, NULL, NULL);
+    CHECK_GE(peer, 0);
+    WAIT_GE(&ct->connects, 1);
+    CHECK_EQ(knet_client_shutdown(c, timeout_ms), 0);
+    if (then_close)
+        CHECK_EQ(knet_client_close(c), 0);
+    CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    CHECK_EQ(tu_counter_get(&ct->disconnects), 1);
+    CHECK_EQ(atomic_load(&ct->recs[0].reason), want_reason);
+    knet_client_free(c);
+    close(peer);
+    close(lfd);
+    tu_tracker_free(ct);
+}
+
+static void test_client_shutdown_adjustments(void)
+{
+    client_shutdown_silent_peer(600000, true, KNET_ECLIENTCLOSED); /* not 10 min */
+    client_shutdown_silent_peer(0, false, -ETIMEDOUT);
+}
+
 /* A client's idle timeout ends a silent connection; the persistent client re-dials. */
 static void test_client_idle_timeout(void)
 {
@@ -389,6 +422,7 @@ int main(void)
     RUN(test_idle_timeout);
     RUN(test_max_queued_bytes);
     RUN(test_client_shutdown);
+    RUN(test_client_shutdown_adjustments);
     RUN(test_client_idle_timeout);
     RUN(test_client_limits_from_next_dial);
     return tu_end();
