@@ -11,6 +11,7 @@ extension KNetTests {
         #expect(server.server.port == server.port)
         #expect(throws: KNetError.busy) { try server.server.listenAndServe(handler: nil, codec: nil) }
         #expect(server.stop() == .serverClosed)
+        #expect(server.server.port == server.port) // still after the close, as documented
     }
 
     @Test("dialAndServe throws clientClosed after close(), also with retry on and a long backoff")
