@@ -9,7 +9,7 @@ public final class TCPClient: Sendable {
     nonisolated(unsafe) let handle: OpaquePointer
     let current = ConnectionSlot()
 
-    /// Creates a client that dials `address` ("host:port" or "[v6]:port"); retry is off.
+    /// Creates a client that dials `address` ("host:port", "[v6]:port" or ":port", this host); retry is off.
     /// Opens no descriptor (running out of them is an error `dialAndServe` throws).
     public init(_ address: String) {
         _ = knetLoggingInstalled

@@ -247,7 +247,7 @@ void knet_server_free(knet_server *s);
 
 /* ---------------------------------------------------------------- client */
 
-/* Creates a client that dials addr ("host:port" or "[v6]:port"). Retry is
+/* Creates a client that dials addr ("host:port", "[v6]:port" or ":port" = this host). Retry is
  * off. Opens no descriptor (knet_client_dial_and_serve does); returns NULL only
  * when out of memory. */
 knet_client *knet_client_new(const char *addr);
@@ -351,7 +351,8 @@ void knet_conn_set_userdata(knet_conn *conn, void *ud);
 void *knet_conn_userdata(const knet_conn *conn);
 
 /* Supplies the memory a read goes into (libuv's alloc_cb): returns at least 1 byte and
- * sets *cap, or NULL for the loop's shared buffer. suggested is that buffer's size. */
+ * sets *cap, or NULL for the loop's shared buffer. suggested is that buffer's size.
+ * Runs on the connection's loop thread, before each read. */
 typedef void *(*knet_alloc_fn)(knet_conn *conn, size_t suggested, size_t *cap, void *ud);
 
 /* Makes every later read of conn go into memory from fn (NULL = the loop's buffer, the
