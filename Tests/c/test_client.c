@@ -101,6 +101,37 @@ static void test_retry_until_server_appears(void)
     tu_tracker_free(st);
 }
 
+/* A client address ":port" dials this host (127.0.0.1), as knet.h says: the
+ * connection is up, its remote address is 127.0.0.1:port, and bytes round-trip. */
+static void test_client_port_only_address(void)
+{
+    tu_tracker *st = tu_tracker_new();
+    st->echo = true;
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, st, NULL);
+    char addr[16], want[32], got[64];
+    snprintf(addr, sizeof addr, ":%d", port);
+    snprintf(want, sizeof want, "127.0.0.1:%d", port);
+    knet_client *c = knet_client_new(addr);
+    CHECK(c != NULL);
+    tu_tracker *ct = tu_tracker_new();
+    knet_handler ch = tu_tracker_handler(ct);
+    tu_client tc;
+    tu_client_start(&tc, c, &ch, NULL);
+    tu_rec *cr = tu_tracker_rec(ct, 0);
+    CHECK_EQ(knet_conn_remote_addr(cr->conn, got, sizeof got), (int)strlen(want));
+    CHECK_EQ(strcmp(got, want), 0);
+    CHECK_EQ(knet_conn_send(cr->conn, "hello", 5), 0);
+    WAIT_GE(&ct->bytes, 5);
+    CHECK_EQ(knet_client_close(c), 0);
+    CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    knet_client_free(c);
+    WAIT_GE(&st->disconnects, 1);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(ct);
+    tu_tracker_free(st);
+}
+
 /* The backoff values knet.h says are adjusted: an initial wait of 0 counts as 1 ms,
  * a max below the initial wait as the initial wait (every logged wait shows it). */
 static void backoff_logs(uint32_t initial, uint32_t max, const char *want)
@@ -263,6 +294,7 @@ int main(void)
     RUN(test_refused_without_retry);
     RUN(test_bad_client_address);
     RUN(test_retry_until_server_appears);
+    RUN(test_client_port_only_address);
     RUN(test_backoff_values_adjusted);
     RUN(test_close_during_backoff);
     RUN(test_close_before_dial);
