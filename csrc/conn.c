@@ -566,20 +566,23 @@ static void conn_read(kn_loop *L, knet_conn *c) {
         } else if (left > o->max_frame) {
             kn_conn_finish(c, KNET_ECODEC);
             return;
-        } else if (own) {
-            memmove(c->ibuf, c->ibuf + off, left);
-            c->ilen = left;
         } else {
-            if (c->icap < left) {
+            if (own) memmove(c->ibuf, c->ibuf + off, left);
+            /* Room for the partial frame; and once a frame was taken, no more
+             * than a page beyond it, so a connection that goes idle holding the
+             * start of a frame does not keep the last (maybe large) one's buffer.
+             * While nothing is taken the buffer only grows (no realloc per read). */
+            if (c->icap < left || (off > 0 && c->icap - left > KN_IBUF_SLACK)) {
                 char *p = realloc(c->ibuf, left);
-                if (!p) {
+                if (p) {
+                    c->ibuf = p;
+                    c->icap = left;
+                } else if (c->icap < left) {
                     kn_conn_finish(c, -ENOMEM);
                     return;
-                }
-                c->ibuf = p;
-                c->icap = left;
+                } /* a shrink that failed keeps the larger buffer */
             }
-            memcpy(c->ibuf, buf + off, left);
+            if (!own) memcpy(c->ibuf, buf + off, left);
             c->ilen = left;
         }
         /* A short read drained the socket: bytes arriving after it raise a new

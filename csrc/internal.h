@@ -15,6 +15,7 @@
 #include <sys/uio.h>
 
 #define KN_READ_BUF (64u * 1024u)  /* per-loop read buffer */
+#define KN_IBUF_SLACK 4096u        /* spare room a kept partial frame may have */
 #define KN_CHUNK_MIN (4u * 1024u)  /* a queue's first chunk payload */
 #define KN_CHUNK (64u * 1024u)     /* largest chunk payload (a larger message gets its own) */
 #define KN_READ_BUDGET 16          /* full reads per readiness event (fairness) */

@@ -4,35 +4,51 @@
  *    on its own must not pin a 64 KiB chunk);
  *  - one small send from another thread allocates about a page, not 64 KiB;
  *  - a codec read returning a negative value outside int's range closes the
- *    connection with an error, as a negative code does. */
+ *    connection with an error, as a negative code does;
+ *  - a connection left holding a small partial frame after a large frame keeps
+ *    no large read buffer while idle.
+ * One loop thread: a round trip on a second connection shows the loop is done
+ * with what the first one's peer sent before it. */
 #include "testutil.h"
 
 #include <malloc.h>
 
-/* Live bytes of blocks of 64 KiB or more (the send queue's chunks), counted
- * through wrapped malloc and free. */
+/* Live bytes of blocks of BIG_BLOCK bytes or more (send-queue chunks, read
+ * buffers), counted through wrapped malloc, realloc and free. */
+#define BIG_BLOCK 16384
 static _Atomic long long big_live;
 /* And what the calling thread allocates while counting (any size). */
 static _Thread_local bool tls_counting;
 static _Thread_local long long tls_allocated;
 void *__real_malloc(size_t n);
+void *__real_realloc(void *p, size_t n);
 void __real_free(void *p);
+static void count_block(void *p, long long sign)
+{
+    size_t u = p ? malloc_usable_size(p) : 0;
+    if (u >= BIG_BLOCK)
+        atomic_fetch_add(&big_live, sign * (long long)u);
+}
 void *__wrap_malloc(size_t n)
 {
     void *p = __real_malloc(n);
-    if (p && n >= 65536)
-        atomic_fetch_add(&big_live, (long long)malloc_usable_size(p));
+    count_block(p, 1);
     if (p && tls_counting)
         tls_allocated += (long long)malloc_usable_size(p);
     return p;
 }
+void *__wrap_realloc(void *p, size_t n)
+{
+    size_t old = p ? malloc_usable_size(p) : 0;
+    void *q = __real_realloc(p, n);
+    if ((q || n == 0) && old >= BIG_BLOCK)
+        atomic_fetch_sub(&big_live, (long long)old);
+    count_block(q, 1);
+    return q;
+}
 void __wrap_free(void *p)
 {
-    if (p) {
-        size_t u = malloc_usable_size(p);
-        if (u >= 65536)
-            atomic_fetch_sub(&big_live, (long long)u);
-    }
+    count_block(p, -1);
     __real_free(p);
 }
 
@@ -164,8 +180,89 @@ static void test_codec_read_negative_out_of_int_range(void)
     run_garbage_negative(-(ptrdiff_t)((int64_t)1 << 32));     /* (int) = 0: no close */
 }
 
+/* Echoes on the second connection only (the round trip that paces the test). */
+static void echo_second(tu_rec *r, const void *buf, size_t len)
+{
+    if (r->index == 1)
+        CHECK_EQ(knet_conn_send(r->conn, buf, len), 0);
+}
+
+static uint64_t server_bytes_in(tu_server *ts)
+{
+    knet_stats st;
+    knet_server_stats(ts->srv, &st);
+    return st.bytes_in;
+}
+
+/* A frame of body_len bytes (4-byte big-endian prefix) sent in two writes: the
+ * prefix and `first` bytes (read before the rest is sent), then the rest and
+ * the first 2 bytes of the next frame's prefix. The connection, idle with a
+ * 2-byte partial frame, must keep no block of BIG_BLOCK bytes or more. */
+static void idle_partial_after(size_t body_len, size_t first)
+{
+    static knet_length_field lf = {4, false, 0};
+    knet_codec codec;
+    CHECK_EQ(knet_length_codec(&codec, &lf), 0);
+    tu_tracker *t = tu_tracker_new();
+    t->on_receive = echo_second;
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, t, &codec);
+    int a = tu_connect(port);
+    (void)tu_tracker_rec(t, 0);
+    int b = tu_connect(port);
+    (void)tu_tracker_rec(t, 1);
+
+    size_t wire_len = 4 + body_len + 2;
+    uint8_t *wire = malloc(wire_len);
+    CHECK(wire != NULL);
+    tu_put_len(wire, body_len, 4, false);
+    tu_pattern_fill(wire + 4, body_len, 0, 3);
+    wire[4 + body_len] = 0;
+    wire[4 + body_len + 1] = 0;
+    long long base = atomic_load(&big_live);
+
+    tu_write_all(a, wire, 4 + first);
+    WAIT_UNTIL(server_bytes_in(&ts) == 4 + first);
+    tu_write_all(a, wire + 4 + first, wire_len - 4 - first);
+    WAIT_UNTIL(atomic_load(&t->recs[0].rx_msgs) == 1);
+    CHECK_EQ(atomic_load(&t->recs[0].rx_bytes), (long)body_len);
+    /* A round trip on b (same loop): a's read is over, its leftover stored. */
+    uint8_t x = 'x', y = 0;
+    tu_write_frame(b, 4, false, &x, 1);
+    CHECK_EQ(tu_read_frame(b, 4, false, &y, 1), 1);
+    CHECK_EQ(y, 'x');
+
+    long long held = atomic_load(&big_live) - base;
+    printf("  frame of %zu bytes, then a 2-byte partial frame: %lld bytes held in blocks >= 16 KiB\n",
+           body_len, held);
+    CHECK_EQ(held, 0);
+
+    /* The partial frame is kept: the rest of that frame completes it. */
+    uint8_t rest[3] = {0, 1, 'z'};
+    tu_write_all(a, rest, sizeof rest);
+    WAIT_UNTIL(atomic_load(&t->recs[0].rx_msgs) == 2);
+    CHECK_EQ(atomic_load(&t->recs[0].rx_bytes), (long)body_len + 1);
+
+    close(a);
+    close(b);
+    WAIT_GE(&t->disconnects, 2);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+    free(wire);
+}
+
+/* A 4 MiB frame assembled in the connection's own buffer (MiBs), and a 40,000-byte
+ * one whose first 30,000 bytes were kept as a partial frame (a 30 KB copy): neither
+ * buffer is kept for the 2-byte partial frame after it. */
+static void test_idle_partial_frame_keeps_no_large_buffer(void)
+{
+    idle_partial_after(40000, 30000);
+    idle_partial_after((size_t)4 << 20, ((size_t)4 << 20) - 10);
+}
+
 int main(int argc, char **argv)
 {
+    CHECK_EQ(knet_set_loop_threads(1), 0); /* every connection on one loop */
     tu_begin();
     const char *only = argc > 1 ? argv[1] : "";
     if (!*only || strstr("test_small_off_loop_sends_memory", only))
@@ -174,5 +271,7 @@ int main(int argc, char **argv)
         RUN(test_small_send_allocates_a_page);
     if (!*only || strstr("test_codec_read_negative_out_of_int_range", only))
         RUN(test_codec_read_negative_out_of_int_range);
+    if (!*only || strstr("test_idle_partial_frame_keeps_no_large_buffer", only))
+        RUN(test_idle_partial_frame_keeps_no_large_buffer);
     return tu_end();
 }
