@@ -169,6 +169,8 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
     if (!c) return -EINVAL;
     pthread_mutex_lock(&c->o.mu);
     int rc = c->closed ? KNET_ECLIENTCLOSED : c->serving ? KNET_EBUSY : 0;
+    /* A loop thread would wait for a connection that loop may be the one to serve. */
+    if (rc == 0 && kn_loop_current()) rc = -EDEADLK;
     if (rc == 0 && c->wake_fd < 0) {
         /* Made here, not in knet_client_new: out of descriptors is then an error
          * this call returns. Kept until knet_client_free (a stop may write to it). */

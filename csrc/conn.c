@@ -669,8 +669,16 @@ static bool conn_full(knet_conn *c, size_t more) {
     return maxb && q > 0 && (q > maxb || more > maxb - q);
 }
 
+/* Refuses sends once the connection, or its server, began to close: a server's
+ * close reaches each connection on its loop later, and a send accepted meanwhile
+ * would be dropped (a client's closing is its connection's). */
+static bool conn_refuses_sends(const knet_conn *c) {
+    return atomic_load_explicit(&c->state, memory_order_relaxed) != KN_OPEN ||
+           atomic_load_explicit(&c->owner->closing, memory_order_relaxed);
+}
+
 static int send_on_loop(knet_conn *c, const void *buf, size_t len) {
-    if (atomic_load_explicit(&c->state, memory_order_relaxed) != KN_OPEN) return KNET_ECLOSED;
+    if (conn_refuses_sends(c)) return KNET_ECLOSED;
     kn_frame f;
     int rc = frame_make(c, &f, buf, len);
     if (rc < 0) return rc;
@@ -716,7 +724,7 @@ static int send_off_loop(knet_conn *c, const void *buf, size_t len) {
     pthread_mutex_lock(&c->mu);
     int rc = 0;
     bool sched = false;
-    if (atomic_load_explicit(&c->state, memory_order_relaxed) != KN_OPEN) {
+    if (conn_refuses_sends(c)) {
         rc = KNET_ECLOSED;
     } else {
         /* Framing under the lock: the codec (owned by the server or client)

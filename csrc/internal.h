@@ -145,7 +145,7 @@ struct kn_owner {
     pthread_cond_t cv;
     size_t live;          /* connections created and not yet finished */
     size_t tasks;         /* loop tasks that still reference this owner */
-    atomic_bool closing;  /* a server's: no new connections; attach closes them (set under mu) */
+    atomic_bool closing;  /* a server's: no new connections, no sends; attach closes them (set under mu) */
     bool serves_one;      /* a client: its serving thread waits out every connection */
     int close_reason;     /* what connections closed by the owner report */
     uint32_t grace_ms;    /* for a graceful kn_owner_stop_loops */

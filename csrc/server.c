@@ -172,6 +172,13 @@ int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
     if (!s) return -EINVAL;
     pthread_mutex_lock(&s->o.mu);
     int rc = s->closed ? KNET_ESERVERCLOSED : s->serving ? KNET_EBUSY : 0;
+    if (rc == 0 && kn_loop_current()) {
+        /* A loop thread would wait on work that loop may be the one to do (start
+         * the listener, close it): refused, and reported to wait_listening. */
+        rc = -EDEADLK;
+        s->port = rc;
+        pthread_cond_broadcast(&s->o.cv);
+    }
     if (rc == 0) {
         s->serving = true;
         s->port = 0;      /* not the error of an earlier call */

@@ -42,8 +42,10 @@ public final class TCPClient: Sendable {
     /// knet; a connection its loop could not take counts as a failed dial). Blocks; throws
     /// `KNetError.clientClosed` after `close()`, the dial error (e.g.
     /// `.system(errno: ECONNREFUSED)`) when retry is off, `.busy` at once while another
-    /// `dialAndServe` of this client runs, or `.system(errno:)` EMFILE, ENFILE, ENOMEM or
-    /// EAGAIN when its wake-up descriptor or the loop threads could not be made.
+    /// `dialAndServe` of this client runs, `.system(errno: EDEADLK)` when called from a
+    /// handler callback (a loop thread: call it from a thread of your own), or
+    /// `.system(errno:)` EMFILE, ENFILE, ENOMEM or EAGAIN when its wake-up descriptor or
+    /// the loop threads could not be made.
     public func dialAndServe(handler: (any TCPHandler)? = nil, codec: (any Codec)? = nil) throws {
         let rc = withExtendedLifetime(self) {
             withServeContext(handler: handler, codec: codec, clientSlot: current) { cHandler, cCodec in

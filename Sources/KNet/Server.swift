@@ -23,7 +23,8 @@ public final class TCPServer: Sendable {
     /// `DefaultTCPHandler` / `DefaultCodec`). Blocks until the server is closed and every
     /// connection has delivered `connect(false)`, then throws `KNetError.serverClosed`;
     /// throws another error at once when it cannot listen (`.invalidAddress`,
-    /// `.resolveFailed`, `.system(errno: EADDRINUSE)`, `.busy` if already serving, ...).
+    /// `.resolveFailed`, `.system(errno: EADDRINUSE)`, `.busy` if already serving,
+    /// `.system(errno: EDEADLK)` when called from a handler callback (a loop thread), ...).
     public func listenAndServe(handler: (any TCPHandler)? = nil, codec: (any Codec)? = nil) throws {
         let rc = withExtendedLifetime(self) {
             withServeContext(handler: handler, codec: codec, clientSlot: nil) { cHandler, cCodec in
@@ -34,7 +35,8 @@ public final class TCPServer: Sendable {
     }
 
     /// Stops accepting and closes every connection at once (does not block; callable from
-    /// callbacks). Closing twice is harmless.
+    /// callbacks); from then on `send` on its connections throws `.connectionClosed` (also
+    /// after `shutdown(timeout:)`). Closing twice is harmless.
     public func close() {
         _ = knet_server_close(handle)
     }

@@ -178,14 +178,16 @@ knet_server *knet_server_new(const char *addr);
  * -EMFILE, -ENFILE, -ENOMEM (also when the loop threads could not start, or
  * -EAGAIN when no loop thread could; a later call tries again)...; KNET_EBUSY
  * while another call serves this server, KNET_ESERVERCLOSED at once if it was
- * closed, -EINVAL for NULL. Callbacks run on loop threads, never on the
+ * closed, -EDEADLK on a loop thread (in a callback: call it from a thread of
+ * your own), -EINVAL for NULL. Callbacks run on loop threads, never on the
  * calling thread. */
 int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
                                  const knet_codec *codec);
 
 /* Stops accepting and closes every connection at once (thread-safe, does not
  * block, callable from callbacks, allocates nothing: it works out of memory);
- * each connect(false) runs on its loop thread.
+ * each connect(false) runs on its loop thread. From its return on, sends on the
+ * server's connections fail with KNET_ECLOSED (also after knet_server_shutdown).
  * Returns 0, KNET_ESERVERCLOSED if already closed, or -EINVAL for NULL. */
 int knet_server_close(knet_server *s);
 
@@ -238,7 +240,8 @@ int knet_server_port(const knet_server *s);
 
 /* Blocks until the server listens (returns its port), failed to listen
  * (returns the error), was closed before it listened (KNET_ESERVERCLOSED), or
- * timeout_ms passed (-ETIMEDOUT). */
+ * timeout_ms passed (-ETIMEDOUT; in a callback it may only time out, as the
+ * listener may be waiting for that very loop). */
 int knet_server_wait_listening(knet_server *s, uint32_t timeout_ms);
 
 /* Frees the server; only after knet_server_listen_and_serve has returned (or
@@ -269,7 +272,8 @@ void knet_client_set_retry_backoff(knet_client *c, uint32_t initial_ms, uint32_t
  * its loop could not take, out of memory or epoll watches, is a failed dial).
  * Blocks. Returns KNET_ECLIENTCLOSED after
  * knet_client_close, a dial error when retry is off, KNET_EBUSY while another
- * call serves this client, -EINVAL for NULL, or -EMFILE, -ENFILE, -ENOMEM,
+ * call serves this client, -EDEADLK on a loop thread (in a callback: call it
+ * from a thread of your own), -EINVAL for NULL, or -EMFILE, -ENFILE, -ENOMEM,
  * -EAGAIN when the client's wake-up eventfd or the loop threads could not be
  * made (a later call tries again). Callbacks run on a
  * loop thread. handler and codec (NULL = defaults) are copied. */
