@@ -71,9 +71,18 @@ void knet_client_set_retry_backoff(knet_client *c, uint32_t initial_ms, uint32_t
  * timeout, or -1 when the client was closed. */
 static int wait_or_closed(knet_client *c, int fd, short events, int timeout_ms) {
     struct pollfd p[2] = {{c->wake_fd, POLLIN, 0}, {fd, events, 0}};
+    uint64_t end = timeout_ms > 0 ? kn_now_ms() + (uint64_t)timeout_ms : 0;
     for (;;) {
         int n = poll(p, fd >= 0 ? 2 : 1, timeout_ms);
-        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && errno == EINTR) {
+            /* A handled signal (a profiler's SIGPROF, say): wait out the rest,
+             * or signals more frequent than the wait would make it endless. */
+            if (timeout_ms > 0) {
+                uint64_t now = kn_now_ms();
+                timeout_ms = now >= end ? 0 : (int)(end - now);
+            }
+            continue;
+        }
         if (n <= 0) return 0;
         if (p[0].revents) return -1;
         return p[1].revents;

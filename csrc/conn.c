@@ -10,6 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <linux/sockios.h>
 #include <unistd.h>
 
 /* What a connection reads on: input, a FIN that came with the last bytes
@@ -226,7 +228,17 @@ void kn_conn_finish(knet_conn *c, int reason) {
 static void conn_timeout(kn_loop *L, kn_timer *t) {
     knet_conn *c = (knet_conn *)((char *)t - offsetof(knet_conn, timer));
     if (!c->graceful) {
-        uint64_t now = kn_now_ms(), idle = now - c->last_io;
+        uint64_t now = kn_now_ms();
+        /* Bytes the kernel sent from its buffer since the last expiry count too:
+         * a slow reader drains megabytes there while knet, waiting for half of it
+         * to free up, writes nothing. Read here only, not per write: a peer that
+         * stops reading is closed after idle_ms to 2 x idle_ms. */
+        int outq;
+        if (ioctl(c->io.fd, SIOCOUTQ, &outq) == 0 && outq != c->outq_seen) {
+            c->outq_seen = outq;
+            c->last_io = now;
+        }
+        uint64_t idle = now - c->last_io;
         if (idle < c->idle_ms) {
             kn_timer_start(L, t, c->idle_ms - idle);
             return;

@@ -243,6 +243,7 @@ struct knet_conn {
     bool attached;
     uint32_t idle_ms;
     uint64_t last_io; /* loop time of the last read or write */
+    int outq_seen;    /* bytes in the kernel's send queue at the last idle expiry */
     kn_slot *slot;    /* the owner's counters on this loop */
     kn_timer timer;   /* the idle timeout, then the graceful-close deadline */
     knet_conn *prev, *next; /* loop's live list */

@@ -4,6 +4,8 @@
  * returns the live connection; dial retries are logged at WARN through knet_set_log. */
 #include "testutil.h"
 
+#include <signal.h>
+
 /* ------------------------------------------------------------------ log sink */
 
 static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -160,6 +162,45 @@ static void test_backoff_values_adjusted(void)
     backoff_logs(50, 10, "retrying in 50 ms");
 }
 
+static void on_sigusr1(int sig)
+{
+    (void)sig;
+}
+
+/* A retry backoff wait ends on time although the dialing thread takes a handled
+ * signal (a profiler's SIGPROF, an application's timer) every 50 ms: with a 300 ms
+ * backoff several dials follow in 3 s (before: poll restarted with the whole wait
+ * at each signal, so no second dial ever came). */
+static void test_backoff_survives_signals(void)
+{
+    struct sigaction sa, old;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_sigusr1;
+    sa.sa_flags = SA_RESTART; /* poll(2) is not restarted, SA_RESTART or not */
+    CHECK_EQ(sigaction(SIGUSR1, &sa, &old), 0);
+    int hold;
+    knet_client *c = tu_client_for_port(tu_reserve_port(&hold));
+    knet_client_enable_retry(c);
+    knet_client_set_retry_backoff(c, 300, 300);
+    long warns0 = tu_counter_get(&log_warns);
+    tu_client tc;
+    tu_client_start(&tc, c, NULL, NULL);
+    WAIT_GE(&log_warns, warns0 + 1); /* the first dial failed: its wait began */
+    int64_t t0 = tu_now_ms();
+    while (tu_now_ms() - t0 < 3000) {
+        pthread_kill(tc.thread, SIGUSR1);
+        tu_sleep_ms(50); /* the signals' period, not synchronisation */
+    }
+    long dials = tu_counter_get(&log_warns) - warns0;
+    printf("  %ld failed dials in 3 s of signals every 50 ms, backoff 300 ms\n", dials);
+    CHECK_GE(dials, 4);
+    CHECK_EQ(knet_client_close(c), 0);
+    CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    knet_client_free(c);
+    close(hold);
+    CHECK_EQ(sigaction(SIGUSR1, &old, NULL), 0);
+}
+
 /* knet_client_close during a 10 s backoff returns KNET_ECLIENTCLOSED promptly; a
  * second dial_and_serve meanwhile gets KNET_EBUSY and leaves the first serving. */
 static void test_close_during_backoff(void)
@@ -296,6 +337,7 @@ int main(void)
     RUN(test_retry_until_server_appears);
     RUN(test_client_port_only_address);
     RUN(test_backoff_values_adjusted);
+    RUN(test_backoff_survives_signals);
     RUN(test_close_during_backoff);
     RUN(test_close_before_dial);
     RUN(test_redial_after_server_closes_conn);

@@ -122,6 +122,60 @@ static void test_active_survives_idle_timeout(void)
     tu_tracker_free(t);
 }
 
+/* connect(true) queues QUEUED bytes on every connection. */
+#define QUEUED (16u << 20)
+static void queue_on_connect(tu_rec *r, bool connected)
+{
+    static uint8_t block[64 << 10];
+    if (!connected)
+        return;
+    for (size_t sent = 0; sent < QUEUED; sent += sizeof block)
+        CHECK_EQ(knet_conn_send(r->conn, block, sizeof block), 0);
+}
+
+/* Both connections have 16 MiB queued. A slow reader (64 KiB every 100 ms) moves
+ * bytes the whole time, though knet writes only when half the kernel's buffer is
+ * free (seconds apart): it outlives three idle periods (before: closed as idle after
+ * one). A peer that never reads is closed with -ETIMEDOUT (within 2 x idle_ms: the
+ * kernel's queue is checked at expiry). */
+static void test_slow_reader_is_not_idle(void)
+{
+    tu_tracker *t = tu_tracker_new();
+    t->on_connect = queue_on_connect;
+    knet_handler h = tu_tracker_handler(t);
+    fu_limits lim = {0, IDLE_MS, 0};
+    tu_server ts;
+    int port = fu_server_start(&ts, &h, NULL, &lim);
+    CHECK_GT(port, 0);
+    int64_t t0 = tu_now_ms();
+    int slow = tu_connect(port);
+    (void)tu_tracker_rec(t, 0);
+    int never = tu_connect_ex(port, 4096);
+    (void)tu_tracker_rec(t, 1);
+
+    static uint8_t buf[64 << 10];
+    size_t got = 0;
+    int64_t never_closed = -1;
+    while (tu_now_ms() - t0 < 3 * (int64_t)IDLE_MS || never_closed < 0) {
+        CHECK(tu_now_ms() - t0 < TU_DEADLINE_MS);
+        CHECK_EQ(tu_read_full(slow, buf, sizeof buf), (ssize_t)sizeof buf);
+        got += sizeof buf;
+        if (never_closed < 0 && atomic_load(&t->recs[1].disconnected))
+            never_closed = tu_now_ms() - t0;
+        tu_sleep_ms(100); /* the slow reader's pace, not synchronisation */
+    }
+    printf("  slow reader: %zu KiB over %lld ms, still open; the peer that never reads "
+           "closed after about %lld ms (idle timeout %u ms)\n", got >> 10,
+           (long long)(tu_now_ms() - t0), (long long)never_closed, IDLE_MS);
+    CHECK_EQ(atomic_load(&t->recs[0].disconnected), 0);
+    CHECK_EQ(atomic_load(&t->recs[1].reason), -ETIMEDOUT);
+    close(slow);
+    close(never);
+    WAIT_GE(&t->disconnects, 2);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
 /* A client's idle timeout closes its connection (-ETIMEDOUT); the persistent
  * client dials again. */
 static void test_client_idle_timeout_redials(void)
@@ -298,6 +352,7 @@ int main(void)
     tu_begin();
     RUN(test_idle_timeout);
     RUN(test_active_survives_idle_timeout);
+    RUN(test_slow_reader_is_not_idle);
     RUN(test_client_idle_timeout_redials);
     RUN(test_max_conns);
     RUN(test_max_conns_flood);
