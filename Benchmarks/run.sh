@@ -48,7 +48,7 @@ HOSTARG=()
 
 # The exact command, with the settings that were given.
 CMDLINE=""
-for v in CONFIGS CONTENDERS RUNS SECONDS R_SECONDS IDLE_CONNS SCALE_CONNS BENCH_HOST SKIP_BUILD; do
+for v in CONFIGS CONTENDERS RUNS SECONDS BENCH_SECONDS R_SECONDS IDLE_CONNS SCALE_CONNS BENCH_HOST SKIP_BUILD; do
     if [ "$v" = SECONDS ]; then
         [ "$S_ENV" -gt 0 ] 2>/dev/null && CMDLINE+="SECONDS=$S_ENV "
     elif [ -n "${!v:-}" ] && printenv "$v" >/dev/null; then
@@ -253,23 +253,40 @@ start_server() {
     return 1
 }
 
-# Stops the server with SIGTERM (the protocol's way), SIGKILL after 5 s.
+# Stops the server with SIGTERM (the protocol's way), SIGKILL after 5 s. Returns 1
+# when the server was no longer running when the client finished (it crashed, was
+# OOM-killed, or exited during the measurement: the client's figure then covers a
+# dead server and must not count), else 0.
 stop_server() {
     local i rc
     [ -n "$SERVER_PID" ] || return 0
+    # Gone, or a zombie bash has not reaped yet (kill -0 succeeds on one).
+    if ! kill -0 "$SERVER_PID" 2>/dev/null ||
+        [ "$(awk '{print $3}' "/proc/$SERVER_PID/stat" 2>/dev/null)" = Z ]; then
+        wait "$SERVER_PID" 2>/dev/null
+        rc=$?
+        note "$(label "$SERVER_CONT") server died during the run (status $rc; see $LOGS/server-$SERVER_CONT.log)"
+        SERVER_PID=""
+        return 1
+    fi
     kill -TERM "$SERVER_PID" 2>/dev/null
     for ((i = 0; i < 100; i++)); do
         kill -0 "$SERVER_PID" 2>/dev/null || break
         sleep 0.05
     done
+    local killed=0
     if kill -0 "$SERVER_PID" 2>/dev/null; then
         note "$(label "$SERVER_CONT") server still running 5 s after SIGTERM: killed"
         kill -KILL "$SERVER_PID" 2>/dev/null
+        killed=1
     fi
     wait "$SERVER_PID" 2>/dev/null
     rc=$?
-    [ "$rc" -ne 0 ] && [ "$rc" -ne 137 ] && note "$(label "$SERVER_CONT") server exited with status $rc after SIGTERM"
+    # 137 is expected only when this function sent the SIGKILL.
+    [ "$rc" -ne 0 ] && { [ "$rc" -ne 137 ] || [ "$killed" = 0 ]; } &&
+        note "$(label "$SERVER_CONT") server exited with status $rc after SIGTERM"
     SERVER_PID=""
+    return 0
 }
 
 # ---------------------------------------------------------------- results
@@ -323,14 +340,14 @@ run_pp() {
     out=$(timeout -k 5 $((SECS + 60)) "${pre[@]}" "${!bin_var}" "${HOSTARG[@]}" client "$PORT" \
         "$conns" "$block" "$SECS" "$threads" 2>>"$LOGS/client-$c.log")
     local rc=$?
-    stop_server
+    stop_server || rc=255
     local bytes msgs avg mib
     bytes=$(awk '/ total bytes read$/ {print $1}' <<<"$out")
     msgs=$(awk '/ total messages read$/ {print $1}' <<<"$out")
     avg=$(awk '/ average message size$/ {print $1}' <<<"$out")
     mib=$(awk '/ MiB\/s throughput$/ {print $1}' <<<"$out")
     if [ "$rc" -ne 0 ] || [ -z "$bytes" ] || [ -z "$mib" ] || [ "$bytes" = 0 ]; then
-        note "$cfg $(label "$c") run $r: client failed (status $rc; see $LOGS/client-$c.log)"
+        note "$cfg $(label "$c") run $r: failed (client status $rc, 255 = server died; see $LOGS/client-$c.log)"
         addraw "$cfg" "$c" "run $r: failed"
         return
     fi
@@ -358,7 +375,7 @@ run_h() {
     out=$(timeout -k 5 120 "${PIN_C[@]}" "$TOOL_idle" "${HOSTARG[@]}" "$PORT" "$IDLE_CONNS" "$SERVER_PID" \
         2>>"$LOGS/idle-$c.log")
     local rc=$?
-    stop_server
+    stop_server || rc=255
     local fresh used
     fresh=$(awk '/ kib_per_idle_conn$/ {print $1}' <<<"$out")
     used=$(awk '/ kib_per_used_idle_conn$/ {print $1}' <<<"$out")
@@ -383,7 +400,7 @@ run_s() {
     out=$(timeout -k 5 $((SECS + 120)) "${PIN_C[@]}" "$TOOL_scale" "${HOSTARG[@]}" "$PORT" "$SCALE_CONNS" "$SECS" \
         2>>"$LOGS/scale-$c.log")
     local rc=$?
-    stop_server
+    stop_server || rc=255
     local rate served conns fewest
     rate=$(awk '/ msg\/s$/ {print $1}' <<<"$out")
     served=$(awk '/ served$/ {print $1}' <<<"$out")
@@ -407,7 +424,7 @@ run_r() {
     out=$(timeout -k 5 $((R_SECONDS + 60)) "${PIN_C[@]}" "$TOOL_connrate" "${HOSTARG[@]}" "$PORT" "$R_SECONDS" \
         2>>"$LOGS/connrate-$c.log")
     local rc=$?
-    stop_server
+    stop_server || rc=255
     local rate errs
     rate=$(awk '/ connections\/s$/ {print $1}' <<<"$out")
     errs=$(awk '/ errors$/ {print $1}' <<<"$out")
@@ -428,12 +445,15 @@ run_l() {
         out=$(timeout -k 5 $((SECS + 60)) "${PIN_C[@]}" "$TOOL_latency" "${HOSTARG[@]}" "$PORT" "$n" "$SECS" \
             2>>"$LOGS/latency-$c.log")
         local rc=$?
-        stop_server
+        stop_server || rc=255
         local p50 p99 p999 mean
         p50=$(awk '/ p50_us$/ {print $1}' <<<"$out")
         p99=$(awk '/ p99_us$/ {print $1}' <<<"$out")
         p999=$(awk '/ p999_us$/ {print $1}' <<<"$out")
         mean=$(awk '/ mean_us$/ {print $1}' <<<"$out")
+        local max co
+        max=$(awk '/ max_us$/ {print $1}' <<<"$out")
+        co=$(awk '/ p99_co_us$/ {p99=$1} / p999_co_us$/ {p999=$1} END {if (p99 != "") print p99 " / p99.9 " p999}' <<<"$out")
         if [ "$rc" -ne 0 ] || [ -z "$p99" ]; then
             note "L$n $(label "$c") run $r: latency failed (see $LOGS/latency-$c.log)"
             addraw "L$n" "$c" "run $r: failed"
@@ -442,7 +462,7 @@ run_l() {
         add "L${n}p50" "$c" "$p50"
         add "L${n}p99" "$c" "$p99"
         add "L${n}p999" "$c" "$p999"
-        addraw "L$n" "$c" "run $r: p50 $p50 / p99 $p99 / p99.9 $p999 / mean $mean us"
+        addraw "L$n" "$c" "run $r: p50 $p50 / p99 $p99 / p99.9 $p999 / mean $mean / max $max us; corrected for coordinated omission: p99 ${co:-?} us"
         say "[L$n run $r/$RUNS] $(label "$c"): p50 $p50 p99 $p99 p99.9 $p999 us"
     done
 }
@@ -497,6 +517,15 @@ ratio() {
     awk -v m="$(median "${ratios[@]}")" 'BEGIN { if (m != "") printf " (%.2f)", m }'
 }
 med() { local v=${VAL["$1|$2"]:-}; median $v; }
+# short KEY CONTENDER: " [k/RUNS runs]" when only k < RUNS runs gave a figure (the
+# others failed: see the run list and the notes), so a median over fewer runs
+# does not pass for a full one.
+short() {
+    local v=${VAL["$1|$2"]:-} k
+    k=$(wc -w <<<"$v")
+    [ "$k" -lt "$RUNS" ] && echo " [$k/$RUNS runs]"
+    return 0
+}
 
 has_cfg() { [[ " $CONFIGS " == *" $1 "* ]]; }
 
@@ -536,13 +565,13 @@ for c in "${ACTIVE[@]}"; do
         case $cfg in D | E | R | S) kind=rate ;; *) kind=mib ;; esac
         mark=""
         [ "$cfg" = S ] && [ -n "${UNSERVED[$c]:-}" ] && mark=" **not all served**"
-        row+=" $(fmt "$kind" "$v")$([ -n "$v" ] && ratio "$cfg" "$c")$mark |"
+        row+=" $(fmt "$kind" "$v")$([ -n "$v" ] && ratio "$cfg" "$c")$([ -n "$v" ] && short "$cfg" "$c")$mark |"
     done
     if has_cfg L; then
         for n in 1 100; do
             p50=$(med "L${n}p50" "$c") p99=$(med "L${n}p99" "$c") p999=$(med "L${n}p999" "$c")
             if [ -n "$p99" ]; then
-                row+=" $(fmt us "$p50") / $(fmt us "$p99") / $(fmt us "$p999")$(ratio "L${n}p99" "$c") |"
+                row+=" $(fmt us "$p50") / $(fmt us "$p99") / $(fmt us "$p999")$(ratio "L${n}p99" "$c")$(short "L${n}p99" "$c") |"
             else
                 row+=" — |"
             fi
@@ -550,7 +579,7 @@ for c in "${ACTIVE[@]}"; do
     fi
     if has_cfg H; then
         f=$(med H "$c") u=$(med H1 "$c")
-        if [ -n "$f" ]; then row+=" $(fmt kib "$f") / $(fmt kib "$u") |"; else row+=" — |"; fi
+        if [ -n "$f" ]; then row+=" $(fmt kib "$f") / $(fmt kib "$u")$(ratio H "$c")$(short H "$c") |"; else row+=" — |"; fi
     fi
     TABLE+="$row"$'\n'
 done
@@ -572,7 +601,8 @@ LIBUV_VER=$(pkg-config --modversion libuv 2>/dev/null)
     echo "Each figure is the median over runs. In parentheses: its ratio to the raw-epoll ceiling, paired"
     echo "by round (each run divided by the ceiling's run of the same round, which the interleaving puts"
     echo "minutes apart at most; the median of those ratios), so the host's slow swings cancel. For"
-    echo "latency: p99 / the ceiling's p99, lower is better. Server pinned to CPU 0,"
+    echo "latency: p99 / the ceiling's p99, for H: fresh KiB / the ceiling's; lower is better. [k/N runs]: only k of"
+    echo "the N runs gave a figure (see the notes). Server pinned to CPU 0,"
     echo "client to CPU 1, one loop thread each (B2: two threads each, unpinned). D and E count 64-byte"
     echo "messages echoed per second (bytes / 64). S: D's protocol on $SCALE_CONNS connections, one common"
     echo "epoll client (tools/scale.c) against each server; every connection was served unless marked."

@@ -109,6 +109,18 @@ static inline void bench_print_results(uint64_t bytes, uint64_t msgs, int second
     fflush(stdout);
 }
 
+/* A client whose connection closed before the end of the count measured fewer
+ * connections than asked (and its server broke the protocol): says so and returns
+ * the exit status 1, else 0. */
+static inline int bench_check_lost(int lost, int conns)
+{
+    if (lost > 0) {
+        fprintf(stderr, "%d of %d connections closed during the run\n", lost, conns);
+        return 1;
+    }
+    return 0;
+}
+
 /* Monotonic clock in nanoseconds. */
 static inline uint64_t bench_now_ns(void)
 {

@@ -41,6 +41,7 @@ static int nloops;
 static int listen_fd = -1;
 static int is_client;
 static atomic_bool stop_flag;
+static atomic_int lost; /* client: connections closed before the end (peer closed or error) */
 static unsigned next_loop; /* round-robin cursor, used by loop 0 only */
 
 /* Marks the listening socket in epoll data (connections carry their struct conn). */
@@ -48,6 +49,8 @@ static struct conn listen_marker;
 
 static void conn_close(struct conn *c)
 {
+    if (is_client)
+        atomic_fetch_add(&lost, 1);
     close(c->fd); /* also removes it from its epoll set */
     free(c->pend);
     free(c);
@@ -278,7 +281,7 @@ static int run_client(const struct bench_args *a)
         msgs += loops[i].msgs;
     }
     bench_print_results(bytes, msgs, a->seconds);
-    return 0;
+    return bench_check_lost(atomic_load(&lost), a->conns);
 }
 
 int main(int argc, char **argv)

@@ -56,6 +56,9 @@ func raiseNoFile() {
 	}
 }
 
+// lost counts client connections whose reader ended (peer closed, error) before the end.
+var lost int64
+
 // serve runs the reader here and the writer in a new goroutine; first, if not
 // nil, is sent before any echo.
 func serve(conn *net.TCPConn, c *counter, first []byte) {
@@ -87,6 +90,9 @@ func serve(conn *net.TCPConn, c *counter, first []byte) {
 			ch <- msg
 		}
 		if err != nil {
+			if c != nil {
+				atomic.AddInt64(&lost, 1)
+			}
 			close(ch)
 			conn.Close()
 			return
@@ -150,6 +156,10 @@ func runClient(host string, port, conns, block, seconds int) {
 	fmt.Printf("%d total messages read\n", messages)
 	fmt.Printf("%d average message size\n", avg)
 	fmt.Printf("%.1f MiB/s throughput\n", float64(bytes)/float64(seconds)/1048576)
+	if n := atomic.LoadInt64(&lost); n > 0 {
+		fmt.Fprintf(os.Stderr, "%d of %d connections closed during the run\n", n, conns)
+		os.Exit(1)
+	}
 	os.Exit(0)
 }
 

@@ -53,6 +53,7 @@ static char *block;
 static int block_len;
 static struct sockaddr_storage peer;
 static atomic_int settled; /* client: connects that completed or failed */
+static atomic_int lost;    /* client: connections closed before the end */
 
 static void on_close_free(uv_handle_t *h)
 {
@@ -76,8 +77,11 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
     struct uconn *c = (struct uconn *)s;
     if (nread <= 0) {
-        if (nread < 0)
+        if (nread < 0) {
+            if (is_client)
+                atomic_fetch_add(&lost, 1);
             uv_close((uv_handle_t *)s, on_close_free);
+        }
         return;
     }
     struct uvloop *l = c->l;
@@ -316,7 +320,7 @@ static int run_client(const struct bench_args *a)
         msgs += atomic_load(&loops[i].msgs);
     }
     bench_print_results(bytes - bytes0, msgs - msgs0, a->seconds);
-    return 0;
+    return bench_check_lost(atomic_load(&lost), a->conns);
 }
 
 int main(int argc, char **argv)

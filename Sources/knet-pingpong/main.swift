@@ -16,6 +16,12 @@ import Darwin
 import Dispatch
 import Foundation
 import KNet
+import Synchronization
+
+/// Client connections that closed before the end of the run (knet's persistent client
+/// would redial at once and hide the loss), and whether the end has come.
+let lostConnections = Atomic<Int>(0)
+let stoppingClients = Atomic<Bool>(false)
 
 /// Echoes every received buffer back (the server side).
 struct EchoHandler: TCPHandler {
@@ -42,6 +48,8 @@ final class PingPongHandler: TCPHandler {
             _ = LoopCounter.current // registered before the count starts
             try? conn.send(block)
             self.connected.signal()
+        } else if !stoppingClients.load(ordering: .relaxed) {
+            lostConnections.add(1, ordering: .relaxed)
         }
     }
 
@@ -108,6 +116,7 @@ func runClients(host: String, port: Int, conns: Int, blockSize: Int, seconds: Do
     Thread.sleep(forTimeInterval: seconds) // the measuring period itself
     let end = LoopCounter.totals()
     let bytes = end.bytes - start.bytes, messages = end.messages - start.messages
+    stoppingClients.store(true, ordering: .relaxed)
     for client in clients { client.close() }
     for done in finished { done.wait() }
     // The same four lines, and the same arithmetic, as the C knet_pingpong.
@@ -115,6 +124,10 @@ func runClients(host: String, port: Int, conns: Int, blockSize: Int, seconds: Do
     print("\(messages) total messages read")
     print("\(messages == 0 ? 0 : bytes / messages) average message size")
     print(String(format: "%.1f MiB/s throughput", Double(bytes) / seconds / 1_048_576))
+    let lost = lostConnections.load(ordering: .relaxed)
+    if lost > 0 {
+        fail("\(lost) of \(conns) connections closed during the run")
+    }
 }
 
 /// Starts an echo server on host:port in the background and returns it once listening.

@@ -7,6 +7,10 @@
 // every contender prints (see Benchmarks/README.md).
 import NIOCore
 import NIOPosix
+import Synchronization
+
+/// Client connections that closed before the end of the run.
+let lostConnections = Atomic<Int>(0)
 
 #if canImport(Glibc)
 import Glibc
@@ -98,6 +102,11 @@ final class PingPongHandler: ChannelInboundHandler {
         context.flush()
     }
 
+    func channelInactive(context: ChannelHandlerContext) {
+        lostConnections.add(1, ordering: .relaxed) // the client never closes one itself
+        context.fireChannelInactive()
+    }
+
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         context.close(promise: nil)
     }
@@ -160,6 +169,11 @@ func runClient(host: String, port: Int, conns: Int, block: Int, seconds: Int, th
     print("\(avg) average message size")
     print("\(tenths / 10).\(tenths % 10) MiB/s throughput")
     fflush(nil)
+    let lost = lostConnections.load(ordering: .relaxed)
+    if lost > 0 {
+        printError("\(lost) of \(conns) connections closed during the run\n")
+        exit(1)
+    }
     exit(0)
 }
 
