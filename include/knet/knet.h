@@ -304,7 +304,9 @@ void knet_client_set_idle_timeout(knet_client *c, uint32_t idle_ms);
  * knet_server_set_max_queued_bytes does (default KNET_DEFAULT_MAX_QUEUED). */
 void knet_client_set_max_queued_bytes(knet_client *c, size_t max_queued_bytes);
 
-/* Returns the current connection, retained (knet_conn_release it), or NULL. */
+/* Returns the current connection, retained (knet_conn_release it), or NULL. A closing
+ * connection stays current until its connect(false) ran (Go's GetConnection returned
+ * nil from Close on). */
 knet_conn *knet_client_conn(knet_client *c);
 
 /* Frees the client; only after knet_client_dial_and_serve has returned (or was
