@@ -762,7 +762,9 @@ static int send_off_loop(knet_conn *c, const void *buf, size_t len) {
 }
 
 int knet_conn_send(knet_conn *c, const void *buf, size_t len) {
-    if (!c || (!buf && len)) return -EINVAL;
+    /* No object is larger than PTRDIFF_MAX: such a len is a caller's error (a
+     * failed read's -1 passed on), and sizes added to it must not wrap. */
+    if (!c || (!buf && len) || len > PTRDIFF_MAX) return -EINVAL;
     if (kn_loop_current() == c->loop) return send_on_loop(c, buf, len);
     return send_off_loop(c, buf, len);
 }

@@ -89,7 +89,9 @@ public final class TCPConnection: Sendable {
         if rc != 0 { throw KNetError(code: rc) }
     }
 
-    /// Limits the messages queued and not yet written (0 = unlimited, the default).
+    /// Limits the messages queued and not yet written (0 or negative = unlimited, the
+    /// default). A message leaves the count once the queue block (4 to 64 KiB) holding
+    /// its last byte is written.
     public func setPendingSend(_ maxMessages: Int) {
         knet_conn_set_pending_send(handle, maxMessages < 0 ? 0 : maxMessages)
     }

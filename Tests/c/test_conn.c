@@ -312,6 +312,139 @@ static void test_default_handler(void)
     CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
 }
 
+/* A length no object can have ((size_t)-1: what a failed read returned, passed on)
+ * is refused with -EINVAL, the connection left open (before: sizeof(chunk) + len
+ * wrapped in malloc and SIZE_MAX bytes were copied into a 39-byte chunk). From
+ * another thread into an empty queue, which the byte bound admits any message to;
+ * and on the loop, where the direct write would read past buf. */
+static atomic_int size_max_on_loop_rc = 1;
+static void size_max_on_connect(tu_rec *r, bool connected)
+{
+    static uint8_t b[64];
+    if (connected)
+        atomic_store(&size_max_on_loop_rc, knet_conn_send(r->conn, b, (size_t)-1));
+}
+
+static void test_send_size_max_refused(void)
+{
+    tu_tracker *t = tu_tracker_new();
+    t->on_connect = size_max_on_connect;
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, t, NULL);
+    int fd = tu_connect(port);
+    knet_conn *conn = tu_tracker_rec(t, 0)->conn;
+    WAIT_UNTIL(atomic_load(&size_max_on_loop_rc) != 1);
+    CHECK_EQ(atomic_load(&size_max_on_loop_rc), -EINVAL);
+    static uint8_t buf[64];
+    ssize_t n = -1;
+    CHECK_EQ(knet_conn_send(conn, buf, (size_t)n), -EINVAL);
+    CHECK_EQ(knet_conn_send(conn, buf, (size_t)PTRDIFF_MAX + 1), -EINVAL);
+    CHECK_EQ(knet_conn_close_reason(conn), 1); /* still open */
+    CHECK_EQ(knet_conn_send(conn, "ok", 2), 0);
+    char got[2];
+    READ_EXACT(fd, got, 2);
+    CHECK_EQ(memcmp(got, "ok", 2), 0);
+    close(fd);
+    WAIT_GE(&t->disconnects, 1);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
+/* Connections kept past connect(true) by a user thread that calls every knet_conn_*
+ * on them and drops its reference while the peer closes them, racing the loop's own
+ * last reference (checked by ASan / TSan, no expected values beyond the error codes). */
+enum { RACE_CONNS = 64 };
+
+typedef struct race {
+    pthread_mutex_t mu;
+    knet_conn *conns[RACE_CONNS];
+    int n;
+    tu_counter connects, disconnects;
+} race;
+
+static void race_connect(knet_conn *c, bool connected, void *ud)
+{
+    race *r = (race *)ud;
+    if (!connected) {
+        tu_counter_add(&r->disconnects, 1);
+        return;
+    }
+    knet_conn_retain(c);
+    pthread_mutex_lock(&r->mu);
+    CHECK_LT(r->n, RACE_CONNS);
+    r->conns[r->n++] = c;
+    pthread_mutex_unlock(&r->mu);
+    tu_counter_add(&r->connects, 1);
+}
+
+static void *race_user(void *arg)
+{
+    race *r = (race *)arg;
+    int done = 0;
+    while (done < RACE_CONNS) {
+        knet_conn *c = NULL;
+        pthread_mutex_lock(&r->mu);
+        if (done < r->n)
+            c = r->conns[done];
+        pthread_mutex_unlock(&r->mu);
+        if (!c) {
+            CHECK(tu_counter_wait_ge(&r->connects, done + 1, TU_DEADLINE_MS));
+            continue;
+        }
+        char b[KNET_ADDRSTRLEN];
+        int rc = knet_conn_send(c, "hi", 2);
+        CHECK(rc == 0 || rc == KNET_ECLOSED || rc == KNET_EPENDINGFULL);
+        rc = knet_conn_set_nodelay(c, done & 1);
+        CHECK(rc == 0 || rc == KNET_ECLOSED);
+        knet_conn_set_userdata(c, &r->n);
+        CHECK(knet_conn_userdata(c) == &r->n);
+        rc = knet_conn_local_addr(c, b, sizeof b);
+        CHECK(rc > 0 || rc == KNET_ECLOSED);
+        CHECK_GT(knet_conn_remote_addr(c, b, sizeof b), 0);
+        knet_conn_set_pending_send(c, 1);
+        knet_conn_set_max_queued_bytes(c, 1);
+        CHECK_EQ(knet_conn_set_alloc(c, NULL, NULL), -EINVAL); /* not its loop thread */
+        if (done % 3 == 0)
+            knet_conn_close(c);
+        else if (done % 3 == 1)
+            knet_conn_close_with_timeout(c, 0);
+        else
+            knet_conn_shutdown(c);
+        rc = knet_conn_close_reason(c);
+        (void)rc;
+        knet_conn_release(c);
+        done++;
+    }
+    return NULL;
+}
+
+static void test_release_races_loop(void)
+{
+    race r;
+    memset(&r, 0, sizeof r);
+    pthread_mutex_init(&r.mu, NULL);
+    tu_counter_init(&r.connects);
+    tu_counter_init(&r.disconnects);
+    knet_handler h = {race_connect, NULL, &r};
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &h, NULL);
+    CHECK_GT(port, 0);
+    pthread_t th;
+    CHECK_EQ(pthread_create(&th, NULL, race_user, &r), 0);
+    for (int i = 0; i < RACE_CONNS; i++) {
+        int fd = tu_connect(port);
+        if (i & 1)
+            tu_set_linger0(fd);
+        close(fd); /* the loop finishes it while the user thread works on it */
+    }
+    CHECK_EQ(pthread_join(th, NULL), 0);
+    WAIT_GE(&r.disconnects, RACE_CONNS);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_counter_destroy(&r.connects);
+    tu_counter_destroy(&r.disconnects);
+    pthread_mutex_destroy(&r.mu);
+}
+
 int main(void)
 {
     check_loop_threads_before_start(); /* before tu_begin starts the loops */
@@ -325,5 +458,7 @@ int main(void)
     RUN(test_localhost_listens_on_ipv4);
     RUN(test_strerror);
     RUN(test_default_handler);
+    RUN(test_send_size_max_refused);
+    RUN(test_release_races_loop);
     return tu_end();
 }

@@ -318,7 +318,7 @@ void knet_client_free(knet_client *c);
 /* Frames buf with the connection's codec (its write runs on this calling
  * thread) and queues a copy for sending (thread-safe; on the connection's own
  * loop with nothing queued it writes at once). Returns 0, -EINVAL for a NULL
- * conn or a NULL buf with len > 0, KNET_EPENDINGFULL at the pending-send or queued-bytes limit,
+ * conn, a NULL buf with len > 0 or len > PTRDIFF_MAX, KNET_EPENDINGFULL at the pending-send or queued-bytes limit,
  * KNET_ECLOSED after close or shutdown began, the codec's error, or -errno
  * (-EPIPE, -ECONNRESET...) when that direct write failed: the connection then
  * closes with that reason after the current callback. */
@@ -326,7 +326,9 @@ int knet_conn_send(knet_conn *conn, const void *buf, size_t len);
 
 /* Limits the messages queued and not yet written (0 = unlimited, the default;
  * thread-safe). A send on the loop thread and one from another thread racing
- * at the limit may each add one message past it. */
+ * at the limit may each add one message past it. A message leaves the count
+ * when the queue block holding its last byte (4 to 64 KiB) is written, so a
+ * written message may count until the rest of its block went out too. */
 void knet_conn_set_pending_send(knet_conn *conn, size_t max_messages);
 
 /* Bounds the bytes queued and not yet written (thread-safe): a send that would
