@@ -91,8 +91,10 @@ static void on_accept(kn_loop *L, kn_io *io, uint32_t events) {
             int e = errno;
             if (e == EAGAIN || e == EWOULDBLOCK) return;
             /* Errors of the one pending connection, not of the listener (accept(2)
-             * lists the network errors Linux passes on): take the next. */
-            if (e == EINTR || e == ECONNABORTED || e == EPROTO || e == EPERM || e == ENETDOWN ||
+             * lists the network errors Linux passes on): take the next. Not EPERM:
+             * a security module or seccomp refuses before the connection is taken,
+             * so it stays queued and retrying at once would spin. */
+            if (e == EINTR || e == ECONNABORTED || e == EPROTO || e == ENETDOWN ||
                 e == ENOPROTOOPT || e == EHOSTDOWN || e == ENONET || e == EHOSTUNREACH ||
                 e == EOPNOTSUPP || e == ENETUNREACH)
                 continue;

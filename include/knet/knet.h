@@ -242,7 +242,10 @@ void knet_server_stats(knet_server *s, knet_stats *out);
 int knet_server_port(const knet_server *s);
 
 /* Blocks until the server listens (returns its port), failed to listen
- * (returns the error), was closed before it listened (KNET_ESERVERCLOSED), or
+ * (returns the error; after a failed call that error stands until the next
+ * knet_server_listen_and_serve call begins, so a wait for a retry started on
+ * another thread may see it: poll knet_server_port for > 0 instead), was closed
+ * before it listened (KNET_ESERVERCLOSED), or
  * timeout_ms passed (-ETIMEDOUT; in a callback it may only time out, as the
  * listener may be waiting for that very loop). */
 int knet_server_wait_listening(knet_server *s, uint32_t timeout_ms);
