@@ -478,7 +478,24 @@ void kn_conn_service(kn_loop *L, knet_conn *c) {
 
 /* ------------------------------------------------------------ reading */
 
+static void conn_read_pass(kn_loop *L, knet_conn *c);
+
+/* One read pass. The first send receive makes in it writes directly; later ones
+ * are queued and go out together at its end: a read of thousands of tiny frames
+ * answered one by one makes one writev, not a send each, and keeps its loop's
+ * other connections waiting that much less. One message per read (a
+ * request/response peer) still costs one direct send. */
 static void conn_read(kn_loop *L, knet_conn *c) {
+    c->in_read = true;
+    c->pass_sent = false;
+    conn_read_pass(L, c);
+    c->in_read = false;
+    /* Also when receive then asked for a close: these sends came before it, and
+     * written directly they would have gone out too. */
+    if (c->pass_sent && c->io.fd >= 0 && c->outq.head && !(c->events & EPOLLOUT)) conn_flush(c);
+}
+
+static void conn_read_pass(kn_loop *L, knet_conn *c) {
     kn_owner *o = c->owner;
     const knet_codec *k = &o->codec;
     /* The owner (handler, codec) and its counters are first loaded after the
@@ -496,7 +513,10 @@ static void conn_read(kn_loop *L, knet_conn *c) {
         __builtin_prefetch((const void *)(ud + 64));
     }
     c->read_more = false;
-    for (int budget = KN_READ_BUDGET; budget > 0; budget--) {
+    /* Fairness is counted in reads and, for tiny frames (a read holds thousands),
+     * in messages too, checked between reads. */
+    size_t msgs = 0;
+    for (int budget = KN_READ_BUDGET; budget > 0 && msgs < KN_MSG_BUDGET; budget--) {
         size_t len = c->ilen, cap;
         char *buf;
         bool own = len > KN_READ_BUF / 2; /* a large partial frame reads into its own buffer */
@@ -560,6 +580,7 @@ static void conn_read(kn_loop *L, knet_conn *c) {
                 break;
             }
             off += (size_t)r;
+            msgs++;
             if (o->handler.receive) o->handler.receive(c, msg, mlen, o->handler.ud);
             /* A close asked for inside receive drops what is still unread. */
             if (atomic_load_explicit(&c->req, memory_order_relaxed) & KN_REQ_CLOSE) return;
@@ -699,8 +720,10 @@ static int send_on_loop(knet_conn *c, const void *buf, size_t len) {
         return KNET_EPENDINGFULL;
     }
     size_t done = 0;
-    bool direct = !c->outq.head && !atomic_load_explicit(&c->inbox_full, memory_order_acquire);
+    bool direct = !c->outq.head && !(c->in_read && c->pass_sent) &&
+                  !atomic_load_explicit(&c->inbox_full, memory_order_acquire);
     if (direct && f.total > 0) {
+        c->pass_sent = true; /* see conn_read */
         /* A codec may make more pieces than one sendmsg takes: queue the rest. */
         ssize_t sent = send_iov(c->io.fd, f.iov, f.n < IOV_MAX ? f.n : IOV_MAX);
         if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {

@@ -19,6 +19,7 @@
 #define KN_CHUNK_MIN (4u * 1024u)  /* a queue's first chunk payload */
 #define KN_CHUNK (64u * 1024u)     /* largest chunk payload (a larger message gets its own) */
 #define KN_READ_BUDGET 16          /* full reads per readiness event (fairness) */
+#define KN_MSG_BUDGET 1024         /* messages per read pass, checked between reads */
 #define KN_ACCEPT_BUDGET 64        /* accepts per readiness event */
 #define KN_IOV_MAX 64              /* iovecs per sendmsg */
 #define KN_DEFAULT_GRACE_MS 3000u
@@ -234,6 +235,8 @@ struct knet_conn {
     size_t ilen, icap;
     uint32_t events; /* epoll interest (always with EPOLLET) */
     bool read_more;  /* input left when the read budget ran out: the ready list reads on */
+    bool in_read;    /* a read pass is delivering messages */
+    bool pass_sent;  /* receive wrote directly in this pass: its later sends are queued */
     bool read_to_end; /* FIN, reset, error or urgent data seen: a short read no longer
                          means drained (kept: urgent data once costs a read per event) */
     bool graceful;   /* flushing before close */

@@ -320,7 +320,8 @@ void knet_client_free(knet_client *c);
 
 /* Frames buf with the connection's codec (its write runs on this calling
  * thread) and queues a copy for sending (thread-safe; on the connection's own
- * loop with nothing queued it writes at once). Returns 0, -EINVAL for a NULL
+ * loop with nothing queued it writes at once, but in receive only the first send
+ * of a read pass: later ones go out together at the pass's end). Returns 0, -EINVAL for a NULL
  * conn, a NULL buf with len > 0 or len > PTRDIFF_MAX, KNET_EPENDINGFULL at the pending-send or queued-bytes limit,
  * KNET_ECLOSED after close or shutdown began, the codec's error, or -errno
  * (-EPIPE, -ECONNRESET...) when that direct write failed: the connection then
