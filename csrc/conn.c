@@ -737,8 +737,8 @@ static int send_on_loop(knet_conn *c, const void *buf, size_t len) {
                 c->last_io = c->loop->now;
             }
         }
-    } else if (!direct) {
-        conn_take_inbox(c); /* others' earlier sends go first */
+    } else if (!direct && atomic_load_explicit(&c->inbox_full, memory_order_acquire)) {
+        conn_take_inbox(c); /* others' earlier sends go first (no lock when there are none) */
     }
     if (rc == 0 && done < f.total) {
         rc = queue_append(&c->outq, f.iov, f.n, done);
