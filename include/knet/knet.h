@@ -256,9 +256,9 @@ void knet_server_free(knet_server *s);
 
 /* ---------------------------------------------------------------- client */
 
-/* Creates a client that dials addr ("host:port", "[v6]:port" or ":port" = this host). Retry is
- * off. Opens no descriptor (knet_client_dial_and_serve does); returns NULL only
- * when out of memory. */
+/* Creates a client that dials addr ("host:port", "[v6]:port" or ":port" = this
+ * host). Retry is off. Opens no descriptor (knet_client_dial_and_serve does);
+ * returns NULL only when out of memory. */
 knet_client *knet_client_new(const char *addr);
 
 /* Retries failed dials with exponential backoff (thread-safe). */
@@ -321,8 +321,9 @@ void knet_client_free(knet_client *c);
 /* Frames buf with the connection's codec (its write runs on this calling
  * thread) and queues a copy for sending (thread-safe; on the connection's own
  * loop with nothing queued it writes at once, but in receive only the first send
- * of a read pass: later ones go out together at the pass's end). Returns 0, -EINVAL for a NULL
- * conn, a NULL buf with len > 0 or len > PTRDIFF_MAX, KNET_EPENDINGFULL at the pending-send or queued-bytes limit,
+ * of a read pass: later ones go out together at the pass's end). Returns 0,
+ * -EINVAL for a NULL conn, a NULL buf with len > 0 or len > PTRDIFF_MAX,
+ * KNET_EPENDINGFULL at the pending-send or queued-bytes limit,
  * KNET_ECLOSED after close or shutdown began, the codec's error, or -errno
  * (-EPIPE, -ECONNRESET...) when that direct write failed: the connection then
  * closes with that reason after the current callback. */
