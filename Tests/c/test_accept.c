@@ -206,6 +206,16 @@ static void test_eperm_does_not_spin(void)
 
 /* ------------------------------------------------------------------ storm */
 
+/* A connect to a that completes in the listener's backlog, not waited for. */
+static int connect_nonblocking(const struct sockaddr_in *a)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    CHECK_GE(fd, 0);
+    int r = connect(fd, (const struct sockaddr *)a, sizeof *a);
+    CHECK(r == 0 || errno == EINPROGRESS);
+    return fd;
+}
+
 /* 2,000 connects while 4 connections echo: all accepted, counters exact, spread
  * over the loops (each takes two descriptors here: the soft limit is raised). */
 static void test_connect_storm(void)
@@ -234,10 +244,7 @@ static void test_connect_storm(void)
     int *fds = calloc(STORM, sizeof *fds);
     struct sockaddr_in a = tu_loopback(port);
     for (int i = 0; i < STORM; i++) {
-        fds[i] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-        CHECK_GE(fds[i], 0);
-        int r = connect(fds[i], (struct sockaddr *)&a, sizeof a);
-        CHECK(r == 0 || errno == EINPROGRESS);
+        fds[i] = connect_nonblocking(&a);
         if (i % 100 == 0) {
             char out = 'x', in;
             tu_write_all(busy[i / 100 % BUSY], &out, 1);
@@ -249,11 +256,9 @@ static void test_connect_storm(void)
     CHECK_EQ(st.accepted, BUSY + STORM);
     CHECK_EQ(st.live, BUSY + STORM);
     CHECK_EQ(st.refused, 0);
-    unsigned n = knet_loop_threads();
     for (unsigned i = 0; i < 64; i++)
         if (atomic_load(&k.per_loop[i]))
             printf("  loop slot %u: %ld\n", i, atomic_load(&k.per_loop[i]));
-    (void)n;
     for (int i = 0; i < STORM; i++)
         close(fds[i]);
     free(fds);
@@ -279,10 +284,7 @@ static void test_close_races_burst(void)
         int fds[BURST];
         struct sockaddr_in a = tu_loopback(port);
         for (int i = 0; i < BURST; i++) {
-            fds[i] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-            CHECK_GE(fds[i], 0);
-            int r = connect(fds[i], (struct sockaddr *)&a, sizeof a);
-            CHECK(r == 0 || errno == EINPROGRESS);
+            fds[i] = connect_nonblocking(&a);
             if (i == BURST / 2 + round * 20)
                 CHECK_EQ(knet_server_close(ts.srv), 0);
         }

@@ -10,18 +10,10 @@
 
 #define LOOPS 8
 
-/* Threads of this process (/proc/self/task). */
+/* Threads of this process. */
 static int thread_count(void)
 {
-    DIR *d = opendir("/proc/self/task");
-    CHECK(d != NULL);
-    int n = 0;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL)
-        if (e->d_name[0] != '.')
-            n++;
-    closedir(d);
-    return n;
+    return tu_dir_count("/proc/self/task");
 }
 
 /* Waits (bounded) until the thread count is back to baseline. */

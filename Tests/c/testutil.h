@@ -441,10 +441,10 @@ static inline uint64_t tu_fnv(uint64_t h, const void *buf, size_t n)
 
 /* ------------------------------------------------------------------ fds */
 
-/* Number of open descriptors of this process (excluding the one used to count). */
-static inline int tu_fd_count(void)
+/* Entries of a directory, "." and ".." aside (open descriptors, threads). */
+static inline int tu_dir_count(const char *path)
 {
-    DIR *d = opendir("/proc/self/fd");
+    DIR *d = opendir(path);
     CHECK(d != NULL);
     int n = 0;
     struct dirent *e;
@@ -452,7 +452,13 @@ static inline int tu_fd_count(void)
         if (e->d_name[0] != '.')
             n++;
     closedir(d);
-    return n - 1;
+    return n;
+}
+
+/* Number of open descriptors of this process (excluding the one used to count). */
+static inline int tu_fd_count(void)
+{
+    return tu_dir_count("/proc/self/fd") - 1;
 }
 
 /* Prints every open descriptor and what it points at. */
