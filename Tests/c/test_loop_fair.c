@@ -15,6 +15,9 @@
  * An argument runs only the tests whose name contains it. */
 #include "testutil.h"
 
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
+
 /* Generous (a round trip takes a few ms here, also under a sanitizer): what they
  * catch is starvation for seconds. The tiny-frame flood is judged by a count that
  * does not depend on the machine's speed: the send syscalls the server's loop made
@@ -206,6 +209,76 @@ static void test_tiny_frame_flood_does_not_starve(void)
     flood_framed = true;
     run_starvation(false);
     flood_framed = false;
+}
+
+/* The message budget: frames queued while the loop is held, the flood's first, then
+ * one quiet frame. Released, the flood connection's pass stops after its first read
+ * (32,768 frames of 64 KiB; the budget is checked between reads) and the quiet
+ * frame is served before the flood's next read; without the budget the pass read on
+ * (up to 16 reads) first. The count does not depend on the machine's speed. */
+#define BUDGET_FLOOD (512 * 1024) /* bytes of 2-byte frames: 262,144 */
+static tu_counter hold_release, hold_entered;
+static atomic_long flood_frames, frames_before_quiet = -1;
+
+static void budget_receive(knet_conn *c, const void *buf, size_t len, void *ud)
+{
+    (void)c, (void)ud;
+    if (len == 0) { /* an empty frame: the flood */
+        atomic_fetch_add_explicit(&flood_frames, 1, memory_order_relaxed);
+    } else if (((const char *)buf)[0] == 'H') { /* hold the loop until released */
+        tu_counter_add(&hold_entered, 1);
+        CHECK(tu_counter_wait_ge(&hold_release, 1, TU_DEADLINE_MS));
+    } else if (((const char *)buf)[0] == 'q') {
+        atomic_store(&frames_before_quiet, atomic_load(&flood_frames));
+    }
+}
+
+static uint8_t budget_zeros[BUDGET_FLOOD]; /* [0][0] = an empty frame, 262,144 times */
+
+static void *budget_flood_writer(void *arg)
+{
+    tu_write_all(*(int *)arg, budget_zeros + 65536, sizeof budget_zeros - 65536);
+    return NULL;
+}
+
+static void test_message_budget_per_pass(void)
+{
+    tu_counter_init(&hold_release);
+    tu_counter_init(&hold_entered);
+    atomic_store(&flood_frames, 0);
+    atomic_store(&frames_before_quiet, -1);
+    knet_handler h = {plain_connect, budget_receive, NULL};
+    atomic_store(&plain_connects, 0);
+    knet_codec std = knet_std_codec;
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &h, &std);
+    CHECK_GT(port, 0);
+    int hold = tu_connect(port), f = tu_connect(port), q = tu_connect(port);
+    WAIT_UNTIL(atomic_load(&plain_connects) == 3);
+    uint8_t hf[3] = {0, 1, 'H'}, qf[3] = {0, 1, 'q'};
+    tu_write_all(hold, hf, sizeof hf);
+    WAIT_GE(&hold_entered, 1); /* the loop is held */
+    /* The flood's first 64 KiB reach the server's socket (nothing left unacked)
+     * before the quiet frame; the rest follows from a thread while the loop reads. */
+    tu_write_all(f, budget_zeros, 65536);
+    int pending = -1;
+    WAIT_UNTIL((ioctl(f, SIOCOUTQ, &pending), pending) == 0);
+    pthread_t w;
+    CHECK_EQ(pthread_create(&w, NULL, budget_flood_writer, &f), 0);
+    tu_write_all(q, qf, sizeof qf);
+    tu_counter_add(&hold_release, 1);
+    WAIT_UNTIL(atomic_load(&frames_before_quiet) >= 0);
+    CHECK_EQ(pthread_join(w, NULL), 0);
+    WAIT_UNTIL(atomic_load(&flood_frames) == BUDGET_FLOOD / 2);
+    printf("  %ld flood frames delivered before the quiet one (one read holds 32,768)\n",
+           atomic_load(&frames_before_quiet));
+    CHECK_LE(atomic_load(&frames_before_quiet), 32768);
+    close(hold);
+    close(f);
+    close(q);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_counter_destroy(&hold_release);
+    tu_counter_destroy(&hold_entered);
 }
 
 /* ------------------------------------------------------------ many senders */
@@ -493,6 +566,7 @@ int main(int argc, char **argv)
     RUN_SOME(test_sporadic_sends_and_closes);
     RUN_SOME(test_burst_with_fin_read_to_end);
     RUN_SOME(test_close_mid_pass_then_fd_reuse);
+    RUN_SOME(test_message_budget_per_pass);
     RUN_SOME(test_tiny_frame_flood_does_not_starve); /* last: fails on the current code */
     return tu_end();
 }
