@@ -56,6 +56,17 @@ static void cnt_receive(knet_conn *c, const void *buf, size_t len, void *ud)
     (void)knet_conn_send(c, buf, len);
 }
 
+/* Starts an echo server on 127.0.0.1:0 whose callbacks count into k (zeroed); returns
+ * its port. */
+static int counting_server_start(tu_server *ts, counts *k)
+{
+    memset(k, 0, sizeof *k);
+    knet_handler h = {cnt_connect, cnt_receive, k};
+    int port = tu_server_start(ts, "127.0.0.1:0", &h, NULL);
+    CHECK_GT(port, 0);
+    return port;
+}
+
 static knet_stats stats_of(knet_server *s)
 {
     knet_stats st;
@@ -89,11 +100,8 @@ static void test_emfile_backoff_in_process(void)
 {
     enum { WAITING = 4 };
     counts k;
-    memset(&k, 0, sizeof k);
-    knet_handler h = {cnt_connect, cnt_receive, &k};
     tu_server ts;
-    int port = tu_server_start(&ts, "127.0.0.1:0", &h, NULL);
-    CHECK_GT(port, 0);
+    int port = counting_server_start(&ts, &k);
     int keeper = tu_connect(port);
     WAIT_UNTIL(atomic_load(&k.up) == 1);
 
@@ -173,11 +181,8 @@ static void test_emfile_backoff_in_process(void)
 static void test_eperm_does_not_spin(void)
 {
     counts k;
-    memset(&k, 0, sizeof k);
-    knet_handler h = {cnt_connect, cnt_receive, &k};
     tu_server ts;
-    int port = tu_server_start(&ts, "127.0.0.1:0", &h, NULL);
-    CHECK_GT(port, 0);
+    int port = counting_server_start(&ts, &k);
     atomic_store(&accept_logs, 0);
     knet_set_log(count_log, KNET_LOG_WARN, NULL);
     atomic_store(&deny, true);
@@ -232,11 +237,8 @@ static void test_connect_storm(void)
         return;
     }
     counts k;
-    memset(&k, 0, sizeof k);
-    knet_handler h = {cnt_connect, cnt_receive, &k};
     tu_server ts;
-    int port = tu_server_start(&ts, "127.0.0.1:0", &h, NULL);
-    CHECK_GT(port, 0);
+    int port = counting_server_start(&ts, &k);
     int busy[BUSY];
     for (int i = 0; i < BUSY; i++)
         busy[i] = tu_connect(port);
@@ -276,11 +278,8 @@ static void test_close_races_burst(void)
     enum { BURST = 600 };
     for (int round = 0; round < 5; round++) {
         counts k;
-        memset(&k, 0, sizeof k);
-        knet_handler h = {cnt_connect, cnt_receive, &k};
         tu_server ts;
-        int port = tu_server_start(&ts, "127.0.0.1:0", &h, NULL);
-        CHECK_GT(port, 0);
+        int port = counting_server_start(&ts, &k);
         int fds[BURST];
         struct sockaddr_in a = tu_loopback(port);
         for (int i = 0; i < BURST; i++) {
