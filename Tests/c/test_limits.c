@@ -309,16 +309,10 @@ static void test_client_shutdown(void)
  * graceful close that times out, not a close). The peer never closes. */
 static void client_shutdown_silent_peer(uint32_t timeout_ms, bool then_close, int want_reason)
 {
-    int port;
-    int lfd = tu_listen(&port, 0);
     tu_tracker *ct = tu_tracker_new();
-    knet_handler ch = tu_tracker_handler(ct);
-    knet_client *c = tu_client_for_port(port);
     tu_client tc;
-    tu_client_start(&tc, c, &ch, NULL);
-    int peer = accept(lfd, NULL, NULL);
-    CHECK_GE(peer, 0);
-    WAIT_GE(&ct->connects, 1);
+    int lfd, peer;
+    knet_client *c = tu_client_to_plain(&tc, ct, 0, &lfd, &peer);
     CHECK_EQ(knet_client_shutdown(c, timeout_ms), 0);
     if (then_close)
         CHECK_EQ(knet_client_close(c), 0);
@@ -369,15 +363,10 @@ static void test_client_idle_timeout(void)
 static void test_client_limits_from_next_dial(void)
 {
     enum { IDLE_MS = 800 };
-    int port;
-    int lfd = tu_listen(&port, 16384);
     tu_tracker *ct = tu_tracker_new();
-    knet_handler ch = tu_tracker_handler(ct);
-    knet_client *c = tu_client_for_port(port);
     tu_client tc;
-    tu_client_start(&tc, c, &ch, NULL);
-    int fd1 = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
-    CHECK_GE(fd1, 0);
+    int lfd, fd1;
+    knet_client *c = tu_client_to_plain(&tc, ct, 16384, &lfd, &fd1);
     knet_conn *c1 = tu_tracker_rec(ct, 0)->conn;
     knet_client_set_idle_timeout(c, IDLE_MS);
     knet_client_set_max_queued_bytes(c, (size_t)1 << 20);

@@ -72,16 +72,10 @@ static void test_earlier_deadline_wins(void)
 
 static void test_first_close_reason_wins(void)
 {
-    int port;
-    int lfd = tu_listen(&port, 0);
     tu_tracker *t = tu_tracker_new();
-    knet_handler h = tu_tracker_handler(t);
-    knet_client *cli = tu_client_for_port(port);
     tu_client tc;
-    tu_client_start(&tc, cli, &h, NULL);
-    int peer = accept(lfd, NULL, NULL);
-    CHECK_GE(peer, 0);
-    WAIT_GE(&t->connects, 1);
+    int lfd, peer;
+    knet_client *cli = tu_client_to_plain(&tc, t, 0, &lfd, &peer);
     knet_conn *c = tu_tracker_rec(t, 0)->conn;
 
     hold_loop_at(c);

@@ -835,6 +835,23 @@ static inline int tu_client_join(tu_client *tc)
     return rc;
 }
 
+/* A knet client (retry off) whose handler is tracker t, started against a plain
+ * listener on 127.0.0.1 (rcvbuf as tu_listen): *lfd gets the listener, *peer the
+ * accepted socket; returns the client once its connect(true) ran. */
+static inline knet_client *tu_client_to_plain(tu_client *tc, tu_tracker *t, int rcvbuf, int *lfd,
+                                             int *peer)
+{
+    int port;
+    *lfd = tu_listen(&port, rcvbuf);
+    knet_handler h = tu_tracker_handler(t);
+    knet_client *c = tu_client_for_port(port);
+    tu_client_start(tc, c, &h, NULL);
+    *peer = accept4(*lfd, NULL, NULL, SOCK_CLOEXEC);
+    CHECK_GE(*peer, 0);
+    WAIT_GE(&t->connects, 1);
+    return c;
+}
+
 /* ------------------------------------------------------------------ runner */
 
 static int tu_passed_count;     /* tests passed so far */
