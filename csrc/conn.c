@@ -344,9 +344,8 @@ static void conn_take_inbox(knet_conn *c) {
     queue_splice(&c->outq, &in); /* may copy: outside the senders' lock */
 }
 
-/* Writes as much of the queue as the socket takes; once it is empty, a
- * graceful close moves on: FIN after our last byte, or the end. */
-static void conn_flush(knet_conn *c) {
+/* Writes as much of the queue as the socket takes: 0, or a failed write's -errno. */
+static int conn_write_queue(knet_conn *c) {
     while (c->outq.head) {
         struct iovec iov[KN_IOV_MAX];
         size_t n = 0, want = 0;
@@ -364,13 +363,23 @@ static void conn_flush(knet_conn *c) {
         if (w < 0) {
             if (errno == EINTR) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-            kn_conn_finish(c, -errno);
-            return;
+            return -errno;
         }
         queue_consume(c, (size_t)w);
         slot_add(&c->slot->bytes_out, (uint64_t)w);
         c->last_io = c->loop->now;
         if ((size_t)w < want) break; /* the socket buffer is full */
+    }
+    return 0;
+}
+
+/* Writes as much of the queue as the socket takes; once it is empty, a
+ * graceful close moves on: FIN after our last byte, or the end. */
+static void conn_flush(knet_conn *c) {
+    int rc = conn_write_queue(c);
+    if (rc < 0) {
+        kn_conn_finish(c, rc);
+        return;
     }
     if (c->outq.head) {
         conn_set_events(c, c->events | EPOLLOUT);
@@ -710,14 +719,33 @@ static bool conn_refuses_sends(const knet_conn *c) {
            atomic_load_explicit(&c->owner->closing, memory_order_relaxed);
 }
 
+/* On the loop at a limit: what is queued but not waiting for the socket (a read
+ * pass's batch, other threads' sends) is written now, so the limits count what the
+ * socket did not take. Returns 0 when there is room, KNET_EPENDINGFULL, or a failed
+ * write's -errno (the connection then closes after the current callback). */
+static int conn_room_on_loop(knet_conn *c, size_t more) {
+    if (!conn_full(c, more)) return 0;
+    if (c->events & EPOLLOUT) return KNET_EPENDINGFULL; /* the socket is full */
+    if (atomic_load_explicit(&c->inbox_full, memory_order_acquire)) conn_take_inbox(c);
+    if (!c->outq.head) return KNET_EPENDINGFULL;
+    int rc = conn_write_queue(c);
+    if (rc < 0) {
+        kn_conn_close_reason(c, rc);
+        return rc;
+    }
+    if (c->outq.head) conn_set_events(c, c->events | EPOLLOUT);
+    return conn_full(c, more) ? KNET_EPENDINGFULL : 0;
+}
+
 static int send_on_loop(knet_conn *c, const void *buf, size_t len) {
     if (conn_refuses_sends(c)) return KNET_ECLOSED;
     kn_frame f;
     int rc = frame_make(c, &f, buf, len);
     if (rc < 0) return rc;
-    if (conn_full(c, f.total)) { /* framed bytes, as qbytes counts them */
+    rc = conn_room_on_loop(c, f.total); /* framed bytes, as qbytes counts them */
+    if (rc < 0) {
         frame_free(&f);
-        return KNET_EPENDINGFULL;
+        return rc;
     }
     size_t done = 0;
     bool direct = !c->outq.head && !(c->in_read && c->pass_sent) &&
