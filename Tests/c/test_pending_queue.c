@@ -57,9 +57,307 @@ static void test_limit_in_read_pass(void)
     tu_tracker_free(t);
 }
 
+/* ------------------------------------------------------------------ many threads, loop held */
+
+enum { LIMIT = 40, THREADS = 8, TRIES = 50, SRC_LOOP = THREADS, SRC_MAIN = THREADS + 1, SRCS = THREADS + 2 };
+enum { MAX_ACCEPTED = 4 * TRIES };
+
+static tu_counter h_connects, h_holding, h_go, h_start, h_closed, h_loop_done;
+static knet_length_field h_lf = {4, false, 0};
+static knet_conn *_Atomic h_target;                       /* the first connection */
+static _Atomic bool h_loop_sends;                         /* the holder's receive sends too */
+static uint32_t h_seq[SRCS];                              /* next seq per source (its own) */
+static uint32_t h_acc[SRCS][MAX_ACCEPTED];                /* accepted seqs per source */
+static _Atomic int h_nacc[SRCS];
+static _Atomic int h_bad_rc;                              /* a refusal that is not EPENDINGFULL */
+static _Atomic int h_reason;
+
+/* Sends the next message of source src; records it when accepted. */
+static int h_send(int src)
+{
+    uint32_t body[2] = {(uint32_t)src, h_seq[src]++};
+    int rc = knet_conn_send(atomic_load(&h_target), body, sizeof body);
+    if (rc == 0) {
+        int i = atomic_load(&h_nacc[src]);
+        CHECK_LT(i, MAX_ACCEPTED);
+        h_acc[src][i] = body[1];
+        atomic_store(&h_nacc[src], i + 1);
+    } else if (rc != KNET_EPENDINGFULL) {
+        atomic_store(&h_bad_rc, rc);
+    }
+    return rc;
+}
+
+static void h_on_connect(knet_conn *c, bool connected, void *ud)
+{
+    (void)ud;
+    if (connected) {
+        knet_conn *none = NULL;
+        atomic_compare_exchange_strong(&h_target, &none, c);
+        tu_counter_add(&h_connects, 1);
+    } else if (c == atomic_load(&h_target)) {
+        atomic_store(&h_reason, knet_conn_close_reason(c));
+        tu_counter_add(&h_closed, 1);
+    }
+}
+
+/* The holder keeps the one loop thread until released; while it does, nothing of the
+ * target's queue is written. With h_loop_sends it races the other threads' sends with
+ * its own, on the loop. */
+static void h_on_receive(knet_conn *c, const void *buf, size_t len, void *ud)
+{
+    (void)buf, (void)len, (void)ud;
+    if (c == atomic_load(&h_target))
+        return;
+    long phase = tu_counter_get(&h_holding) + 1;
+    tu_counter_add(&h_holding, 1);
+    if (atomic_load(&h_loop_sends)) {
+        CHECK(tu_counter_wait_ge(&h_start, phase, TU_DEADLINE_MS));
+        for (int i = 0; i < TRIES; i++)
+            h_send(SRC_LOOP);
+        tu_counter_add(&h_loop_done, 1);
+    } else {
+        tu_counter_add(&h_loop_done, 1);
+    }
+    CHECK(tu_counter_wait_ge(&h_go, phase, TU_DEADLINE_MS));
+}
+
+static void *h_sender(void *arg)
+{
+    int src = (int)(intptr_t)arg;
+    CHECK(tu_counter_wait_ge(&h_start, tu_counter_get(&h_holding), TU_DEADLINE_MS)); /* this phase */
+    for (int i = 0; i < TRIES; i++)
+        h_send(src);
+    return NULL;
+}
+
+/* Holds the loop (the next phase), starts the senders together, joins them; returns
+ * the messages accepted in this phase. */
+static int h_phase(int holder, bool loop_sends)
+{
+    int before = 0;
+    for (int s = 0; s < SRCS; s++)
+        before += atomic_load(&h_nacc[s]);
+    atomic_store(&h_loop_sends, loop_sends);
+    long phase = tu_counter_get(&h_holding) + 1;
+    uint8_t f[5] = {0, 0, 0, 1, 'h'}; /* one length-codec frame */
+    tu_write_all(holder, f, sizeof f);
+    WAIT_GE(&h_holding, phase);
+    if (loop_sends) /* one from this thread too */
+        CHECK_EQ(h_send(SRC_MAIN), 0);
+    pthread_t th[THREADS];
+    for (int i = 0; i < THREADS; i++)
+        CHECK_EQ(pthread_create(&th[i], NULL, h_sender, (void *)(intptr_t)i), 0);
+    tu_counter_add(&h_start, 1);
+    for (int i = 0; i < THREADS; i++)
+        CHECK_EQ(pthread_join(th[i], NULL), 0);
+    if (loop_sends)
+        WAIT_GE(&h_loop_done, phase);
+    int after = 0;
+    for (int s = 0; s < SRCS; s++)
+        after += atomic_load(&h_nacc[s]);
+    CHECK_EQ(atomic_load(&h_bad_rc), 0);
+    return after - before;
+}
+
+/* Reads count frames and checks each against the next accepted message of its source. */
+static void h_read(int peer, int count, int *next)
+{
+    for (int i = 0; i < count; i++) {
+        uint8_t f[12];
+        READ_EXACT(peer, f, sizeof f);
+        CHECK_EQ(tu_get_len(f, 4, false), 8u);
+        uint32_t body[2];
+        memcpy(body, f + 4, sizeof body);
+        CHECK_LT(body[0], (uint32_t)SRCS);
+        int src = (int)body[0];
+        CHECK_LT(next[src], atomic_load(&h_nacc[src])); /* nothing refused arrives */
+        CHECK_EQ(body[1], h_acc[src][next[src]]);       /* each source in its order */
+        next[src]++;
+    }
+}
+
+static void test_threads_at_limit_loop_held(void)
+{
+    tu_counter_init(&h_connects);
+    tu_counter_init(&h_holding);
+    tu_counter_init(&h_go);
+    tu_counter_init(&h_start);
+    tu_counter_init(&h_closed);
+    tu_counter_init(&h_loop_done);
+    knet_codec codec;
+    CHECK_EQ(knet_length_codec(&codec, &h_lf), 0);
+    knet_handler h = {h_on_connect, h_on_receive, NULL};
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &h, &codec);
+    CHECK_GT(port, 0);
+    int peer = tu_connect_ex(port, 16384);
+    WAIT_GE(&h_connects, 1);
+    knet_conn *c = atomic_load(&h_target);
+    knet_conn_set_pending_send(c, LIMIT);
+    int holder = tu_connect(port);
+    WAIT_GE(&h_connects, 2);
+    int next[SRCS] = {0};
+
+    /* More than the socket takes (the peer does not read yet): the rest stays queued
+     * and counts one; the loop's flush that found the socket full ends before it runs
+     * the holder's receive, so the loop's own sends below cannot write either. */
+    size_t big = (size_t)8 << 20;
+    char *bigbuf = malloc(big);
+    CHECK(bigbuf != NULL);
+    tu_pattern_fill(bigbuf, big, 0, 77);
+    CHECK_EQ(knet_conn_send(c, bigbuf, big), 0);
+    knet_stats st;
+    WAIT_UNTIL((knet_server_stats(ts.srv, &st), st.bytes_out > 0));
+
+    /* 1: eight threads and the loop itself race at the limit: one message past it at most. */
+    int n = h_phase(holder, true);
+    printf("  phase 1: %d accepted (loop thread %d)\n", n, atomic_load(&h_nacc[SRC_LOOP]));
+    CHECK_GE(n, LIMIT - 1);
+    CHECK_LE(n, LIMIT);
+    tu_counter_add(&h_go, 1);
+    uint8_t hdr[4];
+    READ_EXACT(peer, hdr, 4);
+    CHECK_EQ(tu_get_len(hdr, 4, false), big);
+    for (size_t got = 0; got < big;) {
+        size_t want = big - got < 65536 ? big - got : 65536;
+        READ_EXACT(peer, bigbuf, want);
+        CHECK_EQ(tu_pattern_mismatch(bigbuf, want, got, 77), want);
+        got += want;
+    }
+    free(bigbuf);
+    h_read(peer, n, next);
+
+    /* 2: drained, the count is 0 again: exactly the limit is accepted from other threads. */
+    n = h_phase(holder, false);
+    CHECK_EQ(n, LIMIT);
+    /* A lower limit refuses; a higher one takes exactly the difference. */
+    knet_conn_set_pending_send(c, 5);
+    CHECK_EQ(h_send(SRC_MAIN), KNET_EPENDINGFULL);
+    knet_conn_set_pending_send(c, LIMIT + 3);
+    for (int i = 0; i < 3; i++)
+        CHECK_EQ(h_send(SRC_MAIN), 0);
+    CHECK_EQ(h_send(SRC_MAIN), KNET_EPENDINGFULL);
+    /* 3: a graceful close at the limit: sends are closed, not full, also unlimited; the
+     * queue is still written, then FIN. */
+    knet_conn_shutdown(c);
+    CHECK_EQ(h_send(SRC_MAIN), KNET_ECLOSED);
+    knet_conn_set_pending_send(c, 0);
+    CHECK_EQ(h_send(SRC_MAIN), KNET_ECLOSED);
+    atomic_store(&h_bad_rc, 0);
+    tu_counter_add(&h_go, 1);
+    h_read(peer, LIMIT + 3, next);
+    char b;
+    CHECK_EQ(tu_read_full(peer, &b, 1), 0); /* FIN after the last accepted message */
+    for (int s = 0; s < SRCS; s++)
+        CHECK_EQ(next[s], atomic_load(&h_nacc[s]));
+    close(peer);
+    WAIT_GE(&h_closed, 1);
+    CHECK_EQ(atomic_load(&h_reason), 0);
+    close(holder);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_counter_destroy(&h_connects);
+    tu_counter_destroy(&h_holding);
+    tu_counter_destroy(&h_go);
+    tu_counter_destroy(&h_start);
+    tu_counter_destroy(&h_closed);
+    tu_counter_destroy(&h_loop_done);
+}
+
+/* ------------------------------------------------------------------ one huge send */
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define PQ_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define PQ_SANITIZED 1
+#endif
+#endif
+
+#define HUGE_SEND ((size_t)256 << 20) /* four times KNET_DEFAULT_MAX_QUEUED */
+
+static char *huge_buf;
+static _Atomic int huge_rc1 = 1, huge_rc2 = 1, huge_rc3 = 1;
+
+static size_t rss_bytes(void)
+{
+    FILE *f = fopen("/proc/self/statm", "r");
+    CHECK(f != NULL);
+    unsigned long size = 0, res = 0;
+    CHECK_EQ(fscanf(f, "%lu %lu", &size, &res), 2);
+    fclose(f);
+    return (size_t)res * (size_t)sysconf(_SC_PAGESIZE);
+}
+
+/* On the loop: the huge send into the empty queue, then one byte more, then one byte
+ * with the bound lifted. */
+static void huge_on_connect(tu_rec *r, bool connected)
+{
+    if (!connected || r->index != 1)
+        return;
+    atomic_store(&huge_rc1, knet_conn_send(r->conn, huge_buf, HUGE_SEND));
+    atomic_store(&huge_rc2, knet_conn_send(r->conn, "x", 1));
+    knet_conn_set_max_queued_bytes(r->conn, 0);
+    atomic_store(&huge_rc3, knet_conn_send(r->conn, "y", 1));
+}
+
+/* A send larger than the default byte bound is accepted into an empty queue (from
+ * another thread, then on the loop), the next is refused until the bound is lifted;
+ * a close frees the queue (RSS back down, and no leak under LSan). */
+static void test_huge_send(void)
+{
+    huge_buf = malloc(HUGE_SEND);
+    CHECK(huge_buf != NULL);
+    memset(huge_buf, 'h', HUGE_SEND);
+    tu_tracker *t = tu_tracker_new();
+    t->on_connect = huge_on_connect;
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, t, NULL);
+    int fd = tu_connect_ex(port, 16384); /* never reads */
+    knet_conn *c = tu_tracker_rec(t, 0)->conn;
+    size_t rss0 = rss_bytes();
+
+    CHECK_EQ(knet_conn_send(c, huge_buf, HUGE_SEND), 0);
+    CHECK_EQ(knet_conn_send(c, "x", 1), KNET_EPENDINGFULL);
+    size_t rss1 = rss_bytes();
+    knet_conn_close(c);
+    WAIT_GE(&t->disconnects, 1);
+    size_t rss2 = rss_bytes();
+    printf("  off the loop: RSS +%zu MiB queued, +%zd MiB after close\n", (rss1 - rss0) >> 20,
+           ((ssize_t)rss2 - (ssize_t)rss0) / (1 << 20));
+#ifndef PQ_SANITIZED
+    CHECK_GE(rss1 - rss0, HUGE_SEND / 2); /* the queue's copy */
+    CHECK_LT(rss2, rss0 + ((size_t)32 << 20));
+#endif
+    close(fd);
+
+    /* On the loop, from connect(true). */
+    int fd2 = tu_connect_ex(port, 16384);
+    (void)tu_tracker_rec(t, 1);
+    CHECK_EQ(atomic_load(&huge_rc1), 0);
+    CHECK_EQ(atomic_load(&huge_rc2), KNET_EPENDINGFULL);
+    CHECK_EQ(atomic_load(&huge_rc3), 0);
+    knet_conn_close(t->recs[1].conn);
+    WAIT_GE(&t->disconnects, 2);
+    free(huge_buf);
+    huge_buf = NULL;
+    size_t rss3 = rss_bytes();
+    printf("  on the loop: RSS %+zd MiB after close and free\n",
+           ((ssize_t)rss3 - (ssize_t)rss0) / (1 << 20));
+#ifndef PQ_SANITIZED
+    CHECK_LT(rss3, rss0); /* the test's own buffer is gone too */
+#endif
+    close(fd2);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
 int main(void)
 {
+    CHECK_EQ(knet_set_loop_threads(1), 0); /* the holder shares the target's loop */
     tu_begin();
     RUN(test_limit_in_read_pass);
+    RUN(test_threads_at_limit_loop_held);
+    RUN(test_huge_send);
     return tu_end();
 }
