@@ -330,10 +330,12 @@ void knet_client_free(knet_client *c);
 int knet_conn_send(knet_conn *conn, const void *buf, size_t len);
 
 /* Limits the messages queued and not yet written (0 = unlimited, the default;
- * thread-safe). A send on the loop thread and one from another thread racing
- * at the limit may each add one message past it. A message leaves the count
- * when the queue block holding its last byte (4 to 64 KiB) is written, so a
- * written message may count until the rest of its block went out too. */
+ * thread-safe). On the loop thread a send at this limit or the byte bound first
+ * writes what the socket takes (a read pass's batched sends too), so the limits
+ * count what the socket did not take. A send on the loop thread and one from
+ * another thread racing at the limit may each add one message past it. A message
+ * leaves the count when the queue block holding its last byte (4 to 64 KiB) is
+ * written, so a written message may count until the rest of its block went out too. */
 void knet_conn_set_pending_send(knet_conn *conn, size_t max_messages);
 
 /* Bounds the bytes queued and not yet written (thread-safe): a send that would
