@@ -14,19 +14,26 @@
 
 /* ------------------------------------------------------------------ read-pass batching */
 
-enum { BURST = 200, BURST_LIMIT = 8 };
+enum { BURST = 200, BURST_LIMIT = 8, BURST_BODY = 100 };
+
+static bool burst_bytes; /* bound the bytes (4 KiB) instead of the messages */
 
 static void limit_on_connect(tu_rec *r, bool connected)
 {
-    if (connected)
+    if (!connected)
+        return;
+    if (burst_bytes)
+        knet_conn_set_max_queued_bytes(r->conn, 4096);
+    else
         knet_conn_set_pending_send(r->conn, BURST_LIMIT);
 }
 
 /* A peer sends BURST std-codec frames in one write and reads every answer: the echo
  * handler (on the loop, inside receive) must get no KNET_EPENDINGFULL, since the
  * socket could take every answer at once. */
-static void test_limit_in_read_pass(void)
+static void burst_echo(bool bytes)
 {
+    burst_bytes = bytes;
     tu_tracker *t = tu_tracker_new();
     t->echo = true;
     t->on_connect = limit_on_connect;
@@ -36,17 +43,17 @@ static void test_limit_in_read_pass(void)
     int fd = tu_connect(port);
     (void)tu_tracker_rec(t, 0);
 
-    uint8_t out[BURST * 4], in[BURST * 4];
+    enum { FRAME = 2 + BURST_BODY };
+    static uint8_t out[BURST * FRAME], in[BURST * FRAME];
     for (int i = 0; i < BURST; i++) {
-        out[4 * i] = 0;
-        out[4 * i + 1] = 2;
-        out[4 * i + 2] = (uint8_t)i;
-        out[4 * i + 3] = (uint8_t)(i >> 8);
+        out[FRAME * i] = 0;
+        out[FRAME * i + 1] = BURST_BODY;
+        tu_pattern_fill(out + FRAME * i + 2, BURST_BODY, 0, (uint32_t)i);
     }
     tu_write_all(fd, out, sizeof out);
     WAIT_GE(&t->msgs, BURST);
     long refused = atomic_load(&t->send_errors);
-    printf("  %ld of %d answers refused\n", refused, BURST);
+    printf("  %s bound: %ld of %d answers refused\n", bytes ? "byte" : "message", refused, BURST);
     CHECK_EQ(refused, 0);
     READ_EXACT(fd, in, sizeof in);
     CHECK(memcmp(in, out, sizeof out) == 0);
@@ -55,6 +62,12 @@ static void test_limit_in_read_pass(void)
     WAIT_GE(&t->disconnects, 1);
     CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
     tu_tracker_free(t);
+}
+
+static void test_limit_in_read_pass(void)
+{
+    burst_echo(false);
+    burst_echo(true);
 }
 
 /* ------------------------------------------------------------------ many threads, loop held */
