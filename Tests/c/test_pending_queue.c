@@ -1,13 +1,15 @@
 /* The pending-send limit and the send queue, against what knet.h promises:
- *  - the limit counts messages the socket did not take: a receive that answers
- *    each of a burst of frames (later sends of a read pass are batched) is not
- *    refused while the peer reads everything;
+ *  - the limits count what the socket did not take: a receive that answers each
+ *    of a burst of frames (later sends of a read pass are batched) is not refused,
+ *    by the message limit or the byte bound, while the peer reads everything;
  *  - many threads at the limit while the loop is held (nothing is written): exactly
  *    the limit is accepted from other threads, at most one more with the loop's own
  *    sends racing them; every refusal is KNET_EPENDINGFULL; the accepted messages
  *    arrive, each thread's in order, nothing refused; once drained the count is 0
  *    again (the limit's worth is accepted again); a graceful close at the limit turns
  *    sends into KNET_ECLOSED and still delivers the queue;
+ *  - four threads and the loop under a limit of 6 to a slow reader: each source's
+ *    messages whole and in order, no sender left refused;
  *  - one huge send (256 MiB, over the 64 MiB default byte bound) is accepted into an
  *    empty queue from either thread, the next one is refused, and the close frees it. */
 #include "testutil.h"
