@@ -1,20 +1,136 @@
 #!/usr/bin/env bash
-# Installs knet into a scratch prefix and builds an outside project against it
-# twice: with CMake's find_package(knet) and with pkg-config; both run an echo
-# round trip (examples/consumer).
+# knet as a dependency, the ways C and C++ projects take it. Every consumer runs an
+# echo round trip (examples/consumer):
+#  1. installed with a prefix chosen at install time: find_package(knet) with the static
+#     and the shared target, version requests; pkg-config, shared and static; C++11/17.
+#  2. installed with DESTDIR and then moved elsewhere: both ways still work (relocatable).
+#  3. installed with absolute CMAKE_INSTALL_LIBDIR/INCLUDEDIR (as distributions pass them):
+#     pkg-config finds the header and the library.
+#  4. added to a parent project with add_subdirectory (as FetchContent does): only the
+#     library comes along — no tests, examples, benchmarks, target names, -Werror or build
+#     type of knet's own in the parent's build.
+# Prints every failed check and exits non-zero if there was one.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-cmake -S "$root" -B "$tmp/build" -DBUILD_TESTING=OFF -DKNET_BUILD_BENCHMARKS=OFF -DKNET_BUILD_EXAMPLES=OFF \
-      -DCMAKE_INSTALL_PREFIX="$tmp/configured-prefix" >/dev/null
-cmake --build "$tmp/build" -j2 >/dev/null
-cmake --install "$tmp/build" --prefix "$tmp/prefix" >/dev/null # chosen at install, as README shows
-cmake -S "$root/examples/consumer" -B "$tmp/consumer" -DCMAKE_PREFIX_PATH="$tmp/prefix" >/dev/null
-cmake --build "$tmp/consumer" >/dev/null
-"$tmp/consumer/consumer"
-libdir="$(dirname "$(find "$tmp/prefix" -name 'libknet.so' | head -1)")"
-cc -std=c11 "$root/examples/consumer/consumer.c" \
-   $(PKG_CONFIG_PATH="$libdir/pkgconfig" pkg-config --cflags --libs knet) -pthread -o "$tmp/consumer-pc"
-LD_LIBRARY_PATH="$libdir" "$tmp/consumer-pc"
-echo "install check passed (find_package and pkg-config)"
+failed=0
+fail() { echo "FAILED: $*" >&2; failed=$((failed + 1)); }
+quiet() { # runs "$@" with its output in $tmp/log, shown when it fails
+  "$@" >"$tmp/log" 2>&1 || { tail -n 15 "$tmp/log" >&2; return 1; }
+}
+
+lib_only=(-DBUILD_TESTING=OFF -DKNET_BUILD_BENCHMARKS=OFF -DKNET_BUILD_EXAMPLES=OFF)
+quiet cmake -S "$root" -B "$tmp/build" "${lib_only[@]}" -DCMAKE_INSTALL_PREFIX="$tmp/configured-prefix"
+quiet cmake --build "$tmp/build" -j2
+
+# consumers PREFIX NAME: builds examples/consumer against the knet installed in PREFIX with
+# CMake (static and shared target) and pkg-config (shared, static), runs each.
+consumers() {
+  local prefix=$1 name=$2 out="$tmp/$2" libdir
+  libdir="$(dirname "$(find "$prefix" -name libknet.so | head -1)")"
+  if quiet cmake -S "$root/examples/consumer" -B "$out/cmake" -DCMAKE_PREFIX_PATH="$prefix" &&
+     quiet cmake --build "$out/cmake"; then
+    "$out/cmake/consumer" || fail "$name: find_package, knet::knet"
+    "$out/cmake/consumer_shared" || fail "$name: find_package, knet::knet_shared"
+    readelf -d "$out/cmake/consumer_shared" | grep -q 'NEEDED.*libknet\.so' ||
+      fail "$name: knet::knet_shared did not link libknet.so"
+  else
+    fail "$name: find_package consumer does not build"
+  fi
+  local pc=(env PKG_CONFIG_PATH="$libdir/pkgconfig" pkg-config)
+  if quiet cc -std=c11 -Wall -Wextra -Werror "$root/examples/consumer/consumer.c" \
+       $("${pc[@]}" --cflags --libs knet) -pthread -o "$out/pc-shared"; then
+    LD_LIBRARY_PATH="$libdir" "$out/pc-shared" || fail "$name: pkg-config consumer (shared)"
+  else
+    fail "$name: pkg-config consumer (shared) does not build"
+  fi
+  # --static adds Libs.private; the archive itself is named so that no .so is taken.
+  if quiet cc -std=c11 "$root/examples/consumer/consumer.c" $("${pc[@]}" --static --cflags knet) \
+       "$("${pc[@]}" --variable=libdir knet)/libknet.a" \
+       $("${pc[@]}" --static --libs-only-other knet) -o "$out/pc-static"; then
+    "$out/pc-static" || fail "$name: pkg-config consumer (static)"
+  else
+    fail "$name: pkg-config consumer (static) does not build"
+  fi
+}
+
+# 1. --prefix at install time, as README shows.
+quiet cmake --install "$tmp/build" --prefix "$tmp/prefix"
+consumers "$tmp/prefix" prefix
+v="$(sed -n 's/^project(knet VERSION \([0-9.]*\).*/\1/p' "$root/CMakeLists.txt")"
+for req in "$v" "${v%.*}"; do
+  quiet cmake -S "$root/examples/consumer" -B "$tmp/req-ok-$req" -DCMAKE_PREFIX_PATH="$tmp/prefix" \
+    -DKNET_REQUIRE="$req" || fail "find_package(knet $req) refused version $v"
+done
+if cmake -S "$root/examples/consumer" -B "$tmp/req-high" -DCMAKE_PREFIX_PATH="$tmp/prefix" \
+     -DKNET_REQUIRE=$((${v%%.*} + 1)).0 >/dev/null 2>&1; then
+  fail "find_package(knet $((${v%%.*} + 1)).0) accepted version $v"
+fi
+for std in c++11 c++17; do
+  if quiet c++ -std=$std -Wall -Wextra -Werror -pedantic -I"$tmp/prefix/include" \
+       "$root/examples/consumer/consumer.cpp" -L"$(dirname "$(find "$tmp/prefix" -name libknet.a)")" \
+       -Wl,-Bstatic -lknet -Wl,-Bdynamic -pthread -o "$tmp/cxx-$std"; then
+    "$tmp/cxx-$std" || fail "C++ consumer ($std)"
+  else
+    fail "C++ consumer ($std) does not build"
+  fi
+done
+
+# 2. DESTDIR, then the tree moved: nothing may point back to where it was installed.
+quiet env DESTDIR="$tmp/stage" cmake --install "$tmp/build"
+mv "$tmp/stage$tmp/configured-prefix" "$tmp/moved"
+consumers "$tmp/moved" moved
+
+# 3. Absolute install dirs.
+quiet cmake -S "$root" -B "$tmp/build-abs" "${lib_only[@]}" -DCMAKE_INSTALL_PREFIX="$tmp/abs" \
+  -DCMAKE_INSTALL_LIBDIR="$tmp/abs/lib" -DCMAKE_INSTALL_INCLUDEDIR="$tmp/abs/inc"
+quiet cmake --build "$tmp/build-abs" -j2
+quiet cmake --install "$tmp/build-abs"
+consumers "$tmp/abs" absolute-dirs
+
+# 4. A parent project that adds knet's source tree. Its build has a warning knet's code
+# has (-Wcast-qual): knet's own -Werror must not turn the parent's choice of warnings into a
+# failed build. A second parent has targets of names a project may well use itself.
+mkdir -p "$tmp/parent" "$tmp/parent-names"
+for p in parent parent-names; do
+  ln -s "$root" "$tmp/$p/knet"
+  cp "$root/examples/consumer/consumer.c" "$tmp/$p/"
+done
+cat >"$tmp/parent/CMakeLists.txt" <<'EOF2'
+cmake_minimum_required(VERSION 3.16)
+project(parent C)
+enable_testing()
+add_subdirectory(knet)
+add_executable(app consumer.c)
+target_link_libraries(app PRIVATE knet::knet)
+add_test(NAME app COMMAND app)
+EOF2
+if quiet cmake -S "$tmp/parent" -B "$tmp/parent-build" -DCMAKE_C_FLAGS=-Wcast-qual; then
+  grep -q '^CMAKE_BUILD_TYPE:STRING=$' "$tmp/parent-build/CMakeCache.txt" ||
+    fail "subproject: knet set the parent's $(grep '^CMAKE_BUILD_TYPE:' "$tmp/parent-build/CMakeCache.txt")"
+  tests="$(ctest --test-dir "$tmp/parent-build" -N | sed -n 's/^Total Tests: //p')"
+  [[ $tests == 1 ]] || fail "subproject: the parent's ctest has $tests tests, not its 1"
+  extra="$(cmake --build "$tmp/parent-build" --target help | grep -cE '^\.\.\. (echo_server|.*pingpong|latency|scale|connrate|idle_conns|soak|knet_test_.*|knet_fault_.*)$' || true)"
+  [[ $extra == 0 ]] || fail "subproject: the parent's build has $extra targets of knet's tests, examples and benchmarks"
+  if quiet cmake --build "$tmp/parent-build" -j2 --target app; then
+    "$tmp/parent-build/app" || fail "subproject: app"
+  else
+    fail "subproject: the parent does not build (CMAKE_C_FLAGS=-Wcast-qual)"
+  fi
+else
+  fail "subproject: the parent does not configure"
+fi
+sed -e 's/^add_subdirectory(knet)$/foreach(t echo_server latency scale connrate soak)\
+  add_executable(${t} consumer.c)\
+  target_link_libraries(${t} PRIVATE knet::knet)\
+endforeach()\
+add_subdirectory(knet)/' "$tmp/parent/CMakeLists.txt" >"$tmp/parent-names/CMakeLists.txt"
+quiet cmake -S "$tmp/parent-names" -B "$tmp/parent-names-build" ||
+  fail "subproject: a parent with targets echo_server, latency, scale, connrate, soak does not configure"
+
+if ((failed)); then
+  echo "install check: $failed failed" >&2
+  exit 1
+fi
+echo "install check passed (find_package, pkg-config, C++, DESTDIR + moved, absolute dirs, subproject)"
