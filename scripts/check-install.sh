@@ -2,7 +2,8 @@
 # knet as a dependency, the ways C and C++ projects take it. Every consumer runs an
 # echo round trip (examples/consumer):
 #  1. installed with a prefix chosen at install time: find_package(knet) with the static
-#     and the shared target, version requests; pkg-config, shared and static; C++11/17.
+#     and the shared target, version requests; pkg-config, shared and static; C++11/17;
+#     no global symbol outside knet_ in libknet.a or libknet.so.
 #  2. installed with DESTDIR and then moved elsewhere: both ways still work (relocatable).
 #  3. installed with absolute CMAKE_INSTALL_LIBDIR/INCLUDEDIR (as distributions pass them):
 #     pkg-config finds the header and the library.
@@ -66,6 +67,35 @@ done
 if cmake -S "$root/examples/consumer" -B "$tmp/req-high" -DCMAKE_PREFIX_PATH="$tmp/prefix" \
      -DKNET_REQUIRE=$((${v%%.*} + 1)).0 >/dev/null 2>&1; then
   fail "find_package(knet $((${v%%.*} + 1)).0) accepted version $v"
+fi
+# Symbol hygiene: both libraries define no global name outside knet_ (libknet.a's are
+# linked into the program, where hidden visibility does not keep them apart), so a program
+# with helpers of its own named kn_* links statically.
+for lib in "$(find "$tmp/prefix" -name libknet.a)" "$(find "$tmp/prefix" -name libknet.so)"; do
+  other="$(nm -g --defined-only "$lib" | awk 'NF == 3 && $3 !~ /^knet_/ {print $3}' | sort -u)"
+  [[ -z $other ]] || fail "$(basename "$lib") defines $(wc -w <<<"$other") names outside knet_: $(echo $other | cut -c1-120)..."
+done
+cat >"$tmp/own_kn.c" <<'EOF2'
+#include <knet/knet.h>
+#include <stdio.h>
+void kn_log(const char *msg);
+long kn_now_ms(void);
+void kn_log(const char *msg) { puts(msg); }
+long kn_now_ms(void) { return 0; }
+int main(void) {
+    kn_log(knet_strerror(KNET_ECLOSED));
+    knet_server *s = knet_server_new("127.0.0.1:0");
+    knet_server_close(s);
+    int rc = knet_server_listen_and_serve(s, NULL, NULL);
+    knet_server_free(s);
+    return rc == KNET_ESERVERCLOSED && kn_now_ms() == 0 ? 0 : 1;
+}
+EOF2
+if quiet cc -std=c11 -Wall -Wextra -Werror -I"$tmp/prefix/include" "$tmp/own_kn.c" \
+     "$(find "$tmp/prefix" -name libknet.a)" -pthread -o "$tmp/own_kn"; then
+  quiet "$tmp/own_kn" || fail "a program with its own kn_log (static knet)"
+else
+  fail "a program with its own kn_log, kn_now_ms does not link with libknet.a"
 fi
 for std in c++11 c++17; do
   if quiet c++ -std=$std -Wall -Wextra -Werror -pedantic -I"$tmp/prefix/include" \
