@@ -9,11 +9,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-socklen_t kn_sockaddr_len(const kn_sockaddr *a) {
+socklen_t knet__sockaddr_len(const kn_sockaddr *a) {
     return a->sa.sa_family == AF_INET6 ? sizeof a->in6 : sizeof a->in;
 }
 
-unsigned kn_sockaddr_port(const kn_sockaddr *a) {
+unsigned knet__sockaddr_port(const kn_sockaddr *a) {
     return a->sa.sa_family == AF_INET6  ? ntohs(a->in6.sin6_port)
            : a->sa.sa_family == AF_INET ? ntohs(a->in.sin_port)
                                         : 0;
@@ -51,8 +51,8 @@ static int split(const char *addr, char *host, size_t hostcap, unsigned *port) {
     return 0;
 }
 
-int kn_addr_parse(const char *addr, bool passive, kn_sockaddr *out, char *host, size_t hostcap,
-                  unsigned *port) {
+int knet__addr_parse(const char *addr, bool passive, kn_sockaddr *out, char *host,
+                     size_t hostcap, unsigned *port) {
     if (!addr) return KNET_EADDR;
     if (*addr == '\0') addr = ":0";
     int rc = split(addr, host, hostcap, port);
@@ -85,11 +85,11 @@ int kn_addr_parse(const char *addr, bool passive, kn_sockaddr *out, char *host, 
     return 0;
 }
 
-int kn_addr_resolve(const char *addr, bool passive, kn_sockaddr *out, int max) {
+int knet__addr_resolve(const char *addr, bool passive, kn_sockaddr *out, int max) {
     char host[256];
     unsigned port;
     if (max < 1) return KNET_EADDR;
-    int rc = kn_addr_parse(addr, passive, out, host, sizeof host, &port);
+    int rc = knet__addr_parse(addr, passive, out, host, sizeof host, &port);
     if (rc != 0) return rc;
     struct addrinfo hints, *res = NULL;
     memset(&hints, 0, sizeof hints);
@@ -101,7 +101,7 @@ int kn_addr_resolve(const char *addr, bool passive, kn_sockaddr *out, int max) {
     rc = getaddrinfo(host, ps, &hints, &res);
     if (rc != 0) {
         int err = errno;
-        kn_log(KNET_LOG_DEBUG, "resolve %s: %s", host, gai_strerror(rc));
+        knet__log(KNET_LOG_DEBUG, "resolve %s: %s", host, gai_strerror(rc));
         /* Out of memory or descriptors is that, not a name that does not resolve. */
         if (rc == EAI_MEMORY) return -ENOMEM;
         if (rc == EAI_SYSTEM && err > 0) return -err;
@@ -122,9 +122,9 @@ int kn_addr_resolve(const char *addr, bool passive, kn_sockaddr *out, int max) {
     return n > 0 ? n : KNET_ERESOLVE;
 }
 
-int kn_addr_format(const kn_sockaddr *a, char *buf, size_t len) {
+int knet__addr_format(const kn_sockaddr *a, char *buf, size_t len) {
     char ip[INET6_ADDRSTRLEN];
-    unsigned port = kn_sockaddr_port(a);
+    unsigned port = knet__sockaddr_port(a);
     int n;
     if (a->sa.sa_family == AF_INET) {
         inet_ntop(AF_INET, &a->in.sin_addr, ip, sizeof ip);

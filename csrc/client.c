@@ -32,7 +32,7 @@ knet_client *knet_client_new(const char *addr) {
         return NULL;
     }
     c->wake_fd = -1;
-    kn_owner_init(&c->o);
+    knet__owner_init(&c->o);
     c->o.close_reason = KNET_ECLIENTCLOSED;
     c->o.serves_one = true;
     c->backoff_initial = 1000;
@@ -43,7 +43,7 @@ knet_client *knet_client_new(const char *addr) {
 void knet_client_free(knet_client *c) {
     if (!c) return;
     if (c->wake_fd >= 0) close(c->wake_fd);
-    kn_owner_destroy(&c->o);
+    knet__owner_destroy(&c->o);
     free(c->addr);
     free(c);
 }
@@ -71,14 +71,14 @@ void knet_client_set_retry_backoff(knet_client *c, uint32_t initial_ms, uint32_t
  * timeout, or -1 when the client was closed. */
 static int wait_or_closed(knet_client *c, int fd, short events, int timeout_ms) {
     struct pollfd p[2] = {{c->wake_fd, POLLIN, 0}, {fd, events, 0}};
-    uint64_t end = timeout_ms > 0 ? kn_now_ms() + (uint64_t)timeout_ms : 0;
+    uint64_t end = timeout_ms > 0 ? knet__now_ms() + (uint64_t)timeout_ms : 0;
     for (;;) {
         int n = poll(p, fd >= 0 ? 2 : 1, timeout_ms);
         if (n < 0 && errno == EINTR) {
             /* A handled signal (a profiler's SIGPROF, say): wait out the rest,
              * or signals more frequent than the wait would make it endless. */
             if (timeout_ms > 0) {
-                uint64_t now = kn_now_ms();
+                uint64_t now = knet__now_ms();
                 timeout_ms = now >= end ? 0 : (int)(end - now);
             }
             continue;
@@ -106,7 +106,7 @@ static bool self_connected(int fd, const kn_sockaddr *peer) {
 /* Non-blocking connect to each resolved address in turn. */
 static int dial(knet_client *c, int *out, kn_sockaddr *peer) {
     kn_sockaddr addrs[8];
-    int n = kn_addr_resolve(c->addr, false, addrs, 8);
+    int n = knet__addr_resolve(c->addr, false, addrs, 8);
     if (n < 0) return n;
     int rc = -ECONNREFUSED;
     for (int i = 0; i < n; i++) {
@@ -116,7 +116,7 @@ static int dial(knet_client *c, int *out, kn_sockaddr *peer) {
             continue;
         }
         int err = 0;
-        if (connect(fd, &addrs[i].sa, kn_sockaddr_len(&addrs[i])) < 0) {
+        if (connect(fd, &addrs[i].sa, knet__sockaddr_len(&addrs[i])) < 0) {
             err = errno;
             if (err == EINPROGRESS) {
                 if (wait_or_closed(c, fd, POLLOUT, -1) < 0) {
@@ -148,11 +148,11 @@ static void client_stop_conn(knet_conn *conn, uint32_t grace_ms);
  * when it never reached its loop (out of memory, no epoll watch left), the error:
  * a failed dial, so the backoff paces the next one. */
 static int serve_one(knet_client *c, int fd, const kn_sockaddr *peer) {
-    kn_owner_admit(&c->o); /* a client has no connection limit */
-    knet_conn *conn = kn_conn_new(fd, &c->o, peer);
+    knet__owner_admit(&c->o); /* a client has no connection limit */
+    knet_conn *conn = knet__conn_new(fd, &c->o, peer);
     if (!conn) {
         close(fd);
-        kn_owner_conn_done(&c->o);
+        knet__owner_conn_done(&c->o);
         return -ENOMEM;
     }
     knet_conn_retain(conn); /* the client's reference, for knet_client_conn */
@@ -161,7 +161,7 @@ static int serve_one(knet_client *c, int fd, const kn_sockaddr *peer) {
     bool closed = c->closed;
     uint32_t grace_ms = c->o.grace_ms;
     pthread_mutex_unlock(&c->o.mu);
-    kn_conn_start(conn);
+    knet__conn_start(conn);
     if (closed) client_stop_conn(conn, grace_ms);
     pthread_mutex_lock(&c->o.mu);
     while (c->o.live > 0) pthread_cond_wait(&c->o.cv, &c->o.mu);
@@ -179,7 +179,7 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
     pthread_mutex_lock(&c->o.mu);
     int rc = c->closed ? KNET_ECLIENTCLOSED : c->serving ? KNET_EBUSY : 0;
     /* A loop thread would wait for a connection that loop may be the one to serve. */
-    if (rc == 0 && kn_loop_current()) rc = -EDEADLK;
+    if (rc == 0 && knet__loop_current()) rc = -EDEADLK;
     if (rc == 0 && c->wake_fd < 0) {
         /* Made here, not in knet_client_new: out of descriptors is then an error
          * this call returns. Kept until knet_client_free (a stop may write to it). */
@@ -189,8 +189,8 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
     if (rc == 0) c->serving = true;
     pthread_mutex_unlock(&c->o.mu);
     if (rc < 0) return rc;
-    kn_owner_set(&c->o, handler, codec);
-    rc = kn_owner_start(&c->o);
+    knet__owner_set(&c->o, handler, codec);
+    rc = knet__owner_start(&c->o);
     if (rc < 0) {
         pthread_mutex_lock(&c->o.mu);
         c->serving = false;
@@ -225,7 +225,8 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
         pthread_mutex_unlock(&c->o.mu);
         if (!retry) break;
         wait = wait ? (wait > max / 2 ? max : wait * 2) : initial;
-        kn_log(KNET_LOG_WARN, "dial %s: %s; retrying in %u ms", c->addr, knet_strerror(rc), wait);
+        knet__log(KNET_LOG_WARN, "dial %s: %s; retrying in %u ms", c->addr, knet_strerror(rc),
+                  wait);
         if (wait_or_closed(c, -1, 0, (int)wait) < 0) {
             rc = KNET_ECLIENTCLOSED;
             break;
@@ -241,7 +242,7 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
 /* Ends conn as the client's close or shutdown asked (grace_ms: 0 = at once). */
 static void client_stop_conn(knet_conn *conn, uint32_t grace_ms) {
     if (grace_ms) knet_conn_close_with_timeout(conn, grace_ms);
-    else kn_conn_close_reason(conn, KNET_ECLIENTCLOSED);
+    else knet__conn_close_reason(conn, KNET_ECLIENTCLOSED);
 }
 
 static int client_stop(knet_client *c, uint32_t grace_ms) {
@@ -272,7 +273,7 @@ static int client_stop(knet_client *c, uint32_t grace_ms) {
         client_stop_conn(conn, grace_ms);
         knet_conn_release(conn);
     }
-    kn_owner_task_done(&c->o); /* last: c may be freed once it returns */
+    knet__owner_task_done(&c->o); /* last: c may be freed once it returns */
     return 0;
 }
 

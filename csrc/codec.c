@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-void kn_writer_init(knet_writer *w, const void *msg, size_t len) {
+void knet__writer_init(knet_writer *w, const void *msg, size_t len) {
     w->msg = msg;
     w->msg_len = len;
     w->pieces = w->inline_pieces;
@@ -21,7 +21,7 @@ void kn_writer_init(knet_writer *w, const void *msg, size_t len) {
     w->total = 0;
 }
 
-void kn_writer_free(knet_writer *w) {
+void knet__writer_free(knet_writer *w) {
     if (w->pieces != w->inline_pieces) free(w->pieces);
     if (w->scratch != w->inline_scratch) free(w->scratch);
     w->pieces = w->inline_pieces;
@@ -94,7 +94,7 @@ int knet_writer_write(knet_writer *w, const void *buf, size_t len) {
     return 0;
 }
 
-struct iovec *kn_writer_iov(knet_writer *w, struct iovec *stack, size_t cap, size_t *n) {
+struct iovec *knet__writer_iov(knet_writer *w, struct iovec *stack, size_t cap, size_t *n) {
     struct iovec *iov = stack;
     if (w->npieces > cap && !(iov = malloc(w->npieces * sizeof *iov))) return NULL;
     for (size_t i = 0; i < w->npieces; i++) {

@@ -151,16 +151,16 @@ static inline void slot_add(atomic_uint_least64_t *v, uint64_t n) {
 
 /* ------------------------------------------------------------ lifecycle */
 
-knet_conn *kn_conn_new(int fd, kn_owner *o, const kn_sockaddr *peer) {
+knet_conn *knet__conn_new(int fd, kn_owner *o, const kn_sockaddr *peer) {
     knet_conn *c = calloc(1, sizeof *c);
     if (!c) return NULL;
     c->io.fd = fd;
     c->owner = o;
-    c->loop = kn_loop_next();
+    c->loop = knet__loop_next();
     atomic_init(&c->refs, 1); /* the loop's */
     atomic_init(&c->state, KN_OPEN);
     atomic_init(&c->reason, 1);
-    kn_timer_init(&c->timer, NULL);
+    knet__timer_init(&c->timer, NULL);
     pthread_mutex_init(&c->mu, NULL);
     if (peer) c->peer = *peer;
     pthread_mutex_lock(&o->mu);
@@ -173,7 +173,7 @@ knet_conn *kn_conn_new(int fd, kn_owner *o, const kn_sockaddr *peer) {
 
 static void conn_set_events(knet_conn *c, uint32_t ev) {
     if (ev == c->events) return;
-    if (kn_loop_ctl(c->loop, EPOLL_CTL_MOD, &c->io, ev) == 0) c->events = ev;
+    if (knet__loop_ctl(c->loop, EPOLL_CTL_MOD, &c->io, ev) == 0) c->events = ev;
 }
 
 /* Marks c closed with reason and takes its descriptor and inbox, under mu: from
@@ -191,7 +191,7 @@ static int conn_mark_closed(knet_conn *c, int reason, kn_queue *in) {
     return fd;
 }
 
-void kn_conn_finish(knet_conn *c, int reason) {
+void knet__conn_finish(knet_conn *c, int reason) {
     if (c->io.fd < 0) return;
     kn_loop *L = c->loop;
     kn_owner *o = c->owner;
@@ -209,9 +209,9 @@ void kn_conn_finish(knet_conn *c, int reason) {
     free(c->ibuf);
     c->ibuf = NULL;
     c->ilen = c->icap = 0;
-    kn_timer_stop(L, &c->timer);
+    knet__timer_stop(L, &c->timer);
     if (c->attached) {
-        kn_timer_unreserve(L);
+        knet__timer_unreserve(L);
         if (c->prev) c->prev->next = c->next;
         else L->conns = c->next;
         if (c->next) c->next->prev = c->prev;
@@ -220,7 +220,7 @@ void kn_conn_finish(knet_conn *c, int reason) {
     }
     c->reap_next = L->reap;
     L->reap = c;
-    kn_owner_conn_done(o); /* last: the serving thread may return and free o */
+    knet__owner_conn_done(o); /* last: the serving thread may return and free o */
 }
 
 /* The one timer: a graceful close's deadline, or else the idle timeout,
@@ -228,7 +228,7 @@ void kn_conn_finish(knet_conn *c, int reason) {
 static void conn_timeout(kn_loop *L, kn_timer *t) {
     knet_conn *c = (knet_conn *)((char *)t - offsetof(knet_conn, timer));
     if (!c->graceful) {
-        uint64_t now = kn_now_ms();
+        uint64_t now = knet__now_ms();
         /* Bytes the kernel sent from its buffer since the last expiry count too:
          * a slow reader drains megabytes there while knet, waiting for half of it
          * to free up, writes nothing. Read here only, not per write: a peer that
@@ -240,23 +240,23 @@ static void conn_timeout(kn_loop *L, kn_timer *t) {
         }
         uint64_t idle = now - c->last_io;
         if (idle < c->idle_ms) {
-            kn_timer_start(L, t, c->idle_ms - idle);
+            knet__timer_start(L, t, c->idle_ms - idle);
             return;
         }
         pthread_mutex_lock(&c->owner->mu);
         c->owner->idle_closed++;
         pthread_mutex_unlock(&c->owner->mu);
     }
-    kn_conn_finish(c, -ETIMEDOUT);
+    knet__conn_finish(c, -ETIMEDOUT);
 }
 
 static void conn_on_io(kn_loop *L, kn_io *io, uint32_t ev);
 static void conn_schedule(knet_conn *c);
 
-void kn_conn_attach(kn_loop *L, knet_conn *c) {
+void knet__conn_attach(kn_loop *L, knet_conn *c) {
     kn_owner *o = c->owner;
     if (atomic_load(&o->closing)) {
-        kn_conn_finish(c, KNET_ECLOSED); /* never connected: no callbacks */
+        knet__conn_finish(c, KNET_ECLOSED); /* never connected: no callbacks */
         return;
     }
     c->io.cb = conn_on_io;
@@ -268,22 +268,22 @@ void kn_conn_attach(kn_loop *L, knet_conn *c) {
      * mean. Reads therefore go on until the socket is drained, and what a read
      * budget leaves goes on the ready list. */
     c->events = CONN_READ_EVENTS | EPOLLET;
-    int rc = kn_timer_reserve(L); /* for its idle or graceful-close timer */
+    int rc = knet__timer_reserve(L); /* for its idle or graceful-close timer */
     if (rc < 0) {
-        kn_log(KNET_LOG_ERROR, "no room for a connection's timer: %s", knet_strerror(rc));
-        kn_conn_finish(c, rc);
+        knet__log(KNET_LOG_ERROR, "no room for a connection's timer: %s", knet_strerror(rc));
+        knet__conn_finish(c, rc);
         return;
     }
-    rc = kn_loop_ctl(L, EPOLL_CTL_ADD, &c->io, c->events);
+    rc = knet__loop_ctl(L, EPOLL_CTL_ADD, &c->io, c->events);
     if (rc < 0) {
-        kn_timer_unreserve(L);
-        kn_log(KNET_LOG_ERROR, "epoll_ctl(ADD): %s", knet_strerror(rc));
-        kn_conn_finish(c, rc);
+        knet__timer_unreserve(L);
+        knet__log(KNET_LOG_ERROR, "epoll_ctl(ADD): %s", knet_strerror(rc));
+        knet__conn_finish(c, rc);
         return;
     }
     c->attached = true;
-    c->last_io = kn_now_ms();
-    if (c->idle_ms) kn_timer_start(L, &c->timer, c->idle_ms);
+    c->last_io = knet__now_ms();
+    if (c->idle_ms) knet__timer_start(L, &c->timer, c->idle_ms);
     c->next = L->conns;
     if (L->conns) L->conns->prev = c;
     L->conns = c;
@@ -295,23 +295,23 @@ void kn_conn_attach(kn_loop *L, knet_conn *c) {
     if (atomic_load(&c->req) || atomic_load(&c->inbox_full) || c->outq.head) conn_schedule(c);
 }
 
-static void attach_task(kn_loop *L, void *arg) { kn_conn_attach(L, arg); }
+static void attach_task(kn_loop *L, void *arg) { knet__conn_attach(L, arg); }
 
-void kn_conn_start(knet_conn *c) {
-    if (kn_loop_current() == c->loop) {
-        kn_conn_attach(c->loop, c);
+void knet__conn_start(knet_conn *c) {
+    if (knet__loop_current() == c->loop) {
+        knet__conn_attach(c->loop, c);
         return;
     }
-    if (kn_loop_post(c->loop, attach_task, c) < 0) {
+    if (knet__loop_post(c->loop, attach_task, c) < 0) {
         /* Never reached the loop: undo here. A client's connection is already
          * visible (knet_client_conn), so it is marked closed first. */
-        kn_log(KNET_LOG_ERROR, "cannot hand a connection to its loop: out of memory");
+        knet__log(KNET_LOG_ERROR, "cannot hand a connection to its loop: out of memory");
         kn_queue in;
         close(conn_mark_closed(c, -ENOMEM, &in));
         queue_free(&in);
         kn_owner *o = c->owner;
         knet_conn_release(c);
-        kn_owner_conn_done(o);
+        knet__owner_conn_done(o);
     }
 }
 
@@ -330,7 +330,7 @@ static void conn_schedule(knet_conn *c) {
         atomic_store_explicit(&L->has_work, true, memory_order_release);
     }
     pthread_mutex_unlock(&L->mu);
-    if (push && kn_loop_current() != L) kn_loop_wake(L);
+    if (push && knet__loop_current() != L) knet__loop_wake(L);
 }
 
 /* Takes what other threads queued (under mu) behind what the loop holds. */
@@ -378,7 +378,7 @@ static int conn_write_queue(knet_conn *c) {
 static void conn_flush(knet_conn *c) {
     int rc = conn_write_queue(c);
     if (rc < 0) {
-        kn_conn_finish(c, rc);
+        knet__conn_finish(c, rc);
         return;
     }
     if (c->outq.head) {
@@ -388,7 +388,7 @@ static void conn_flush(knet_conn *c) {
     conn_set_events(c, c->events & ~(uint32_t)EPOLLOUT);
     if (!c->graceful) return;
     if (c->peer_eof) {
-        kn_conn_finish(c, c->close_as);
+        knet__conn_finish(c, c->close_as);
     } else if (!c->wr_shut) {
         c->wr_shut = true;
         shutdown(c->io.fd, SHUT_WR);
@@ -404,7 +404,7 @@ static void conn_begin_graceful(kn_loop *L, knet_conn *c, uint32_t ms, int reaso
     conn_take_inbox(c);
     c->graceful = true;
     c->close_as = reason;
-    kn_timer_start(L, &c->timer, ms);
+    knet__timer_start(L, &c->timer, ms);
 }
 
 /* Begins a graceful close with reason 0, or, when one is under way, keeps its
@@ -412,7 +412,7 @@ static void conn_begin_graceful(kn_loop *L, knet_conn *c, uint32_t ms, int reaso
  * (a server's shutdown, a shorter close_with_timeout). */
 static void conn_graceful_within(kn_loop *L, knet_conn *c, uint32_t ms) {
     if (!c->graceful) conn_begin_graceful(L, c, ms, 0);
-    else if (c->timer.deadline > kn_now_ms() + ms) kn_timer_start(L, &c->timer, ms);
+    else if (c->timer.deadline > knet__now_ms() + ms) knet__timer_start(L, &c->timer, ms);
 }
 
 /* Begins the graceful close knet_conn_close_with_timeout asked for. */
@@ -444,7 +444,7 @@ static void conn_on_eof(kn_loop *L, knet_conn *c) {
         if (idle) atomic_store(&c->state, KN_CLOSING);
         pthread_mutex_unlock(&c->mu);
         if (idle) {
-            kn_conn_finish(c, KNET_EOF);
+            knet__conn_finish(c, KNET_EOF);
             return;
         }
     }
@@ -454,7 +454,7 @@ static void conn_on_eof(kn_loop *L, knet_conn *c) {
     conn_flush(c);
 }
 
-void kn_conn_graceful(kn_loop *L, knet_conn *c, uint32_t ms) {
+void knet__conn_graceful(kn_loop *L, knet_conn *c, uint32_t ms) {
     /* A close already asked for drops the queue: the ready list finishes c. */
     if (c->io.fd < 0 || (atomic_load(&c->req) & KN_REQ_CLOSE)) return;
     conn_graceful_within(L, c, ms);
@@ -463,7 +463,7 @@ void kn_conn_graceful(kn_loop *L, knet_conn *c, uint32_t ms) {
 
 static bool conn_read_go_on(kn_loop *L, knet_conn *c);
 
-void kn_conn_service(kn_loop *L, knet_conn *c) {
+void knet__conn_service(kn_loop *L, knet_conn *c) {
     /* attached first: only this loop writes it, while the io.fd of a connection that
      * never reached its loop may be written by the thread that gave up on it. */
     if (!c->attached || c->io.fd < 0) return;
@@ -476,7 +476,7 @@ void kn_conn_service(kn_loop *L, knet_conn *c) {
         pthread_mutex_lock(&c->mu);
         int reason = c->req_reason;
         pthread_mutex_unlock(&c->mu);
-        kn_conn_finish(c, reason);
+        knet__conn_finish(c, reason);
         return;
     }
     conn_take_inbox(c);
@@ -551,7 +551,7 @@ static void conn_read_pass(kn_loop *L, knet_conn *c) {
                 if (ncap > lim) ncap = lim;
                 char *p = realloc(c->ibuf, ncap);
                 if (!p) {
-                    kn_conn_finish(c, -ENOMEM);
+                    knet__conn_finish(c, -ENOMEM);
                     return;
                 }
                 c->ibuf = p;
@@ -566,7 +566,7 @@ static void conn_read_pass(kn_loop *L, knet_conn *c) {
             if (n == 0) {
                 conn_on_eof(L, c);
             } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
-                kn_conn_finish(c, -errno);
+                knet__conn_finish(c, -errno);
             }
             return; /* c->ibuf still holds the partial frame */
         }
@@ -595,7 +595,7 @@ static void conn_read_pass(kn_loop *L, knet_conn *c) {
             if (atomic_load_explicit(&c->req, memory_order_relaxed) & KN_REQ_CLOSE) return;
         }
         if (err) {
-            kn_conn_finish(c, err);
+            knet__conn_finish(c, err);
             return;
         }
         size_t left = total - off;
@@ -606,7 +606,7 @@ static void conn_read_pass(kn_loop *L, knet_conn *c) {
                 c->ilen = c->icap = 0;
             }
         } else if (left > o->max_frame) {
-            kn_conn_finish(c, KNET_ECODEC);
+            knet__conn_finish(c, KNET_ECODEC);
             return;
         } else {
             if (own) memmove(c->ibuf, c->ibuf + off, left);
@@ -620,7 +620,7 @@ static void conn_read_pass(kn_loop *L, knet_conn *c) {
                     c->ibuf = p;
                     c->icap = left;
                 } else if (c->icap < left) {
-                    kn_conn_finish(c, -ENOMEM);
+                    knet__conn_finish(c, -ENOMEM);
                     return;
                 } /* a shrink that failed keeps the larger buffer */
             }
@@ -683,12 +683,12 @@ static int frame_make(knet_conn *c, kn_frame *f, const void *buf, size_t len) {
         f->total = len;
         return 0;
     }
-    kn_writer_init(&f->w, buf, len);
+    knet__writer_init(&f->w, buf, len);
     int rc = k->write(&f->w, buf, len, k->ud);
     if (rc > 0) rc = KNET_ECODEC; /* not a promised return: never send a half-made frame */
-    if (rc == 0 && !(f->iov = kn_writer_iov(&f->w, f->stack, 8, &f->n))) rc = -ENOMEM;
+    if (rc == 0 && !(f->iov = knet__writer_iov(&f->w, f->stack, 8, &f->n))) rc = -ENOMEM;
     if (rc < 0) {
-        kn_writer_free(&f->w);
+        knet__writer_free(&f->w);
         return rc;
     }
     f->total = f->w.total;
@@ -698,7 +698,7 @@ static int frame_make(knet_conn *c, kn_frame *f, const void *buf, size_t len) {
 static void frame_free(kn_frame *f) {
     if (!f->framed) return;
     if (f->iov != f->stack) free(f->iov);
-    kn_writer_free(&f->w);
+    knet__writer_free(&f->w);
 }
 
 
@@ -730,7 +730,7 @@ static int conn_room_on_loop(knet_conn *c, size_t more) {
     if (!c->outq.head) return KNET_EPENDINGFULL;
     int rc = conn_write_queue(c);
     if (rc < 0) {
-        kn_conn_close_reason(c, rc);
+        knet__conn_close_reason(c, rc);
         return rc;
     }
     if (c->outq.head) conn_set_events(c, c->events | EPOLLOUT);
@@ -757,7 +757,7 @@ static int send_on_loop(knet_conn *c, const void *buf, size_t len) {
         if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
             rc = -errno;
             /* Inside a callback: the close (a request) lands after it returns. */
-            kn_conn_close_reason(c, rc);
+            knet__conn_close_reason(c, rc);
         } else {
             done = sent < 0 ? 0 : (size_t)sent;
             if (done) {
@@ -776,7 +776,7 @@ static int send_on_loop(knet_conn *c, const void *buf, size_t len) {
             if (direct) conn_set_events(c, c->events | EPOLLOUT); /* the socket is full */
             else if (!(c->events & EPOLLOUT)) conn_schedule(c);   /* flush in this iteration */
         } else if (done > 0) {
-            kn_conn_close_reason(c, rc); /* half a frame is on the wire: the stream is lost */
+            knet__conn_close_reason(c, rc); /* half a frame is on the wire: the stream is lost */
         }
     }
     frame_free(&f);
@@ -816,13 +816,13 @@ int knet_conn_send(knet_conn *c, const void *buf, size_t len) {
     /* No object is larger than PTRDIFF_MAX: such a len is a caller's error (a
      * failed read's -1 passed on), and sizes added to it must not wrap. */
     if (!c || (!buf && len) || len > PTRDIFF_MAX) return -EINVAL;
-    if (kn_loop_current() == c->loop) return send_on_loop(c, buf, len);
+    if (knet__loop_current() == c->loop) return send_on_loop(c, buf, len);
     return send_off_loop(c, buf, len);
 }
 
 /* ------------------------------------------------------------ control */
 
-void kn_conn_close_reason(knet_conn *c, int reason) {
+void knet__conn_close_reason(knet_conn *c, int reason) {
     pthread_mutex_lock(&c->mu);
     bool sched = atomic_load(&c->state) != KN_CLOSED && !(atomic_load(&c->req) & KN_REQ_CLOSE);
     if (sched) {
@@ -835,7 +835,7 @@ void kn_conn_close_reason(knet_conn *c, int reason) {
 }
 
 void knet_conn_close(knet_conn *c) {
-    if (c) kn_conn_close_reason(c, 0);
+    if (c) knet__conn_close_reason(c, 0);
 }
 
 void knet_conn_close_with_timeout(knet_conn *c, uint32_t ms) {
@@ -878,7 +878,7 @@ int knet_conn_set_nodelay(knet_conn *c, bool on) {
 void knet_conn_set_userdata(knet_conn *c, void *ud) { atomic_store(&c->userdata, ud); }
 
 int knet_conn_set_alloc(knet_conn *c, knet_alloc_fn fn, void *ud) {
-    if (kn_loop_current() != c->loop) return -EINVAL; /* the read path reads these unlocked */
+    if (knet__loop_current() != c->loop) return -EINVAL; /* the read path reads these unlocked */
     c->alloc = fn;
     c->alloc_ud = ud;
     return 0;
@@ -897,11 +897,11 @@ int knet_conn_local_addr(knet_conn *c, char *buf, size_t len) {
     bool ok = c->has_local;
     kn_sockaddr a = c->local;
     pthread_mutex_unlock(&c->mu);
-    return ok ? kn_addr_format(&a, buf, len) : KNET_ECLOSED;
+    return ok ? knet__addr_format(&a, buf, len) : KNET_ECLOSED;
 }
 
 int knet_conn_remote_addr(knet_conn *c, char *buf, size_t len) {
-    return kn_addr_format(&c->peer, buf, len);
+    return knet__addr_format(&c->peer, buf, len);
 }
 
 int knet_conn_close_reason(const knet_conn *c) {

@@ -44,7 +44,7 @@ void knet_set_log(knet_log_fn fn, int min_level, void *ud) {
     pthread_mutex_unlock(&log_mu);
 }
 
-void kn_log(int level, const char *fmt, ...) {
+void knet__log(int level, const char *fmt, ...) {
     pthread_mutex_lock(&log_mu);
     knet_log_fn fn = log_fn;
     void *ud = log_ud;

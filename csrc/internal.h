@@ -1,4 +1,7 @@
-/* Private state of the knet core. Nothing here is part of the public API. */
+/* Private state of the knet core. Nothing here is part of the public API.
+ * Functions the core's files share are named knet__* (as libuv's uv__*): in libknet.a,
+ * and in CKNet inside a Swift program, they are global symbols that hidden visibility does
+ * not keep apart from the program's own names (scripts/check-install.sh checks this). */
 #ifndef KNET_INTERNAL_H
 #define KNET_INTERNAL_H
 
@@ -30,7 +33,7 @@ typedef struct kn_timer kn_timer;
 typedef struct kn_owner kn_owner;
 
 /* ------------------------------------------------------------ log / errors */
-void kn_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void knet__log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* ------------------------------------------------------------ addresses */
 typedef union kn_sockaddr {
@@ -39,18 +42,18 @@ typedef union kn_sockaddr {
     struct sockaddr_in6 in6;
 } kn_sockaddr;
 
-socklen_t kn_sockaddr_len(const kn_sockaddr *a);
+socklen_t knet__sockaddr_len(const kn_sockaddr *a);
 /* The port of an IPv4 or IPv6 address (host order), 0 for any other family. */
-unsigned kn_sockaddr_port(const kn_sockaddr *a);
+unsigned knet__sockaddr_port(const kn_sockaddr *a);
 /* Parses addr without resolving: 1 = *out holds a literal or wildcard address;
  * 0 = host names a host to resolve (port set); or KNET_EADDR. */
-int kn_addr_parse(const char *addr, bool passive, kn_sockaddr *out, char *host, size_t hostcap,
-                  unsigned *port);
+int knet__addr_parse(const char *addr, bool passive, kn_sockaddr *out, char *host,
+                     size_t hostcap, unsigned *port);
 /* Resolves addr into at most max addresses, IPv4 first. passive: for bind
  * (empty host = every interface). Returns the count or KNET_EADDR/KNET_ERESOLVE. */
-int kn_addr_resolve(const char *addr, bool passive, kn_sockaddr *out, int max);
+int knet__addr_resolve(const char *addr, bool passive, kn_sockaddr *out, int max);
 /* Formats "ip:port" / "[ip]:port" (v4-mapped v6 shown as v4). Returns length or -ENOSPC. */
-int kn_addr_format(const kn_sockaddr *a, char *buf, size_t len);
+int knet__addr_format(const kn_sockaddr *a, char *buf, size_t len);
 
 /* ------------------------------------------------------------ event loop */
 
@@ -73,7 +76,7 @@ typedef struct kn_task {
     struct kn_task *next;
     kn_task_fn fn;
     void *arg;
-    bool heap; /* made by kn_loop_post (freed after it ran), else the poster's */
+    bool heap; /* made by knet__loop_post (freed after it ran), else the poster's */
 } kn_task;
 
 struct kn_loop {
@@ -98,27 +101,27 @@ struct kn_loop {
     knet_conn *reap;  /* finished conns; the loop's reference drops at the end of the iteration */
 };
 
-int kn_loops_start(void);      /* starts the loop threads once: 0 or -errno */
-kn_loop *kn_loop_next(void);   /* round-robin pick (after kn_loops_start) */
-kn_loop *kn_loop_at(unsigned i);
-unsigned kn_loop_count(void);  /* 0 before kn_loops_start succeeded */
-kn_loop *kn_loop_current(void); /* the loop of the calling thread, or NULL */
+int knet__loops_start(void);      /* starts the loop threads once: 0 or -errno */
+kn_loop *knet__loop_next(void);   /* round-robin pick (after knet__loops_start) */
+kn_loop *knet__loop_at(unsigned i);
+unsigned knet__loop_count(void);  /* 0 before knet__loops_start succeeded */
+kn_loop *knet__loop_current(void); /* the loop of the calling thread, or NULL */
 /* Runs fn(L, arg) on L's thread, after what is already queued (never inline). */
-int kn_loop_post(kn_loop *L, kn_task_fn fn, void *arg);
+int knet__loop_post(kn_loop *L, kn_task_fn fn, void *arg);
 /* The same with a node the caller owns (no allocation, cannot fail); t must stay
  * valid and unposted elsewhere until fn runs (fn may free it). */
-void kn_loop_post_node(kn_loop *L, kn_task *t, kn_task_fn fn, void *arg);
-void kn_loop_wake(kn_loop *L);
-int kn_loop_ctl(kn_loop *L, int op, kn_io *io, uint32_t events);
-void kn_timer_init(kn_timer *t, kn_timer_cb cb);
+void knet__loop_post_node(kn_loop *L, kn_task *t, kn_task_fn fn, void *arg);
+void knet__loop_wake(kn_loop *L);
+int knet__loop_ctl(kn_loop *L, int op, kn_io *io, uint32_t events);
+void knet__timer_init(kn_timer *t, kn_timer_cb cb);
 /* Makes room in L's heap for one more timer owner (a connection, a listener), so
- * kn_timer_start never allocates: a graceful close or shutdown cannot fail for
- * memory. 0 or -ENOMEM. kn_timer_unreserve when the owner leaves L. */
-int kn_timer_reserve(kn_loop *L);
-void kn_timer_unreserve(kn_loop *L);
-void kn_timer_start(kn_loop *L, kn_timer *t, uint64_t ms);
-void kn_timer_stop(kn_loop *L, kn_timer *t);
-uint64_t kn_now_ms(void);
+ * knet__timer_start never allocates: a graceful close or shutdown cannot fail for
+ * memory. 0 or -ENOMEM. knet__timer_unreserve when the owner leaves L. */
+int knet__timer_reserve(kn_loop *L);
+void knet__timer_unreserve(kn_loop *L);
+void knet__timer_start(kn_loop *L, kn_timer *t, uint64_t ms);
+void knet__timer_stop(kn_loop *L, kn_timer *t);
+uint64_t knet__now_ms(void);
 
 /* ------------------------------------------------------------ owner */
 
@@ -136,7 +139,7 @@ struct kn_owner {
     knet_codec codec;
     size_t max_frame;
     kn_slot *slots; /* one per loop, while serving */
-    kn_task *stop_nodes; /* 2 per loop, for kn_owner_stop_loops: a stop allocates nothing */
+    kn_task *stop_nodes; /* 2 per loop, for knet__owner_stop_loops: a stop allocates nothing */
     /* limits given to new connections (under mu) */
     size_t max_conns, max_qbytes;
     uint32_t idle_ms;
@@ -149,26 +152,26 @@ struct kn_owner {
     atomic_bool closing;  /* a server's: no new connections, no sends; attach closes them (set under mu) */
     bool serves_one;      /* a client: its serving thread waits out every connection */
     int close_reason;     /* what connections closed by the owner report */
-    uint32_t grace_ms;    /* for a graceful kn_owner_stop_loops */
+    uint32_t grace_ms;    /* for a graceful knet__owner_stop_loops */
 };
 
-void kn_owner_init(kn_owner *o);
-void kn_owner_destroy(kn_owner *o);
-void kn_owner_set(kn_owner *o, const knet_handler *h, const knet_codec *c);
-void kn_owner_conn_done(kn_owner *o); /* live--; wakes the serving thread if it waits for 0 */
+void knet__owner_init(kn_owner *o);
+void knet__owner_destroy(kn_owner *o);
+void knet__owner_set(kn_owner *o, const knet_handler *h, const knet_codec *c);
+void knet__owner_conn_done(kn_owner *o); /* live--; wakes the serving thread if it waits for 0 */
 /* Counts a new connection in (live++), unless max_conns is reached: refused++, false. */
-bool kn_owner_admit(kn_owner *o);
+bool knet__owner_admit(kn_owner *o);
 /* Allocates the per-loop byte counters (starts the loops); 0 or -ENOMEM. */
-int kn_owner_start(kn_owner *o);
-void kn_owner_stats(kn_owner *o, knet_stats *out);
+int knet__owner_start(kn_owner *o);
+void knet__owner_stats(kn_owner *o, knet_stats *out);
 /* Has every loop close o's connections (force: at once, with o->close_reason) or
  * shut them down gracefully (with o->grace_ms), through o's stop nodes: each kind
- * is posted at most once. The caller already added kn_loop_count() to o->tasks
+ * is posted at most once. The caller already added knet__loop_count() to o->tasks
  * under o->mu (in the same critical section that made the work due). */
-void kn_owner_stop_loops(kn_owner *o, bool force);
-void kn_owner_task_done(kn_owner *o);
+void knet__owner_stop_loops(kn_owner *o, bool force);
+void knet__owner_task_done(kn_owner *o);
 /* Closes (reason) every connection of o on loop L. */
-void kn_owner_close_conns(kn_loop *L, kn_owner *o, int reason);
+void knet__owner_close_conns(kn_loop *L, kn_owner *o, int reason);
 
 /* ------------------------------------------------------------ send queue */
 typedef struct kn_chunk {
@@ -201,11 +204,11 @@ struct knet_writer {
     char inline_scratch[64];
 };
 
-void kn_writer_init(knet_writer *w, const void *msg, size_t len);
-void kn_writer_free(knet_writer *w);
+void knet__writer_init(knet_writer *w, const void *msg, size_t len);
+void knet__writer_free(knet_writer *w);
 /* The framed message as iovecs: into stack (cap entries) when it fits, else a
  * malloc'd array the caller frees; NULL when out of memory. */
-struct iovec *kn_writer_iov(knet_writer *w, struct iovec *stack, size_t cap, size_t *n);
+struct iovec *knet__writer_iov(knet_writer *w, struct iovec *stack, size_t cap, size_t *n);
 
 /* ------------------------------------------------------------ connection */
 enum { KN_OPEN = 0, KN_CLOSING = 1, KN_CLOSED = 2 };
@@ -266,19 +269,20 @@ struct knet_conn {
     kn_sockaddr local, peer;
 };
 
-/* Creates a connection for a connected non-blocking fd (the caller counted it in with kn_owner_admit). */
-knet_conn *kn_conn_new(int fd, kn_owner *o, const kn_sockaddr *peer);
+/* Creates a connection for a connected non-blocking fd (the caller counted it in with
+ * knet__owner_admit). */
+knet_conn *knet__conn_new(int fd, kn_owner *o, const kn_sockaddr *peer);
 /* Registers c on loop L and delivers connect(true); runs on L. */
-void kn_conn_attach(kn_loop *L, knet_conn *c);
+void knet__conn_attach(kn_loop *L, knet_conn *c);
 /* Posts the attach to c->loop (inline when called on it). */
-void kn_conn_start(knet_conn *c);
+void knet__conn_start(knet_conn *c);
 /* Closes at once with reason (loop thread only); delivers connect(false). */
-void kn_conn_finish(knet_conn *c, int reason);
+void knet__conn_finish(knet_conn *c, int reason);
 /* Requests a close with reason from any thread. */
-void kn_conn_close_reason(knet_conn *c, int reason);
+void knet__conn_close_reason(knet_conn *c, int reason);
 /* Starts a graceful close with a deadline of ms on the loop thread. */
-void kn_conn_graceful(kn_loop *L, knet_conn *c, uint32_t ms);
+void knet__conn_graceful(kn_loop *L, knet_conn *c, uint32_t ms);
 /* Services a conn taken from the ready list (loop thread). */
-void kn_conn_service(kn_loop *L, knet_conn *c);
+void knet__conn_service(kn_loop *L, knet_conn *c);
 
 #endif

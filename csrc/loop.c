@@ -31,12 +31,12 @@ static unsigned g_nloops;
 static long g_requested = -1; /* knet_set_loop_threads's n; -1 = not called */
 static atomic_bool g_started;
 static atomic_uint g_next;
-static bool g_starting;  /* under g_cfg_mu: kn_loops_start is making them */
+static bool g_starting;  /* under g_cfg_mu: knet__loops_start is making them */
 static pthread_mutex_t g_cfg_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t g_start_mu = PTHREAD_MUTEX_INITIALIZER; /* one start at a time */
 static _Thread_local kn_loop *tls_loop;
 
-uint64_t kn_now_ms(void) {
+uint64_t knet__now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
@@ -44,7 +44,7 @@ uint64_t kn_now_ms(void) {
 
 /* ------------------------------------------------------------ timers (min-heap) */
 
-void kn_timer_init(kn_timer *t, kn_timer_cb cb) {
+void knet__timer_init(kn_timer *t, kn_timer_cb cb) {
     t->deadline = 0;
     t->idx = SIZE_MAX;
     t->cb = cb;
@@ -78,7 +78,7 @@ static void heap_down(kn_loop *L, size_t i) {
     }
 }
 
-void kn_timer_stop(kn_loop *L, kn_timer *t) {
+void knet__timer_stop(kn_loop *L, kn_timer *t) {
     size_t i = t->idx;
     if (i == SIZE_MAX) return;
     t->idx = SIZE_MAX;
@@ -90,7 +90,7 @@ void kn_timer_stop(kn_loop *L, kn_timer *t) {
     heap_down(L, i);
 }
 
-int kn_timer_reserve(kn_loop *L) {
+int knet__timer_reserve(kn_loop *L) {
     if (L->timers == L->heap_cap) {
         size_t cap = L->heap_cap ? L->heap_cap * 2 : 64;
         kn_timer **h = realloc(L->heap, cap * sizeof *h);
@@ -102,12 +102,12 @@ int kn_timer_reserve(kn_loop *L) {
     return 0;
 }
 
-void kn_timer_unreserve(kn_loop *L) { L->timers--; }
+void knet__timer_unreserve(kn_loop *L) { L->timers--; }
 
-void kn_timer_start(kn_loop *L, kn_timer *t, uint64_t ms) {
-    kn_timer_stop(L, t);
-    /* Room was reserved when the timer's owner joined L (kn_timer_reserve). */
-    t->deadline = kn_now_ms() + ms;
+void knet__timer_start(kn_loop *L, kn_timer *t, uint64_t ms) {
+    knet__timer_stop(L, t);
+    /* Room was reserved when the timer's owner joined L (knet__timer_reserve). */
+    t->deadline = knet__now_ms() + ms;
     t->idx = L->heap_len++;
     L->heap[t->idx] = t;
     heap_up(L, t->idx);
@@ -115,7 +115,7 @@ void kn_timer_start(kn_loop *L, kn_timer *t, uint64_t ms) {
 
 static int timers_timeout(kn_loop *L) {
     if (L->heap_len == 0) return -1;
-    uint64_t now = kn_now_ms(), d = L->heap[0]->deadline;
+    uint64_t now = knet__now_ms(), d = L->heap[0]->deadline;
     if (d <= now) return 0;
     return d - now > 60000 ? 60000 : (int)(d - now);
 }
@@ -124,14 +124,14 @@ static void timers_run(kn_loop *L) {
     uint64_t now = L->now;
     while (L->heap_len > 0 && L->heap[0]->deadline <= now) {
         kn_timer *t = L->heap[0];
-        kn_timer_stop(L, t);
+        knet__timer_stop(L, t);
         t->cb(L, t);
     }
 }
 
 /* ------------------------------------------------------------ cross-thread work */
 
-void kn_loop_wake(kn_loop *L) {
+void knet__loop_wake(kn_loop *L) {
     if (!atomic_exchange_explicit(&L->wake_pending, true, memory_order_acq_rel)) {
         uint64_t one = 1;
         ssize_t n;
@@ -150,10 +150,10 @@ static void post(kn_loop *L, kn_task *t, kn_task_fn fn, void *arg) {
     L->tasks_tail = t;
     atomic_store_explicit(&L->has_work, true, memory_order_release);
     pthread_mutex_unlock(&L->mu);
-    if (tls_loop != L) kn_loop_wake(L);
+    if (tls_loop != L) knet__loop_wake(L);
 }
 
-int kn_loop_post(kn_loop *L, kn_task_fn fn, void *arg) {
+int knet__loop_post(kn_loop *L, kn_task_fn fn, void *arg) {
     kn_task *t = malloc(sizeof *t);
     if (!t) return -ENOMEM;
     t->heap = true;
@@ -161,7 +161,7 @@ int kn_loop_post(kn_loop *L, kn_task_fn fn, void *arg) {
     return 0;
 }
 
-void kn_loop_post_node(kn_loop *L, kn_task *t, kn_task_fn fn, void *arg) {
+void knet__loop_post_node(kn_loop *L, kn_task *t, kn_task_fn fn, void *arg) {
     t->heap = false;
     post(L, t, fn, arg);
 }
@@ -205,7 +205,7 @@ static void drain(kn_loop *L) {
     }
     while (c) {
         knet_conn *next = c->batch_next;
-        kn_conn_service(L, c);
+        knet__conn_service(L, c);
         knet_conn_release(c); /* the ready list's reference */
         c = next;
     }
@@ -233,10 +233,10 @@ static void *loop_main(void *arg) {
         int n = epoll_wait(L->epfd, evs, KN_MAX_EVENTS, timeout);
         if (n < 0) {
             if (errno == EINTR) continue;
-            kn_log(KNET_LOG_ERROR, "epoll_wait: %s", strerror(errno));
+            knet__log(KNET_LOG_ERROR, "epoll_wait: %s", strerror(errno));
             abort();
         }
-        L->now = kn_now_ms();
+        L->now = knet__now_ms();
         /* With many connections ready their structs are out of cache; fetching
          * a few events ahead overlaps those misses with the current callback. */
         for (int i = 0; i < n && i < KN_PREFETCH; i++) prefetch_io(evs[i].data.ptr);
@@ -258,7 +258,7 @@ static void *loop_main(void *arg) {
     return NULL;
 }
 
-int kn_loop_ctl(kn_loop *L, int op, kn_io *io, uint32_t events) {
+int knet__loop_ctl(kn_loop *L, int op, kn_io *io, uint32_t events) {
     struct epoll_event ev = {.events = events, .data.ptr = io};
     return epoll_ctl(L->epfd, op, io->fd, &ev) < 0 ? -errno : 0;
 }
@@ -272,7 +272,7 @@ static unsigned wanted_threads(long requested) {
         char *end;
         unsigned long v = strtoul(env, &end, 10);
         if (*end == '\0' && v > 0 && v <= 1024) return (unsigned)v;
-        kn_log(KNET_LOG_WARN, "ignoring KNET_LOOP_THREADS=%s", env);
+        knet__log(KNET_LOG_WARN, "ignoring KNET_LOOP_THREADS=%s", env);
     }
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n > 0 ? (unsigned)n : 1;
@@ -287,7 +287,7 @@ static int loop_init(kn_loop *L, unsigned i) {
     L->wake.fd = L->epfd < 0 ? -1 : eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     L->rbuf = L->wake.fd < 0 ? NULL : malloc(KN_READ_BUF);
     int rc = L->epfd < 0 || L->wake.fd < 0 ? -errno : !L->rbuf ? -ENOMEM : 0;
-    if (rc == 0) rc = kn_loop_ctl(L, EPOLL_CTL_ADD, &L->wake, EPOLLIN);
+    if (rc == 0) rc = knet__loop_ctl(L, EPOLL_CTL_ADD, &L->wake, EPOLLIN);
     if (rc < 0) {
         if (L->wake.fd >= 0) close(L->wake.fd);
         if (L->epfd >= 0) close(L->epfd);
@@ -330,13 +330,13 @@ static int start_loops(unsigned n) {
         pthread_attr_destroy(&attr);
         pthread_sigmask(SIG_SETMASK, &old, NULL);
         if (started < n)
-            kn_log(started ? KNET_LOG_WARN : KNET_LOG_ERROR,
-                   "started %u of %u event loop threads", started, n);
+            knet__log(started ? KNET_LOG_WARN : KNET_LOG_ERROR,
+                      "started %u of %u event loop threads", started, n);
         if (started == 0) rc = -EAGAIN;
     }
     for (unsigned i = started; i < made; i++) loop_destroy(&loops[i]);
     if (rc < 0) {
-        kn_log(KNET_LOG_ERROR, "cannot create the event loops: %s", knet_strerror(rc));
+        knet__log(KNET_LOG_ERROR, "cannot create the event loops: %s", knet_strerror(rc));
         free(loops);
         return rc;
     }
@@ -348,7 +348,7 @@ static int start_loops(unsigned n) {
     return 0;
 }
 
-int kn_loops_start(void) {
+int knet__loops_start(void) {
     if (atomic_load(&g_started)) return 0;
     pthread_mutex_lock(&g_start_mu);
     int rc = 0;
@@ -368,20 +368,20 @@ int kn_loops_start(void) {
     return rc;
 }
 
-unsigned kn_loop_count(void) {
+unsigned knet__loop_count(void) {
     return atomic_load(&g_started) ? g_nloops : 0;
 }
 
-kn_loop *kn_loop_at(unsigned i) {
-    return &g_loops[i % kn_loop_count()];
+kn_loop *knet__loop_at(unsigned i) {
+    return &g_loops[i % knet__loop_count()];
 }
 
-kn_loop *kn_loop_next(void) {
-    unsigned n = kn_loop_count();
+kn_loop *knet__loop_next(void) {
+    unsigned n = knet__loop_count();
     return &g_loops[atomic_fetch_add_explicit(&g_next, 1, memory_order_relaxed) % n];
 }
 
-kn_loop *kn_loop_current(void) { return tls_loop; }
+kn_loop *knet__loop_current(void) { return tls_loop; }
 
 int knet_set_loop_threads(unsigned n) {
     pthread_mutex_lock(&g_cfg_mu);

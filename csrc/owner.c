@@ -8,7 +8,7 @@
 
 const knet_handler knet_default_handler = {NULL, NULL, NULL};
 
-void kn_owner_init(kn_owner *o) {
+void knet__owner_init(kn_owner *o) {
     memset(o, 0, sizeof *o);
     pthread_mutex_init(&o->mu, NULL);
     pthread_condattr_t attr;
@@ -18,14 +18,14 @@ void kn_owner_init(kn_owner *o) {
     pthread_condattr_destroy(&attr);
     atomic_init(&o->closing, false);
     o->max_qbytes = KNET_DEFAULT_MAX_QUEUED;
-    kn_owner_set(o, NULL, NULL);
+    knet__owner_set(o, NULL, NULL);
 }
 
-int kn_owner_start(kn_owner *o) {
+int knet__owner_start(kn_owner *o) {
     if (o->slots) return 0;
-    int rc = kn_loops_start();
+    int rc = knet__loops_start();
     if (rc < 0) return rc;
-    unsigned n = kn_loop_count();
+    unsigned n = knet__loop_count();
     kn_slot *s = aligned_alloc(_Alignof(kn_slot), n * sizeof *s);
     kn_task *nodes = calloc(2 * (size_t)n, sizeof *nodes);
     if (!s || !nodes) {
@@ -44,7 +44,7 @@ int kn_owner_start(kn_owner *o) {
     return 0;
 }
 
-bool kn_owner_admit(kn_owner *o) {
+bool knet__owner_admit(kn_owner *o) {
     pthread_mutex_lock(&o->mu);
     bool ok = !o->max_conns || o->live < o->max_conns;
     if (ok) {
@@ -57,7 +57,7 @@ bool kn_owner_admit(kn_owner *o) {
     return ok;
 }
 
-void kn_owner_stats(kn_owner *o, knet_stats *out) {
+void knet__owner_stats(kn_owner *o, knet_stats *out) {
     memset(out, 0, sizeof *out);
     pthread_mutex_lock(&o->mu);
     out->live = o->live;
@@ -67,20 +67,20 @@ void kn_owner_stats(kn_owner *o, knet_stats *out) {
     kn_slot *s = o->slots;
     pthread_mutex_unlock(&o->mu);
     if (!s) return;
-    for (unsigned i = 0, n = kn_loop_count(); i < n; i++) {
+    for (unsigned i = 0, n = knet__loop_count(); i < n; i++) {
         out->bytes_in += atomic_load_explicit(&s[i].bytes_in, memory_order_relaxed);
         out->bytes_out += atomic_load_explicit(&s[i].bytes_out, memory_order_relaxed);
     }
 }
 
-void kn_owner_destroy(kn_owner *o) {
+void knet__owner_destroy(kn_owner *o) {
     free(o->slots);
     free(o->stop_nodes);
     pthread_cond_destroy(&o->cv);
     pthread_mutex_destroy(&o->mu);
 }
 
-void kn_owner_set(kn_owner *o, const knet_handler *h, const knet_codec *c) {
+void knet__owner_set(kn_owner *o, const knet_handler *h, const knet_codec *c) {
     o->handler = h ? *h : knet_default_handler;
     o->codec = c ? *c : knet_default_codec;
     o->max_frame = o->codec.max_frame ? o->codec.max_frame : KNET_DEFAULT_MAX_FRAME;
@@ -90,34 +90,34 @@ void kn_owner_set(kn_owner *o, const knet_handler *h, const knet_codec *c) {
  * after each connection, a server's only once it is closing. Waking a server's
  * thread at every close would cost it three futex calls and two context
  * switches per connection for nothing. */
-void kn_owner_conn_done(kn_owner *o) {
+void knet__owner_conn_done(kn_owner *o) {
     pthread_mutex_lock(&o->mu);
     if (--o->live == 0 && (o->serves_one || atomic_load_explicit(&o->closing, memory_order_relaxed)))
         pthread_cond_broadcast(&o->cv);
     pthread_mutex_unlock(&o->mu);
 }
 
-void kn_owner_task_done(kn_owner *o) {
+void knet__owner_task_done(kn_owner *o) {
     pthread_mutex_lock(&o->mu);
     if (--o->tasks == 0) pthread_cond_broadcast(&o->cv);
     pthread_mutex_unlock(&o->mu);
 }
 
-void kn_owner_close_conns(kn_loop *L, kn_owner *o, int reason) {
+void knet__owner_close_conns(kn_loop *L, kn_owner *o, int reason) {
     knet_conn *c = L->conns;
     while (c) {
         knet_conn *next = c->next;
         /* A close asked for earlier keeps its reason: c is on the ready list, which
-         * finishes it with that reason (as kn_conn_graceful leaves it). */
-        if (c->owner == o && !(atomic_load(&c->req) & KN_REQ_CLOSE)) kn_conn_finish(c, reason);
+         * finishes it with that reason (as knet__conn_graceful leaves it). */
+        if (c->owner == o && !(atomic_load(&c->req) & KN_REQ_CLOSE)) knet__conn_finish(c, reason);
         c = next;
     }
 }
 
 static void close_task(kn_loop *L, void *arg) {
     kn_owner *o = arg;
-    kn_owner_close_conns(L, o, o->close_reason);
-    kn_owner_task_done(o);
+    knet__owner_close_conns(L, o, o->close_reason);
+    knet__owner_task_done(o);
 }
 
 static void shutdown_task(kn_loop *L, void *arg) {
@@ -128,15 +128,15 @@ static void shutdown_task(kn_loop *L, void *arg) {
     knet_conn *c = L->conns;
     while (c) {
         knet_conn *next = c->next; /* c may finish at once when nothing is queued */
-        if (c->owner == o) kn_conn_graceful(L, c, ms);
+        if (c->owner == o) knet__conn_graceful(L, c, ms);
         c = next;
     }
-    kn_owner_task_done(o);
+    knet__owner_task_done(o);
 }
 
-void kn_owner_stop_loops(kn_owner *o, bool force) {
-    unsigned n = kn_loop_count();
+void knet__owner_stop_loops(kn_owner *o, bool force) {
+    unsigned n = knet__loop_count();
     kn_task *nodes = o->stop_nodes + (force ? n : 0);
     for (unsigned i = 0; i < n; i++)
-        kn_loop_post_node(kn_loop_at(i), &nodes[i], force ? close_task : shutdown_task, o);
+        knet__loop_post_node(knet__loop_at(i), &nodes[i], force ? close_task : shutdown_task, o);
 }

@@ -34,7 +34,7 @@ knet_server *knet_server_new(const char *addr) {
         free(s);
         return NULL;
     }
-    kn_owner_init(&s->o);
+    knet__owner_init(&s->o);
     s->o.close_reason = KNET_ESERVERCLOSED;
     s->lio.fd = -1;
     return s;
@@ -43,7 +43,7 @@ knet_server *knet_server_new(const char *addr) {
 void knet_server_free(knet_server *s) {
     if (!s) return;
     if (s->lio.fd >= 0) close(s->lio.fd);
-    kn_owner_destroy(&s->o);
+    knet__owner_destroy(&s->o);
     free(s->addr);
     free(s);
 }
@@ -63,7 +63,7 @@ static int open_listener(kn_sockaddr *sa) {
     int one = 1, zero = 0;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     if (wild6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
-    if (bind(fd, &sa->sa, kn_sockaddr_len(sa)) < 0 || listen(fd, 4096) < 0) {
+    if (bind(fd, &sa->sa, knet__sockaddr_len(sa)) < 0 || listen(fd, 4096) < 0) {
         int err = -errno;
         close(fd);
         return err;
@@ -76,7 +76,7 @@ static void on_accept(kn_loop *L, kn_io *io, uint32_t events);
 static void backoff_fired(kn_loop *L, kn_timer *t) {
     knet_server *s = (knet_server *)((char *)t - offsetof(knet_server, backoff));
     if (s->lio.fd < 0) return;
-    kn_loop_ctl(L, EPOLL_CTL_MOD, &s->lio, EPOLLIN);
+    knet__loop_ctl(L, EPOLL_CTL_MOD, &s->lio, EPOLLIN);
     on_accept(L, &s->lio, EPOLLIN);
 }
 
@@ -102,26 +102,27 @@ static void on_accept(kn_loop *L, kn_io *io, uint32_t events) {
              * (as Go's http server does), keeping every live connection. */
             s->backoff_ms = s->backoff_ms ? s->backoff_ms * 2 : BACKOFF_MIN_MS;
             if (s->backoff_ms > BACKOFF_MAX_MS) s->backoff_ms = BACKOFF_MAX_MS;
-            kn_log(KNET_LOG_WARN, "accept error: %s; retrying in %u ms", knet_strerror(-e),
-                   s->backoff_ms);
-            kn_loop_ctl(L, EPOLL_CTL_MOD, io, 0);
-            kn_timer_start(L, &s->backoff, s->backoff_ms);
+            knet__log(KNET_LOG_WARN, "accept error: %s; retrying in %u ms", knet_strerror(-e),
+                      s->backoff_ms);
+            knet__loop_ctl(L, EPOLL_CTL_MOD, io, 0);
+            knet__timer_start(L, &s->backoff, s->backoff_ms);
             return;
         }
         s->backoff_ms = 0;
-        if (atomic_load_explicit(&s->o.closing, memory_order_relaxed) || !kn_owner_admit(&s->o)) {
+        if (atomic_load_explicit(&s->o.closing, memory_order_relaxed) ||
+            !knet__owner_admit(&s->o)) {
             close(fd); /* stopping, or over the connection limit (counted as refused) */
             continue;
         }
         int one = 1; /* Go's default, and what a request/response protocol wants */
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        knet_conn *c = kn_conn_new(fd, &s->o, &peer);
+        knet_conn *c = knet__conn_new(fd, &s->o, &peer);
         if (!c) {
             close(fd);
-            kn_owner_conn_done(&s->o);
+            knet__owner_conn_done(&s->o);
             continue;
         }
-        kn_conn_start(c);
+        knet__conn_start(c);
     }
 }
 
@@ -130,14 +131,14 @@ static void on_accept(kn_loop *L, kn_io *io, uint32_t events) {
 static void listener_start(kn_loop *L, void *arg) {
     knet_server *s = arg;
     s->lio.cb = on_accept;
-    kn_timer_init(&s->backoff, backoff_fired);
-    int rc = kn_timer_reserve(L); /* for the accept backoff */
+    knet__timer_init(&s->backoff, backoff_fired);
+    int rc = knet__timer_reserve(L); /* for the accept backoff */
     if (rc == 0) {
-        rc = kn_loop_ctl(L, EPOLL_CTL_ADD, &s->lio, EPOLLIN);
-        if (rc < 0) kn_timer_unreserve(L);
+        rc = knet__loop_ctl(L, EPOLL_CTL_ADD, &s->lio, EPOLLIN);
+        if (rc < 0) knet__timer_unreserve(L);
     }
     if (rc < 0) {
-        kn_log(KNET_LOG_ERROR, "cannot watch the listener: %s", knet_strerror(rc));
+        knet__log(KNET_LOG_ERROR, "cannot watch the listener: %s", knet_strerror(rc));
         close(s->lio.fd);
         s->lio.fd = -1;
     }
@@ -145,28 +146,28 @@ static void listener_start(kn_loop *L, void *arg) {
     socklen_t sl = sizeof bound;
     if (rc == 0) getsockname(s->lio.fd, &bound.sa, &sl);
     pthread_mutex_lock(&s->o.mu);
-    s->port = rc < 0 ? rc : (int)kn_sockaddr_port(&bound);
+    s->port = rc < 0 ? rc : (int)knet__sockaddr_port(&bound);
     if (rc < 0) s->listener_open = false;
     pthread_cond_broadcast(&s->o.cv);
     pthread_mutex_unlock(&s->o.mu);
-    kn_owner_task_done(&s->o);
+    knet__owner_task_done(&s->o);
 }
 
 static void listener_close(kn_loop *L, void *arg) {
     knet_server *s = arg;
     if (s->lio.fd >= 0) {
-        kn_timer_stop(L, &s->backoff);
-        kn_timer_unreserve(L);
+        knet__timer_stop(L, &s->backoff);
+        knet__timer_unreserve(L);
         /* As for a connection: leave epoll before the close, which alone does not
          * while a fork's child keeps the socket open; s may be freed soon. */
-        kn_loop_ctl(L, EPOLL_CTL_DEL, &s->lio, 0);
+        knet__loop_ctl(L, EPOLL_CTL_DEL, &s->lio, 0);
         close(s->lio.fd);
         s->lio.fd = -1;
     }
     pthread_mutex_lock(&s->o.mu);
     s->listener_open = false;
     pthread_mutex_unlock(&s->o.mu);
-    kn_owner_task_done(&s->o);
+    knet__owner_task_done(&s->o);
 }
 
 int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
@@ -174,7 +175,7 @@ int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
     if (!s) return -EINVAL;
     pthread_mutex_lock(&s->o.mu);
     int rc = s->closed ? KNET_ESERVERCLOSED : s->serving ? KNET_EBUSY : 0;
-    if (rc == 0 && kn_loop_current()) {
+    if (rc == 0 && knet__loop_current()) {
         /* A loop thread would wait on work that loop may be the one to do (start
          * the listener, close it): refused, and reported to wait_listening. */
         rc = -EDEADLK;
@@ -189,15 +190,15 @@ int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
     }
     pthread_mutex_unlock(&s->o.mu);
     if (rc < 0) return rc;
-    kn_owner_set(&s->o, handler, codec);
+    knet__owner_set(&s->o, handler, codec);
 
     kn_sockaddr sa;
-    rc = kn_owner_start(&s->o);
-    if (rc == 0) rc = kn_addr_resolve(s->addr, true, &sa, 1);
+    rc = knet__owner_start(&s->o);
+    if (rc == 0) rc = knet__addr_resolve(s->addr, true, &sa, 1);
     int fd = rc < 0 ? rc : open_listener(&sa);
     kn_loop *lloop = NULL;
-    if (fd >= 0) lloop = kn_loop_next();
-    else kn_log(KNET_LOG_DEBUG, "listen on \"%s\": %s", s->addr, knet_strerror(fd));
+    if (fd >= 0) lloop = knet__loop_next();
+    else knet__log(KNET_LOG_DEBUG, "listen on \"%s\": %s", s->addr, knet_strerror(fd));
 
     pthread_mutex_lock(&s->o.mu);
     if (fd < 0) {
@@ -215,7 +216,7 @@ int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
     if (!s->closed) {
         s->listener_open = true;
         s->o.tasks++;
-        kn_loop_post_node(s->lloop, &s->start_node, listener_start, s);
+        knet__loop_post_node(s->lloop, &s->start_node, listener_start, s);
     }
     pthread_cond_broadcast(&s->o.cv);
     /* Until closed, or the listener failed (port < 0: nothing was accepted). */
@@ -251,14 +252,14 @@ static int server_stop(knet_server *s, bool force, uint32_t ms) {
     bool serving = s->serving && s->lloop;
     /* Reserve the per-loop tasks under the lock, or the serving thread could see
      * no work left, return, and let the caller free s before they run. */
-    if (serving) s->o.tasks += kn_loop_count();
+    if (serving) s->o.tasks += knet__loop_count();
     if (first && s->listener_open) {
         s->o.tasks++;
-        kn_loop_post_node(s->lloop, &s->close_node, listener_close, s);
+        knet__loop_post_node(s->lloop, &s->close_node, listener_close, s);
     }
     pthread_cond_broadcast(&s->o.cv);
     pthread_mutex_unlock(&s->o.mu);
-    if (serving) kn_owner_stop_loops(&s->o, force);
+    if (serving) knet__owner_stop_loops(&s->o, force);
 
     return 0;
 }
@@ -287,7 +288,7 @@ void knet_server_set_idle_timeout(knet_server *s, uint32_t ms) {
     pthread_mutex_unlock(&s->o.mu);
 }
 
-void knet_server_stats(knet_server *s, knet_stats *out) { kn_owner_stats(&s->o, out); }
+void knet_server_stats(knet_server *s, knet_stats *out) { knet__owner_stats(&s->o, out); }
 
 int knet_server_port(const knet_server *s) {
     knet_server *m = (knet_server *)s;

@@ -1,6 +1,6 @@
 /*
- * libFuzzer harness for knet's address parser (kn_addr_parse: no DNS) and
- * formatter (kn_addr_format).
+ * libFuzzer harness for knet's address parser (knet__addr_parse: no DNS) and
+ * formatter (knet__addr_format).
  *
  * For any string, in both modes (dial and listen): the parser returns 1
  * (literal or wildcard address), 0 (a host name to resolve) or KNET_EADDR,
@@ -48,13 +48,13 @@ static void sa_ip16(const kn_sockaddr *a, uint8_t out[16])
 /* Formats a into buf and checks the formatter's contract for every smaller buffer. */
 static int format_checked(const kn_sockaddr *a, char *buf, size_t cap)
 {
-    int n = kn_addr_format(a, buf, cap);
+    int n = knet__addr_format(a, buf, cap);
     FZ_CHECK(n > 0 && (size_t)n < cap && strlen(buf) == (size_t)n);
     FZ_CHECK(n < KNET_ADDRSTRLEN);
     char small[KNET_ADDRSTRLEN + 8];
     for (size_t len = 0; len <= (size_t)n; len++) {
         memset(small, 'Z', sizeof small);
-        FZ_CHECK(kn_addr_format(a, small, len) == -ENOSPC);
+        FZ_CHECK(knet__addr_format(a, small, len) == -ENOSPC);
         for (size_t i = len; i < sizeof small; i++)
             FZ_CHECK(small[i] == 'Z'); /* nothing written past len */
     }
@@ -66,7 +66,7 @@ static void check_one(const char *s, bool passive, size_t hostcap_sel)
     kn_sockaddr a;
     char host[256];
     unsigned port = 99999;
-    int rc = kn_addr_parse(s, passive, &a, host, sizeof host, &port);
+    int rc = knet__addr_parse(s, passive, &a, host, sizeof host, &port);
     FZ_CHECK(rc == 1 || rc == 0 || rc == KNET_EADDR);
 
     /* A small host buffer: the same answer, or KNET_EADDR when the host does not fit;
@@ -77,7 +77,7 @@ static void check_one(const char *s, bool passive, size_t hostcap_sel)
         memset(small, 'G', sizeof small);
         kn_sockaddr b;
         unsigned p2;
-        int rc2 = kn_addr_parse(s, passive, &b, small, cap, &p2);
+        int rc2 = knet__addr_parse(s, passive, &b, small, cap, &p2);
         for (size_t i = cap; i < sizeof small; i++)
             FZ_CHECK(small[i] == 'G');
         FZ_CHECK(rc2 == rc || rc2 == KNET_EADDR);
@@ -97,7 +97,7 @@ static void check_one(const char *s, bool passive, size_t hostcap_sel)
     }
     FZ_CHECK(a.sa.sa_family == AF_INET || a.sa.sa_family == AF_INET6);
     FZ_CHECK(sa_port(&a) == port);
-    FZ_CHECK(kn_sockaddr_len(&a) ==
+    FZ_CHECK(knet__sockaddr_len(&a) ==
              (a.sa.sa_family == AF_INET6 ? sizeof a.in6 : sizeof a.in));
 
     char f1[KNET_ADDRSTRLEN];
@@ -105,7 +105,7 @@ static void check_one(const char *s, bool passive, size_t hostcap_sel)
     kn_sockaddr b;
     char host2[256];
     unsigned port2;
-    FZ_CHECK(kn_addr_parse(f1, passive, &b, host2, sizeof host2, &port2) == 1);
+    FZ_CHECK(knet__addr_parse(f1, passive, &b, host2, sizeof host2, &port2) == 1);
     FZ_CHECK(port2 == port && sa_port(&b) == port);
     uint8_t ia[16], ib[16];
     sa_ip16(&a, ia);
@@ -148,7 +148,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         kn_sockaddr b;
         char host[256];
         unsigned port;
-        FZ_CHECK(kn_addr_parse(f, false, &b, host, sizeof host, &port) == 1);
+        FZ_CHECK(knet__addr_parse(f, false, &b, host, sizeof host, &port) == 1);
         FZ_CHECK(port == sa_port(&a));
         uint8_t ia[16], ib[16];
         sa_ip16(&a, ia);

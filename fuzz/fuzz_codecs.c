@@ -104,12 +104,12 @@ static int frame(const knet_codec *k, const uint8_t *msg, size_t len, uint8_t *b
                  size_t *pos)
 {
     knet_writer w;
-    kn_writer_init(&w, msg, len);
+    knet__writer_init(&w, msg, len);
     int rc = k->write(&w, msg, len, k->ud);
     if (rc == 0) {
         struct iovec stack[4];
         size_t niov = 0;
-        struct iovec *iov = kn_writer_iov(&w, stack, 4, &niov);
+        struct iovec *iov = knet__writer_iov(&w, stack, 4, &niov);
         FZ_CHECK(iov != NULL);
         size_t total = 0;
         for (size_t i = 0; i < niov; i++) {
@@ -122,7 +122,7 @@ static int frame(const knet_codec *k, const uint8_t *msg, size_t len, uint8_t *b
         if (iov != stack)
             free(iov);
     }
-    kn_writer_free(&w);
+    knet__writer_free(&w);
     return rc;
 }
 
