@@ -60,6 +60,9 @@ consumers() {
 quiet cmake --install "$tmp/build" --prefix "$tmp/prefix"
 consumers "$tmp/prefix" prefix
 v="$(sed -n 's/^project(knet VERSION \([0-9.]*\).*/\1/p' "$root/CMakeLists.txt")"
+hv="$(awk '/#define KNET_VERSION_(MAJOR|MINOR|PATCH)/ {printf "%s%s", sep, $3; sep = "."}' "$tmp/prefix/include/knet/knet.h")"
+pv="$(PKG_CONFIG_PATH="$(dirname "$(find "$tmp/prefix" -name knet.pc)")" pkg-config --modversion knet)"
+[[ $hv == "$v" && $pv == "$v" ]] || fail "versions differ: CMake $v, knet.h $hv, knet.pc $pv"
 for req in "$v" "${v%.*}"; do
   quiet cmake -S "$root/examples/consumer" -B "$tmp/req-ok-$req" -DCMAKE_PREFIX_PATH="$tmp/prefix" \
     -DKNET_REQUIRE="$req" || fail "find_package(knet $req) refused version $v"
