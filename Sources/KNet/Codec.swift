@@ -25,8 +25,9 @@ public protocol Codec: Sendable {
     func read(from reader: inout ByteReader) throws -> [UInt8]
     /// Frames one message into `writer` (runs on the sending thread).
     func write(to writer: inout ByteWriter, _ message: [UInt8]) throws
-    /// The most input knet buffers for one partial frame before closing the connection
-    /// with `KNetError.codec`; 0 (the default) means 16 MiB.
+    /// The largest frame, and the most input knet buffers for one partial frame: a frame
+    /// that consumes more, or a partial frame that outgrows it, closes the connection with
+    /// `KNetError.codec`; 0 (the default) means 16 MiB.
     var maxFrameSize: Int { get }
 }
 
