@@ -134,12 +134,9 @@ func runClients(host: String, port: Int, conns: Int, blockSize: Int, seconds: Do
 func startServer(host: String, port: Int) -> (TCPServer, DispatchSemaphore) {
     let server = TCPServer(formatAddress(host, port))
     let done = spawn {
-        do {
-            try server.listenAndServe(handler: EchoHandler(), codec: nil)
-        } catch KNetError.serverClosed {
-        } catch {
-            fail("server: \(error)")
-        }
+        // A listen error is thrown here and by waitUntilListening below: reported there,
+        // once (two threads printing it raced to exit).
+        _ = try? server.listenAndServe(handler: EchoHandler(), codec: nil)
     }
     do { try server.waitUntilListening(timeout: .seconds(10)) } catch { fail("server: \(error)") }
     return (server, done)
@@ -162,24 +159,35 @@ do {
 }
 let host = options["host"] ?? "127.0.0.1"
 
-func number(_ text: String?, _ name: String) -> Int {
-    guard let text, let value = Int(text), value >= 0 else { fail("bad \(name): \(text ?? "missing")") }
+/// The ranges the C knet_pingpong takes too (THREADS: knet's bound on loop threads, as
+/// for KNET_LOOP_THREADS); out of range is a usage error, never a trap further on.
+let portRange = 1...65535, threadRange = 1...1024, countRange = 1...1_000_000_000
+
+func number(_ text: String?, _ name: String, _ range: ClosedRange<Int>) -> Int {
+    guard let text, let value = Int(text), range.contains(value) else {
+        fail("bad \(name): \(text ?? "missing") (expected \(range.lowerBound)...\(range.upperBound))")
+    }
     return value
 }
 
-/// A one-process setting: --name, else KNET_PINGPONG_NAME, else the default.
-func setting(_ name: String, _ fallback: Double, _ options: [String: String]) -> Double {
-    let text = options[name] ?? ProcessInfo.processInfo.environment["KNET_PINGPONG_\(name.uppercased())"]
-    guard let text else { return fallback }
-    guard let value = Double(text), value >= 0 else { fail("bad \(name): \(text)") }
+/// Seconds to run: finite and positive (inf would never end, 0 divides by zero).
+func seconds(_ text: String, _ name: String) -> Double {
+    guard let value = Double(text), value.isFinite, value > 0, value <= 1e9 else {
+        fail("bad \(name): \(text) (expected seconds > 0)")
+    }
     return value
+}
+
+/// A one-process setting: --name, else KNET_PINGPONG_NAME, else nil (the default).
+func setting(_ name: String, _ options: [String: String]) -> String? {
+    options[name] ?? ProcessInfo.processInfo.environment["KNET_PINGPONG_\(name.uppercased())"]
 }
 
 switch positional.first {
 case "server":
     guard positional.count == 3 else { fail("usage: knet-pingpong server PORT THREADS [--host H]") }
-    let port = number(positional[1], "PORT")
-    setThreads(number(positional[2], "THREADS"))
+    let port = number(positional[1], "PORT", 0...65535) // 0: a kernel-chosen port, printed
+    setThreads(number(positional[2], "THREADS", threadRange))
     // Block the stop signals before any thread exists, then wait for one here.
     var signals = sigset_t()
     sigemptyset(&signals)
@@ -197,18 +205,20 @@ case "client":
     guard positional.count == 6 else {
         fail("usage: knet-pingpong client PORT CONNS BLOCK SECONDS THREADS [--host H]")
     }
-    let port = number(positional[1], "PORT")
-    let conns = number(positional[2], "CONNS")
-    let block = number(positional[3], "BLOCK")
-    guard let seconds = Double(positional[4]), seconds > 0 else { fail("bad SECONDS: \(positional[4])") }
-    setThreads(number(positional[5], "THREADS"))
-    runClients(host: host, port: port, conns: conns, blockSize: block, seconds: seconds)
+    let port = number(positional[1], "PORT", portRange)
+    let conns = number(positional[2], "CONNS", countRange)
+    let block = number(positional[3], "BLOCK", countRange)
+    let duration = seconds(positional[4], "SECONDS")
+    setThreads(number(positional[5], "THREADS", threadRange))
+    runClients(host: host, port: port, conns: conns, blockSize: block, seconds: duration)
 case nil:
-    let threads = Int(setting("threads", 0, options))
+    let threads = setting("threads", options).map { number($0, "threads", threadRange) } ?? 0 // 0: online CPUs
+    let conns = setting("conns", options).map { number($0, "conns", countRange) } ?? 10
+    let block = setting("block", options).map { number($0, "block", countRange) } ?? 16384
+    let duration = setting("seconds", options).map { seconds($0, "seconds") } ?? 10
     setThreads(threads)
     let (server, done) = startServer(host: host, port: 0)
-    runClients(host: host, port: server.port, conns: Int(setting("conns", 10, options)),
-               blockSize: Int(setting("block", 16384, options)), seconds: setting("seconds", 10, options))
+    runClients(host: host, port: server.port, conns: conns, blockSize: block, seconds: duration)
     server.close()
     done.wait()
 default:
