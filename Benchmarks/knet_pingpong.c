@@ -37,7 +37,7 @@ struct pp_counter {
     _Atomic uint64_t msgs;
 } __attribute__((aligned(64)));
 
-#define PP_MAX_LOOPS 1024 /* knet's own bound on loop threads */
+#define PP_MAX_LOOPS 1024 /* THREADS above it are refused (KNET_LOOP_THREADS's bound too) */
 static struct pp_counter counters[PP_MAX_LOOPS];
 static _Atomic int ncounters;
 static _Thread_local struct pp_counter *my_counter;
@@ -270,6 +270,11 @@ int main(int argc, char **argv)
         return run_smoke();
     struct bench_args a;
     bench_parse(argc, argv, &a);
+    /* knet_set_loop_threads takes more, but every client loop needs a counter. */
+    if (a.threads > PP_MAX_LOOPS) {
+        fprintf(stderr, "%s: THREADS %d is above %d\n", argv[0], a.threads, PP_MAX_LOOPS);
+        bench_usage(argv[0]);
+    }
     int rc = knet_set_loop_threads((unsigned)a.threads);
     if (rc != 0) {
         fprintf(stderr, "knet_set_loop_threads: %s\n", knet_strerror(rc));
