@@ -32,7 +32,8 @@ private func knetLogSink(_ level: Int32, _ message: UnsafePointer<CChar>?, _ ud:
 
 /// Sets the number of event-loop threads (0 = online CPUs); call it before the first
 /// server or client is created (usually spelled `KNet.setLoopThreads(n)`).
-/// Throws `KNetError.busy` once the loops run; traps when `count` is negative.
+/// Throws `KNetError.busy` once the loops run; traps when `count` is negative or above
+/// `UInt32.max`.
 public func setLoopThreads(_ count: Int) throws {
     precondition(count >= 0 && count <= Int(UInt32.max), "loop thread count out of range")
     let rc = knet_set_loop_threads(UInt32(count))
