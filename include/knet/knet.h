@@ -264,7 +264,7 @@ knet_client *knet_client_new(const char *addr);
 /* Retries failed dials with exponential backoff (thread-safe). */
 void knet_client_enable_retry(knet_client *c);
 
-/* Makes a failed dial return its error from knet_client_dial_and_serve. */
+/* Makes a failed dial return its error from knet_client_dial_and_serve (thread-safe). */
 void knet_client_disable_retry(knet_client *c);
 
 /* Sets the retry backoff: first wait initial_ms, doubling up to max_ms
@@ -304,7 +304,7 @@ int knet_client_shutdown(knet_client *c, uint32_t timeout_ms);
 void knet_client_set_idle_timeout(knet_client *c, uint32_t idle_ms);
 
 /* Sets the queue bound of the client's next connections, as
- * knet_server_set_max_queued_bytes does (default KNET_DEFAULT_MAX_QUEUED). */
+ * knet_server_set_max_queued_bytes does (default KNET_DEFAULT_MAX_QUEUED; thread-safe). */
 void knet_client_set_max_queued_bytes(knet_client *c, size_t max_queued_bytes);
 
 /* Returns the current connection, retained (knet_conn_release it), or NULL. A closing
