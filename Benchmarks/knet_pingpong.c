@@ -3,7 +3,7 @@
  *
  *   knet_pingpong [--host H] server PORT THREADS
  *   knet_pingpong [--host H] client PORT CONNS BLOCK SECONDS THREADS
- *   knet_pingpong                  (smoke run: server + 10 x 16 KiB client, 5 s)
+ *   knet_pingpong                  (smoke run: server + 10 x 16 KiB client, 10 s)
  *
  * Server: raw-stream codec, a handler whose receive sends the bytes back.
  * Client: CONNS persistent knet clients, each blocking in
