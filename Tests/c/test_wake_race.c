@@ -83,12 +83,12 @@ static void wait_held(long n) { WAIT_UNTIL(atomic_load(&holds) > n); }
 /* Lets the held loop go on. */
 static void release_loop(void) { atomic_store(&releases, atomic_load(&holds)); }
 
-/* Reads exactly n bytes within 5 s (far less than any wait a lost wake-up ends in:
- * with no timer, none ends). */
+/* Reads exactly n bytes within the test deadline (a lost wake-up never ends: the
+ * loop has no timer). */
 static void read_within(int fd, void *buf, size_t n)
 {
     size_t got = 0;
-    int64_t until = tu_now_ms() + 5000;
+    int64_t until = tu_now_ms() + TU_DEADLINE_MS;
     while (got < n) {
         struct pollfd p = {fd, POLLIN, 0};
         int left = (int)(until - tu_now_ms());
@@ -101,11 +101,11 @@ static void read_within(int fd, void *buf, size_t n)
     }
 }
 
-/* Expects EOF within 5 s. */
+/* Expects EOF within the test deadline. */
 static void eof_within(int fd)
 {
     struct pollfd p = {fd, POLLIN, 0};
-    if (poll(&p, 1, 5000) <= 0)
+    if (poll(&p, 1, TU_DEADLINE_MS) <= 0)
         tu_fail(__FILE__, __LINE__, "no FIN: lost wake-up");
     char b;
     CHECK_LE(tu_read_some(fd, &b, 1), 0);
