@@ -297,7 +297,9 @@ void knet_client_set_max_queued_bytes(knet_client *c, size_t max_queued_bytes) {
 
 knet_conn *knet_client_conn(knet_client *c) {
     pthread_mutex_lock(&c->o.mu);
-    knet_conn *conn = c->conn;
+    /* live falls to 0 once connect(false) ran; c->conn is cleared only when the
+     * dialing thread wakes up, which may be much later. */
+    knet_conn *conn = c->o.live ? c->conn : NULL;
     if (conn) knet_conn_retain(conn);
     pthread_mutex_unlock(&c->o.mu);
     return conn;

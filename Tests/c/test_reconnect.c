@@ -8,6 +8,7 @@
 #include "testutil.h"
 
 #include <poll.h>
+#include <signal.h>
 
 /* ------------------------------------------------------------------ backoff log */
 
@@ -539,6 +540,66 @@ static void test_send_on_ended_conn_while_reconnecting(void)
     tu_tracker_free(t);
 }
 
+/* ------------------------------------------------------------------ knet_client_conn */
+
+static atomic_int dialer_held, dialer_go;
+
+/* SIGUSR2 on the dialing thread: holds it (in its wait for the connection to end)
+ * until dialer_go. Atomics and nanosleep only. */
+static void hold_dialer(int sig)
+{
+    (void)sig;
+    atomic_store(&dialer_held, 1);
+    while (!atomic_load(&dialer_go)) {
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* Whether knet_client_conn(c) is NULL now (releasing what it returned). */
+static bool client_conn_is_null(knet_client *c)
+{
+    knet_conn *conn = knet_client_conn(c);
+    if (conn)
+        knet_conn_release(conn);
+    return conn == NULL;
+}
+
+/* knet.h: a closing connection stays current "until its connect(false) ran". Once it
+ * ran, knet_client_conn returns NULL, also while the dialing thread has not yet woken
+ * up to dial again (held here by a signal handler; on a loaded machine it can be late). */
+static void test_client_conn_null_once_disconnected(void)
+{
+    struct sigaction sa, old;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = hold_dialer;
+    CHECK_EQ(sigaction(SIGUSR2, &sa, &old), 0);
+    atomic_store(&dialer_held, 0);
+    atomic_store(&dialer_go, 0);
+    int port;
+    int lfd = tu_listen(&port, 0);
+    tu_tracker *t = tu_tracker_new();
+    knet_handler h = tu_tracker_handler(t);
+    knet_client *c = tu_client_for_port(port);
+    tu_client tc;
+    tu_client_start(&tc, c, &h, NULL);
+    int peer = accept_one(lfd);
+    WAIT_GE(&t->connects, 1);
+    CHECK(!client_conn_is_null(c));
+    CHECK_EQ(pthread_kill(tc.thread, SIGUSR2), 0);
+    WAIT_UNTIL(atomic_load(&dialer_held));
+    close(lfd); /* the re-dial (retry off) is refused: dial_and_serve returns */
+    close(peer);
+    WAIT_GE(&t->disconnects, 1);
+    WAIT_UNTIL(client_conn_is_null(c));
+    atomic_store(&dialer_go, 1);
+    CHECK_EQ(tu_client_join(&tc), -ECONNREFUSED);
+    CHECK(client_conn_is_null(c));
+    knet_client_free(c);
+    tu_tracker_free(t);
+    CHECK_EQ(sigaction(SIGUSR2, &old, NULL), 0);
+}
+
 int main(void)
 {
     tu_counter_init(&nwaits);
@@ -553,6 +614,7 @@ int main(void)
     RUN(test_reset_after_accept_retry_off);
     RUN(test_disable_retry_during_backoff);
     RUN(test_send_on_ended_conn_while_reconnecting);
+    RUN(test_client_conn_null_once_disconnected);
     knet_set_log(NULL, KNET_LOG_WARN, NULL);
     return tu_end();
 }
