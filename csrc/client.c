@@ -68,7 +68,8 @@ void knet_client_set_retry_backoff(knet_client *c, uint32_t initial_ms, uint32_t
 }
 
 /* Waits for fd (events) or the close signal; returns revents of fd, 0 on
- * timeout, or -1 when the client was closed. */
+ * timeout, KNET_ECLIENTCLOSED when the client was closed, or -errno when poll
+ * failed (ENOMEM). */
 static int wait_or_closed(knet_client *c, int fd, short events, int timeout_ms) {
     struct pollfd p[2] = {{c->wake_fd, POLLIN, 0}, {fd, events, 0}};
     uint64_t end = timeout_ms > 0 ? knet__now_ms() + (uint64_t)timeout_ms : 0;
@@ -83,8 +84,9 @@ static int wait_or_closed(knet_client *c, int fd, short events, int timeout_ms) 
             }
             continue;
         }
-        if (n <= 0) return 0;
-        if (p[0].revents) return -1;
+        if (n < 0) return -errno;
+        if (n == 0) return 0;
+        if (p[0].revents) return KNET_ECLIENTCLOSED;
         return p[1].revents;
     }
 }
@@ -119,12 +121,15 @@ static int dial(knet_client *c, int *out, kn_sockaddr *peer) {
         if (connect(fd, &addrs[i].sa, knet__sockaddr_len(&addrs[i])) < 0) {
             err = errno;
             if (err == EINPROGRESS) {
-                if (wait_or_closed(c, fd, POLLOUT, -1) < 0) {
+                int w = wait_or_closed(c, fd, POLLOUT, -1);
+                if (w == KNET_ECLIENTCLOSED) {
                     close(fd);
                     return KNET_ECLIENTCLOSED;
                 }
                 socklen_t sl = sizeof err;
-                if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &sl) < 0) err = errno;
+                /* A failed wait says nothing of the socket, maybe still connecting. */
+                if (w < 0) err = -w;
+                else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &sl) < 0) err = errno;
             }
         }
         if (!err && self_connected(fd, &addrs[i])) err = ECONNREFUSED; /* no listener there */
@@ -227,7 +232,7 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
         wait = wait ? (wait > max / 2 ? max : wait * 2) : initial;
         knet__log(KNET_LOG_WARN, "dial %s: %s; retrying in %u ms", c->addr, knet_strerror(rc),
                   wait);
-        if (wait_or_closed(c, -1, 0, (int)wait) < 0) {
+        if (wait_or_closed(c, -1, 0, (int)wait) == KNET_ECLIENTCLOSED) {
             rc = KNET_ECLIENTCLOSED;
             break;
         }

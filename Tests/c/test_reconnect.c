@@ -10,6 +10,26 @@
 #include <poll.h>
 #include <signal.h>
 
+/* ------------------------------------------------------------------ poll (wrapped) */
+
+int __real_poll(struct pollfd *fds, nfds_t n, int timeout);
+
+/* When set, the next wait of a dial (the client's wake-up descriptor and a socket
+ * waiting for POLLOUT) fails with this errno instead of polling. */
+static atomic_int fail_dial_poll;
+
+int __wrap_poll(struct pollfd *fds, nfds_t n, int timeout)
+{
+    if (n == 2 && fds[1].events == POLLOUT) {
+        int e = atomic_exchange(&fail_dial_poll, 0);
+        if (e) {
+            errno = e;
+            return -1;
+        }
+    }
+    return __real_poll(fds, n, timeout);
+}
+
 /* ------------------------------------------------------------------ backoff log */
 
 #define MAX_WAITS 4096
@@ -540,6 +560,31 @@ static void test_send_on_ended_conn_while_reconnecting(void)
     tu_tracker_free(t);
 }
 
+/* The dial's wait for the connect to complete fails (poll: ENOMEM) while the SYN is
+ * unanswered (the listener's backlog is full). The socket is not connected: the dial
+ * failed, with that error (retry off); no connect(true) for a connection that never
+ * was (before: the socket, still connecting, was served as connected). */
+static void test_dial_wait_fails(void)
+{
+    int lfd = reuse_socket(0, 0);
+    int port = tu_sock_port(lfd);
+    int filler = tu_connect(port); /* fills the backlog; never accepted */
+    tu_tracker *t = tu_tracker_new();
+    knet_handler h = tu_tracker_handler(t);
+    knet_client *c = tu_client_for_port(port);
+    atomic_store(&fail_dial_poll, ENOMEM);
+    tu_client tc;
+    tu_client_start(&tc, c, &h, NULL);
+    WAIT_UNTIL(tu_counter_get(&tc.done) > 0 || tu_counter_get(&t->connects) > 0);
+    CHECK_EQ(tu_counter_get(&t->connects), 0);
+    CHECK_EQ(tu_client_join(&tc), -ENOMEM);
+    CHECK_EQ(atomic_load(&fail_dial_poll), 0);
+    knet_client_free(c);
+    close(filler);
+    close(lfd);
+    tu_tracker_free(t);
+}
+
 /* ------------------------------------------------------------------ knet_client_conn */
 
 static atomic_int dialer_held, dialer_go;
@@ -615,6 +660,7 @@ int main(void)
     RUN(test_disable_retry_during_backoff);
     RUN(test_send_on_ended_conn_while_reconnecting);
     RUN(test_client_conn_null_once_disconnected);
+    RUN(test_dial_wait_fails);
     knet_set_log(NULL, KNET_LOG_WARN, NULL);
     return tu_end();
 }
