@@ -130,7 +130,7 @@ extension KNetTests {
         }
     }
 
-    @Test("shutdown(timeout:) during a 30 s backoff ends dialAndServe at once")
+    @Test("shutdown(timeout:) before or during a 30 s backoff ends dialAndServe at once")
     func shutdownDuringBackoff() throws {
         let reserved = try ReservedPort()
         let client = TCPClient("127.0.0.1:\(reserved.port)")
