@@ -178,6 +178,177 @@ static void test_server_shutdown_races_senders(void)
     conn_shutdown_races_senders(true);
 }
 
+/* ------------------------------------------------------------------ loop and threads racing it */
+
+enum { ECHO_ID = 99, ECHO_MAX = 1 << 21 };
+
+/* The echoes receive made, in order (loop thread), and how many were accepted. */
+typedef struct echo_log {
+    uint32_t *seqs;
+    atomic_long n;
+    atomic_long refused;
+} echo_log;
+
+static void echo_on_receive(tu_rec *r, const void *buf, size_t len)
+{
+    echo_log *e = (echo_log *)r->tr->ud;
+    CHECK_EQ(len, 8);
+    int rc = knet_conn_send(r->conn, buf, len); /* on the loop: direct or batched */
+    if (rc == 0) {
+        long n = atomic_load(&e->n);
+        CHECK_LT(n, ECHO_MAX);
+        uint32_t rec[2];
+        memcpy(rec, buf, 8);
+        e->seqs[n] = rec[1];
+        atomic_store(&e->n, n + 1);
+    } else {
+        CHECK_EQ(rc, KNET_ECLOSED);
+        atomic_fetch_add(&e->refused, 1);
+    }
+}
+
+/* The peer's writer: frames [ECHO_ID][seq] until told to stop (it goes on after our FIN). */
+typedef struct peer_writer {
+    int fd;
+    atomic_int stop;
+} peer_writer;
+
+static void *peer_writer_main(void *arg)
+{
+    peer_writer *w = (peer_writer *)arg;
+    uint32_t seq = 0;
+    int64_t end = tu_now_ms() + TU_DEADLINE_MS;
+    while (!atomic_load(&w->stop) && tu_now_ms() < end) {
+        uint8_t f[10 * 64];
+        size_t n = 0;
+        for (int i = 0; i < 64; i++) { /* 64 frames per write: reads of many frames */
+            uint32_t rec[2] = {ECHO_ID, seq++};
+            f[n] = 0;
+            f[n + 1] = 8;
+            memcpy(f + n + 2, rec, 8);
+            n += 10;
+        }
+        tu_write_all(w->fd, f, n);
+    }
+    return NULL;
+}
+
+/* An echo server (StdCodec) echoing on its loop what the peer keeps sending, while four
+ * threads send to the same connection, and the connection (or its server) is shut down
+ * from yet another thread: every echo and every thread send that was accepted reaches
+ * the peer, each stream in its order, then EOF; the peer's frames after our FIN are
+ * still delivered (their echoes refused with KNET_ECLOSED); reason 0 once it closes. */
+static void loop_and_threads_race_shutdown(bool server)
+{
+    tu_tracker *t = tu_tracker_new();
+    echo_log e;
+    e.seqs = malloc(sizeof(uint32_t) * ECHO_MAX);
+    CHECK(e.seqs != NULL);
+    atomic_init(&e.n, 0);
+    atomic_init(&e.refused, 0);
+    t->ud = &e;
+    t->on_receive = echo_on_receive;
+    tu_server ts;
+    int fd = tu_connect(tu_tracked_server_start(&ts, t, &knet_std_codec));
+    knet_conn *conn = tu_tracker_rec(t, 0)->conn;
+
+    peer_writer w = {fd, 0};
+    pthread_t wt;
+    CHECK_EQ(pthread_create(&wt, NULL, peer_writer_main, &w), 0);
+    racer rs[SENDERS];
+    pthread_t th[SENDERS];
+    for (int i = 0; i < SENDERS; i++) {
+        memset(&rs[i], 0, sizeof rs[i]);
+        rs[i].conn = conn;
+        rs[i].id = (uint32_t)i;
+        atomic_init(&rs[i].accepted, 0);
+        CHECK_EQ(pthread_create(&th[i], NULL, racer_main, &rs[i]), 0);
+    }
+
+    /* The peer reads while everything runs: frames of 8-byte records. */
+    uint32_t next[SENDERS] = {0};
+    uint32_t *got_echo = malloc(sizeof(uint32_t) * ECHO_MAX);
+    CHECK(got_echo != NULL);
+    long echoes = 0;
+    bool shut = false;
+    uint8_t buf[65536];
+    size_t have = 0;
+    for (;;) {
+        if (!shut && atomic_load(&e.n) >= 2000) {
+            bool all = true;
+            for (int i = 0; i < SENDERS; i++)
+                all = all && atomic_load(&rs[i].accepted) >= 2000;
+            if (all) {
+                if (server)
+                    CHECK_EQ(knet_server_shutdown(ts.srv, LONG_MS), 0);
+                else
+                    knet_conn_shutdown(conn);
+                shut = true;
+            }
+        }
+        ssize_t r = tu_read_some(fd, buf + have, sizeof buf - have);
+        CHECK_GE(r, 0); /* never a reset */
+        if (r == 0)
+            break;
+        have += (size_t)r;
+        size_t off = 0;
+        while (have - off >= 10) {
+            CHECK_EQ(buf[off], 0);
+            CHECK_EQ(buf[off + 1], 8);
+            uint32_t rec[2];
+            memcpy(rec, buf + off + 2, 8);
+            if (rec[0] == ECHO_ID) {
+                CHECK_LT(echoes, ECHO_MAX);
+                got_echo[echoes++] = rec[1]; /* checked once the loop recorded them all */
+            } else {
+                CHECK_LT(rec[0], SENDERS);
+                CHECK_EQ(rec[1], next[rec[0]]);
+                next[rec[0]]++;
+            }
+            off += 10;
+        }
+        memmove(buf, buf + off, have - off);
+        have -= off;
+    }
+    CHECK(shut);
+    CHECK_EQ(have, 0);
+    for (int i = 0; i < SENDERS; i++) {
+        CHECK_EQ(pthread_join(th[i], NULL), 0);
+        CHECK_EQ(next[i], atomic_load(&rs[i].accepted));
+    }
+    long refused_before = atomic_load(&e.refused);
+    /* After our FIN the peer's frames still arrive (their echoes are refused). */
+    WAIT_UNTIL(atomic_load(&e.refused) > refused_before + 100);
+    atomic_store(&w.stop, 1);
+    CHECK_EQ(pthread_join(wt, NULL), 0);
+    CHECK_EQ(echoes, atomic_load(&e.n)); /* every accepted echo arrived, in order */
+    for (long i = 0; i < echoes; i++)
+        CHECK_EQ(got_echo[i], e.seqs[i]);
+    free(got_echo);
+    printf("  %ld echoes and %u+%u+%u+%u thread records delivered; %ld echoes refused\n", echoes,
+           next[0], next[1], next[2], next[3], atomic_load(&e.refused));
+    CHECK_EQ(tu_counter_get(&t->disconnects), 0);
+    close(fd);
+    WAIT_GE(&t->disconnects, 1);
+    CHECK_EQ(atomic_load(&t->recs[0].reason), 0);
+    if (server)
+        CHECK_EQ(tu_server_join(&ts), KNET_ESERVERCLOSED);
+    else
+        CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    free(e.seqs);
+    tu_tracker_free(t);
+}
+
+static void test_loop_and_threads_race_conn_shutdown(void)
+{
+    loop_and_threads_race_shutdown(false);
+}
+
+static void test_loop_and_threads_race_server_shutdown(void)
+{
+    loop_and_threads_race_shutdown(true);
+}
+
 /* ------------------------------------------------------------------ how a drain ends */
 
 /* A connection with 8 MiB queued behind a peer that does not read, closing gracefully
@@ -612,6 +783,55 @@ static void test_server_close_during_shutdown(void)
     tu_tracker_free(t);
 }
 
+/* A shutdown and a close of one server from two threads at once, released together:
+ * the close always wins (0), the shutdown is 0 or KNET_ESERVERCLOSED, every connection
+ * (peers never read nor close, 256 KiB queued) ends at once with KNET_ESERVERCLOSED. */
+typedef struct stop_pair {
+    knet_server *srv;
+    pthread_barrier_t go;
+    int rc;
+} stop_pair;
+
+static void *shutdown_main(void *arg)
+{
+    stop_pair *p = (stop_pair *)arg;
+    pthread_barrier_wait(&p->go);
+    p->rc = knet_server_shutdown(p->srv, LONG_MS);
+    return NULL;
+}
+
+static void test_shutdown_and_close_at_once(void)
+{
+    enum { ROUNDS = 30, CONNS = 6 };
+    for (int round = 0; round < ROUNDS; round++) {
+        tu_tracker *t = tu_tracker_new();
+        tu_server ts;
+        int port = tu_tracked_server_start(&ts, t, NULL);
+        int fds[CONNS];
+        for (int i = 0; i < CONNS; i++)
+            fds[i] = tu_connect_ex(port, PEER_RCVBUF);
+        WAIT_GE(&t->connects, CONNS);
+        for (int i = 0; i < CONNS; i++)
+            queue_stream(tu_tracker_rec(t, i)->conn, 256 * 1024, 36);
+        stop_pair p = {ts.srv, {{0}}, 1};
+        CHECK_EQ(pthread_barrier_init(&p.go, NULL, 2), 0);
+        pthread_t th;
+        CHECK_EQ(pthread_create(&th, NULL, shutdown_main, &p), 0);
+        pthread_barrier_wait(&p.go);
+        CHECK_EQ(knet_server_close(ts.srv), 0);
+        CHECK_EQ(pthread_join(th, NULL), 0);
+        CHECK(p.rc == 0 || p.rc == KNET_ESERVERCLOSED);
+        CHECK_EQ(tu_server_join(&ts), KNET_ESERVERCLOSED);
+        for (int i = 0; i < CONNS; i++) {
+            CHECK_EQ(atomic_load(&t->recs[i].disconnected), 1);
+            CHECK_EQ(atomic_load(&t->recs[i].reason), KNET_ESERVERCLOSED);
+            close(fds[i]);
+        }
+        pthread_barrier_destroy(&p.go);
+        tu_tracker_free(t);
+    }
+}
+
 /* ------------------------------------------------------------------ accepts racing a shutdown */
 
 enum { RACE_CONNS = 200 };
@@ -664,7 +884,8 @@ static void test_accepts_racing_shutdown(void)
         ar->port_of[tu_sock_port(fd)] = i + 1;
         a = tu_loopback(port);
         int rc = connect(fd, (struct sockaddr *)&a, sizeof a);
-        CHECK(rc == 0 || errno == ECONNREFUSED); /* refused once the listener closed */
+        if (rc != 0 && errno != ECONNREFUSED && errno != ECONNRESET) /* the listener closed */
+            tu_fail_op(__FILE__, __LINE__, "connect", "fails with", "ECONNREFUSED", -errno, -ECONNREFUSED);
         if (rc != 0) {
             close(fd);
             fd = -1;
@@ -681,6 +902,11 @@ static void test_accepts_racing_shutdown(void)
             CHECK_EQ(atomic_load(&ar->hello[i]), 0);
             continue;
         }
+        /* A peer never served first writes a byte: a connection the kernel completed but
+         * dropped without a word when the listener closed (knet's accept4 never saw it;
+         * seen on Linux 6.18) answers it with a reset, so no read waits for nothing. */
+        if (atomic_load(&ar->hello[i]) != 1)
+            (void)send(fds[i], "?", 1, MSG_NOSIGNAL);
         char b[16];
         ssize_t n = tu_read_full(fds[i], b, sizeof b);
         int hv = atomic_load(&ar->hello[i]);
@@ -688,8 +914,9 @@ static void test_accepts_racing_shutdown(void)
             CHECK_EQ(n, 5); /* hello, then EOF */
             CHECK(memcmp(b, "hello", 5) == 0);
             delivered++;
-        } else {
-            CHECK(n == 0 || n == -ECONNRESET); /* never served, or refused */
+        } else if (n != 0 && n != -ECONNRESET) { /* never served, or refused */
+            fprintf(stderr, "peer %d: read %zd, hello state %d\n", i, n, hv);
+            CHECK(n == 0 || n == -ECONNRESET);
         }
         close(fds[i]);
     }
@@ -764,6 +991,8 @@ int main(void)
     tu_begin();
     RUN(test_conn_shutdown_races_senders);
     RUN(test_server_shutdown_races_senders);
+    RUN(test_loop_and_threads_race_conn_shutdown);
+    RUN(test_loop_and_threads_race_server_shutdown);
     RUN(test_reset_during_drain);
     RUN(test_reset_after_our_fin);
     RUN(test_local_close_during_drain);
@@ -774,6 +1003,7 @@ int main(void)
     RUN(test_server_shutdown_500_mixed);
     RUN(test_server_shutdown_zero_timeout);
     RUN(test_server_close_during_shutdown);
+    RUN(test_shutdown_and_close_at_once);
     RUN(test_accepts_racing_shutdown);
     RUN(test_client_shutdown_half_close);
     RUN(test_client_shutdown_deadline);
