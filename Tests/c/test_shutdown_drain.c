@@ -546,6 +546,29 @@ static void test_deadline_while_peer_floods_and_never_reads(void)
     graceful_deadline_with_flood(true);
 }
 
+/* The peer half-closes first while 8 MiB wait for it and never reads: knet drains what
+ * it can for the default 3 s, then force-closes with -ETIMEDOUT (not KNET_EOF: bytes
+ * were lost), and a send meanwhile is refused. */
+static void test_peer_fin_first_drain_times_out(void)
+{
+    tu_tracker *t = tu_tracker_new();
+    tu_server ts;
+    int fd = tu_connect_ex(tu_tracked_server_start(&ts, t, NULL), PEER_RCVBUF);
+    knet_conn *conn = tu_tracker_rec(t, 0)->conn;
+    queue_stream(conn, (size_t)8 << 20, 37);
+    int64_t t0 = tu_now_ms();
+    CHECK_EQ(shutdown(fd, SHUT_WR), 0);
+    WAIT_UNTIL(knet_conn_send(conn, "x", 1) == KNET_ECLOSED); /* the FIN was read */
+    WAIT_GE(&t->disconnects, 1);
+    int64_t elapsed = tu_now_ms() - t0;
+    CHECK_EQ(atomic_load(&t->recs[0].reason), -ETIMEDOUT);
+    CHECK_GE(elapsed, 2400);
+    CHECK_LT(elapsed, 3000 + 10000);
+    close(fd);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
 /* ------------------------------------------------------------------ server: 500 in mixed states */
 
 enum { MIX = 500 };
@@ -1000,6 +1023,7 @@ int main(void)
     RUN(test_peer_fin_during_drain);
     RUN(test_deadline_while_peer_floods);
     RUN(test_deadline_while_peer_floods_and_never_reads);
+    RUN(test_peer_fin_first_drain_times_out);
     RUN(test_server_shutdown_500_mixed);
     RUN(test_server_shutdown_zero_timeout);
     RUN(test_server_close_during_shutdown);
