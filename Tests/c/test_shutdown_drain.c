@@ -855,6 +855,55 @@ static void test_shutdown_and_close_at_once(void)
     }
 }
 
+/* Threads keep asking every connection for a ten-minute graceful close while the server
+ * shuts down with 300 ms: no later request pushes a deadline back; every connection ends
+ * with -ETIMEDOUT and listen_and_serve returns within the 300 ms plus slack. */
+typedef struct asker {
+    tu_tracker *t;
+    int n;
+    atomic_int *stop;
+} asker;
+
+static void *asker_main(void *arg)
+{
+    asker *a = (asker *)arg;
+    while (!atomic_load(a->stop))
+        for (int i = 0; i < a->n; i++)
+            knet_conn_close_with_timeout(a->t->recs[i].conn, LONG_MS);
+    return NULL;
+}
+
+static void test_later_requests_never_push_the_deadline_back(void)
+{
+    enum { CONNS = 8, ASKERS = 3 };
+    tu_tracker *t = tu_tracker_new();
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, t, NULL);
+    int fds[CONNS];
+    for (int i = 0; i < CONNS; i++)
+        fds[i] = tu_connect(port);
+    for (int i = 0; i < CONNS; i++)
+        tu_tracker_rec(t, i);
+    atomic_int stop = 0;
+    asker a = {t, CONNS, &stop};
+    pthread_t th[ASKERS];
+    for (int i = 0; i < ASKERS; i++)
+        CHECK_EQ(pthread_create(&th[i], NULL, asker_main, &a), 0);
+    int64_t t0 = tu_now_ms();
+    CHECK_EQ(knet_server_shutdown(ts.srv, 300), 0);
+    CHECK_EQ(tu_server_join(&ts), KNET_ESERVERCLOSED);
+    int64_t elapsed = tu_now_ms() - t0;
+    atomic_store(&stop, 1);
+    for (int i = 0; i < ASKERS; i++)
+        CHECK_EQ(pthread_join(th[i], NULL), 0);
+    CHECK_LT(elapsed, 300 + 10000);
+    for (int i = 0; i < CONNS; i++) {
+        CHECK_EQ(atomic_load(&t->recs[i].reason), -ETIMEDOUT);
+        close(fds[i]);
+    }
+    tu_tracker_free(t);
+}
+
 /* ------------------------------------------------------------------ accepts racing a shutdown */
 
 enum { RACE_CONNS = 200 };
@@ -1028,6 +1077,7 @@ int main(void)
     RUN(test_server_shutdown_zero_timeout);
     RUN(test_server_close_during_shutdown);
     RUN(test_shutdown_and_close_at_once);
+    RUN(test_later_requests_never_push_the_deadline_back);
     RUN(test_accepts_racing_shutdown);
     RUN(test_client_shutdown_half_close);
     RUN(test_client_shutdown_deadline);
