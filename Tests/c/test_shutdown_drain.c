@@ -351,8 +351,9 @@ static void test_loop_and_threads_race_server_shutdown(void)
 
 /* ------------------------------------------------------------------ how a drain ends */
 
-/* A connection with 8 MiB queued behind a peer that does not read, closing gracefully
- * with a deadline no test reaches; the peer has read `first` bytes of it. */
+/* A connection with 16 MiB queued (more than both kernel buffers hold) behind a peer that
+ * does not read, closing gracefully with a deadline no test reaches; the peer has read
+ * `first` bytes of it. */
 typedef struct drain {
     tu_tracker *t;
     tu_server ts;
@@ -367,7 +368,7 @@ static void drain_begin(drain *d, size_t first)
     int port = tu_tracked_server_start(&d->ts, d->t, NULL);
     d->fd = tu_connect_ex(port, PEER_RCVBUF);
     d->conn = tu_tracker_rec(d->t, 0)->conn;
-    d->total = queue_stream(d->conn, (size_t)8 << 20, 31);
+    d->total = queue_stream(d->conn, (size_t)16 << 20, 31);
     knet_conn_close_with_timeout(d->conn, LONG_MS);
     CHECK_EQ(knet_conn_send(d->conn, "x", 1), KNET_ECLOSED);
     uint8_t *buf = malloc(first);
@@ -706,7 +707,7 @@ static void test_server_shutdown_500_mixed(void)
     int64_t t0 = tu_now_ms();
     CHECK_EQ(knet_server_shutdown(ts.srv, ms), 0);
     CHECK_EQ(knet_server_shutdown(ts.srv, 1), KNET_ESERVERCLOSED); /* a second stop: no change */
-    CHECK_LT(tu_now_ms() - t0, 1000); /* does not block (a loose bound) */
+    CHECK_LT(tu_now_ms() - t0, 5000); /* does not block (a loose bound) */
     for (int i = 0; i < MIX; i++)
         CHECK_EQ(knet_conn_send(m->c[i].conn, "x", 1), KNET_ECLOSED);
     int prompt_fds[MIX];
