@@ -5,7 +5,17 @@
  * wrapped at link time), and the second request is made right then. Before the
  * fixes the loop had cleared the request flag by that point, so the second call
  * wrote over the first: a 600 s deadline over 200 ms (the connection, its peer
- * never closing, stayed open), KNET_ECLIENTCLOSED over a local close's 0. */
+ * never closing, stayed open), KNET_ECLIENTCLOSED over a local close's 0.
+ *
+ * The same hold also opens the windows where the loop has let go of a connection's
+ * lock but not yet finished it (each case 20 times):
+ *  - the peer's FIN with nothing queued: the loop marked the connection closing
+ *    and is about to finish it (KNET_EOF): close, close_with_timeout, send,
+ *    set_nodelay and local_addr from another thread then, each as documented;
+ *    connect(false) once, with KNET_EOF;
+ *  - a close asked for from another thread, the loop about to take it: a send,
+ *    a second close and a release of that thread's own reference then; the loop's
+ *    ready-list reference keeps the connection until it is done. */
 #include "testutil.h"
 
 #include "../../csrc/internal.h"
@@ -94,6 +104,64 @@ static void test_first_close_reason_wins(void)
     tu_tracker_free(t);
 }
 
+static void test_calls_between_eof_and_finish(void)
+{
+    tu_tracker *t = tu_tracker_new();
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, t, NULL);
+    int peer = tu_connect(port);
+    knet_conn *c = tu_tracker_rec(t, 0)->conn;
+    hold_loop_at(c);
+    CHECK_EQ(shutdown(peer, SHUT_WR), 0); /* FIN, nothing queued: closes at once */
+    wait_held();
+    CHECK_EQ(tu_counter_get(&t->disconnects), 0);
+    knet_conn_close(c);
+    knet_conn_close_with_timeout(c, 100);
+    knet_conn_shutdown(c);
+    CHECK_EQ(knet_conn_send(c, "x", 1), KNET_ECLOSED);
+    CHECK_EQ(knet_conn_set_nodelay(c, true), 0); /* its descriptor is still open */
+    char buf[KNET_ADDRSTRLEN];
+    CHECK_GT(knet_conn_local_addr(c, buf, sizeof buf), 0);
+    CHECK_EQ(knet_conn_close_reason(c), 1);
+    release_loop();
+    WAIT_GE(&t->disconnects, 1);
+    CHECK_EQ(atomic_load(&t->recs[0].reason), KNET_EOF);
+    char b;
+    CHECK_EQ(tu_read_some(peer, &b, 1), 0); /* nothing but the FIN */
+    CHECK_EQ(knet_conn_set_nodelay(c, true), KNET_ECLOSED);
+    atomic_store(&target, NULL);
+    close(peer);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    CHECK_EQ(tu_counter_get(&t->disconnects), 1);
+    tu_tracker_free(t);
+}
+
+static void test_release_while_close_taken(void)
+{
+    tu_tracker *t = tu_tracker_new();
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, t, NULL);
+    int peer = tu_connect(port);
+    tu_rec *r = tu_tracker_rec(t, 0);
+    knet_conn *c = r->conn;
+    hold_loop_at(c);
+    knet_conn_close(c); /* the loop is held on its take of the close */
+    wait_held();
+    CHECK_EQ(knet_conn_send(c, "x", 1), KNET_ECLOSED);
+    knet_conn_close(c);
+    knet_conn_release(c); /* the tracker's reference: dropped now, the loop still at work */
+    release_loop();
+    WAIT_GE(&t->disconnects, 1);
+    r->conn = NULL; /* released already (connect(false) ran with it) */
+    CHECK_EQ(atomic_load(&r->reason), 0);
+    atomic_store(&target, NULL);
+    char b;
+    CHECK_LE(tu_read_some(peer, &b, 1), 0);
+    close(peer);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
 int main(void)
 {
     tls_tester = true;
@@ -101,5 +169,9 @@ int main(void)
     tu_begin();
     RUN(test_earlier_deadline_wins);
     RUN(test_first_close_reason_wins);
+    for (int i = 0; i < 20; i++) {
+        RUN(test_calls_between_eof_and_finish);
+        RUN(test_release_while_close_taken);
+    }
     return tu_end();
 }
