@@ -294,16 +294,6 @@ static void test_threads_at_limit_loop_held(void)
 static char *huge_buf;
 static _Atomic int huge_rc1 = 1, huge_rc2 = 1, huge_rc3 = 1;
 
-static size_t rss_bytes(void)
-{
-    FILE *f = fopen("/proc/self/statm", "r");
-    CHECK(f != NULL);
-    unsigned long size = 0, res = 0;
-    CHECK_EQ(fscanf(f, "%lu %lu", &size, &res), 2);
-    fclose(f);
-    return (size_t)res * (size_t)sysconf(_SC_PAGESIZE);
-}
-
 /* On the loop: the huge send into the empty queue, then one byte more, then one byte
  * with the bound lifted. */
 static void huge_on_connect(tu_rec *r, bool connected)
@@ -330,14 +320,14 @@ static void test_huge_send(void)
     int port = tu_tracked_server_start(&ts, t, NULL);
     int fd = tu_connect_ex(port, 16384); /* never reads */
     knet_conn *c = tu_tracker_rec(t, 0)->conn;
-    size_t rss0 = rss_bytes();
+    size_t rss0 = tu_rss();
 
     CHECK_EQ(knet_conn_send(c, huge_buf, HUGE_SEND), 0);
     CHECK_EQ(knet_conn_send(c, "x", 1), KNET_EPENDINGFULL);
-    size_t rss1 = rss_bytes();
+    size_t rss1 = tu_rss();
     knet_conn_close(c);
     WAIT_GE(&t->disconnects, 1);
-    size_t rss2 = rss_bytes();
+    size_t rss2 = tu_rss();
     printf("  off the loop: RSS +%zu MiB queued, +%zd MiB after close\n", (rss1 - rss0) >> 20,
            ((ssize_t)rss2 - (ssize_t)rss0) / (1 << 20));
 #ifndef PQ_SANITIZED
@@ -356,7 +346,7 @@ static void test_huge_send(void)
     WAIT_GE(&t->disconnects, 2);
     free(huge_buf);
     huge_buf = NULL;
-    size_t rss3 = rss_bytes();
+    size_t rss3 = tu_rss();
     printf("  on the loop: RSS %+zd MiB after close and free\n",
            ((ssize_t)rss3 - (ssize_t)rss0) / (1 << 20));
 #ifndef PQ_SANITIZED

@@ -105,35 +105,6 @@ static int accept_one(int lfd)
 
 static int thread_count(void) { return tu_dir_count("/proc/self/task"); }
 
-/* Resident set in KiB. */
-static long rss_kib(void)
-{
-    FILE *f = fopen("/proc/self/statm", "r");
-    CHECK(f != NULL);
-    long pages = 0, res = 0;
-    CHECK_EQ(fscanf(f, "%ld %ld", &pages, &res), 2);
-    fclose(f);
-    return res * (sysconf(_SC_PAGESIZE) / 1024);
-}
-
-/* The SYN_SENT sockets to port, from /proc/net/tcp. */
-static int syn_sent_to(int port)
-{
-    FILE *f = fopen("/proc/net/tcp", "r");
-    CHECK(f != NULL);
-    char line[512];
-    int n = 0;
-    CHECK(fgets(line, sizeof line, f) != NULL); /* header */
-    while (fgets(line, sizeof line, f)) {
-        unsigned la, lp, ra, rp, st;
-        if (sscanf(line, " %*d: %x:%x %x:%x %x", &la, &lp, &ra, &rp, &st) == 5 &&
-            (int)rp == port && st == 2 /* TCP_SYN_SENT */)
-            n++;
-    }
-    fclose(f);
-    return n;
-}
-
 /* Checks the waits logged in [from, to): initial, doubling, capped at max; and that
  * each dial after a wait came no sooner than the wait. */
 static void check_backoff(long from, long to, unsigned initial, unsigned max)
@@ -191,7 +162,7 @@ static void test_flapping_listener(void)
         if (i == 10) { /* warmed up: allocator arenas, loop buffers */
             fds0 = tu_fd_count();
             threads0 = thread_count();
-            rss0 = rss_kib();
+            rss0 = (long)(tu_rss() / 1024);
         }
         long w0 = tu_counter_get(&nwaits);
         close(lfd); /* stop listening first: the re-dial is refused */
@@ -209,7 +180,7 @@ static void test_flapping_listener(void)
     }
     int peer = accept_one(lfd);
     WAIT_GE(&t->connects, CYCLES + 1);
-    long grown = rss_kib() - rss0;
+    long grown = (long)(tu_rss() / 1024) - rss0;
     printf("  %d cycles in %lld ms, %ld waits logged, RSS grew %ld KiB\n", CYCLES,
            (long long)(tu_now_ms() - t0), tu_counter_get(&nwaits), grown);
     CHECK_LT(grown, 8 * 1024);
@@ -295,7 +266,7 @@ static void test_shutdown_while_dialing(void)
     knet_client_enable_retry(c);
     tu_client tc;
     tu_client_start(&tc, c, &h, NULL);
-    WAIT_UNTIL(syn_sent_to(port) >= 1); /* the dial is in progress */
+    WAIT_UNTIL(tu_syn_sent_to(port) >= 1); /* the dial is in progress */
     int64_t t0 = tu_now_ms();
     CHECK_EQ(knet_client_shutdown(c, 60000), 0);
     CHECK_EQ(knet_client_shutdown(c, 60000), KNET_ECLIENTCLOSED);

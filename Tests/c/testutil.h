@@ -461,6 +461,35 @@ static inline int tu_fd_count(void)
     return tu_dir_count("/proc/self/fd") - 1;
 }
 
+/* Resident set size of this process in bytes (/proc/self/statm). */
+static inline size_t tu_rss(void)
+{
+    FILE *f = fopen("/proc/self/statm", "r");
+    CHECK(f != NULL);
+    unsigned long size = 0, res = 0;
+    CHECK_EQ(fscanf(f, "%lu %lu", &size, &res), 2);
+    fclose(f);
+    return (size_t)res * (size_t)sysconf(_SC_PAGESIZE);
+}
+
+/* The sockets of this host in SYN_SENT to 127.0.0.1:port (/proc/net/tcp): a dial under way. */
+static inline int tu_syn_sent_to(int port)
+{
+    FILE *f = fopen("/proc/net/tcp", "r");
+    CHECK(f != NULL);
+    char line[512];
+    int n = 0;
+    CHECK(fgets(line, sizeof line, f) != NULL); /* header */
+    while (fgets(line, sizeof line, f)) {
+        unsigned la, lp, ra, rp, st;
+        if (sscanf(line, " %*d: %x:%x %x:%x %x", &la, &lp, &ra, &rp, &st) == 5 &&
+            (int)rp == port && st == 2 /* TCP_SYN_SENT */)
+            n++;
+    }
+    fclose(f);
+    return n;
+}
+
 /* Prints every open descriptor and what it points at. */
 static inline void tu_dump_fds(void)
 {

@@ -15,7 +15,7 @@
 
 static void check_rss(size_t before, const char *what)
 {
-    size_t after = fu_rss();
+    size_t after = tu_rss();
     long long growth = (long long)after - (long long)before;
     printf("  RSS after %s: %+lld KiB\n", what, growth / 1024);
     if (!FU_SANITIZED)
@@ -86,7 +86,7 @@ static void test_connect_close_cycles(void)
     run_cycles(port, THREADS, warm); /* malloc arenas and kernel caches settle */
     WAIT_STATS(&ts, st.accepted == (uint64_t)warm && st.live == 0);
     int fds0 = tu_fd_count();
-    size_t rss0 = fu_rss();
+    size_t rss0 = tu_rss();
 
     int64_t t0 = tu_now_ms();
     run_cycles(port, THREADS, cycles);
@@ -192,7 +192,7 @@ static void test_client_cycles(void)
     tu_server ts;
     int port = tu_server_start(&ts, "127.0.0.1:0", &h, NULL);
     CHECK_GT(port, 0);
-    size_t rss0 = fu_rss();
+    size_t rss0 = tu_rss();
     pthread_t th[THREADS];
     client_cycler cc[THREADS];
     int64_t t0 = tu_now_ms();
@@ -329,7 +329,7 @@ static void test_close_send_race(void)
     tu_server ts;
     int port = fu_server_start(&ts, &h, NULL, &lim);
     CHECK_GT(port, 0);
-    size_t rss0 = fu_rss();
+    size_t rss0 = tu_rss();
     long ok = 0, full = 0, closed = 0;
     bool server_closed = false;
 

@@ -82,7 +82,7 @@ static void run_slow_reader(enum bound_kind kind)
     memcpy(body, msg, MSG);
 
     /* Phase 1: the peer reads nothing. */
-    size_t rss0 = fu_rss();
+    size_t rss0 = tu_rss();
     uint64_t seq = 0;
     long full = 0;
     size_t attempts = ATTEMPT_BYTES / MSG;
@@ -96,7 +96,7 @@ static void run_slow_reader(enum bound_kind kind)
             full++;
         }
     }
-    size_t rss1 = fu_rss();
+    size_t rss1 = tu_rss();
     size_t growth = rss1 > rss0 ? rss1 - rss0 : 0;
     printf("  phase 1: %zu attempts (%zu MiB), %llu accepted (%llu MiB), %ld refused, RSS +%zu KiB\n",
            attempts, ATTEMPT_BYTES / FU_MIB, (unsigned long long)seq,
@@ -173,7 +173,7 @@ static void test_default_bound(void)
     CHECK(msg != NULL);
     size_t accepted = 0;
     int rc;
-    size_t rss0 = fu_rss();
+    size_t rss0 = tu_rss();
     while ((rc = knet_conn_send(conn, msg, MSG)) == 0) {
         accepted += MSG;
         CHECK_LE(accepted, KNET_DEFAULT_MAX_QUEUED + 16 * FU_MIB);
@@ -192,7 +192,7 @@ static void test_default_bound(void)
     }
     CHECK_GT(refused, 900);
     CHECK_LE(accepted, KNET_DEFAULT_MAX_QUEUED + 16 * FU_MIB);
-    size_t growth = fu_rss() - rss0;
+    size_t growth = tu_rss() - rss0;
     printf("  default bound: %zu MiB accepted, RSS +%zu MiB\n", accepted / FU_MIB, growth / FU_MIB);
     /* Sanitizers add shadow memory for every byte the queue holds. */
     CHECK_LT(growth, (KNET_DEFAULT_MAX_QUEUED + 32 * FU_MIB) * (FU_SANITIZED ? 6 : 1));

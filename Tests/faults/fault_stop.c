@@ -90,24 +90,6 @@ static void test_server_shutdown_under_traffic(void)
     fu_reg_free(r);
 }
 
-/* The SYN_SENT sockets to port, from /proc/net/tcp. */
-static int syn_sent_to(int port)
-{
-    FILE *f = fopen("/proc/net/tcp", "r");
-    CHECK(f != NULL);
-    char line[512];
-    int n = 0;
-    CHECK(fgets(line, sizeof line, f) != NULL); /* header */
-    while (fgets(line, sizeof line, f)) {
-        unsigned la, lp, ra, rp, st;
-        if (sscanf(line, " %*d: %x:%x %x:%x %x", &la, &lp, &ra, &rp, &st) == 5 &&
-            (int)rp == port && st == 2 /* TCP_SYN_SENT */)
-            n++;
-    }
-    fclose(f);
-    return n;
-}
-
 /* knet_client_close while the dial is in progress (the listener's backlog is
  * full, so the SYN goes unanswered): dial_and_serve returns at once. */
 static void test_client_close_while_dialing(void)
@@ -125,7 +107,7 @@ static void test_client_close_while_dialing(void)
     knet_client *cli = tu_client_for_port(port);
     tu_client tc;
     tu_client_start(&tc, cli, &h, NULL);
-    WAIT_UNTIL(syn_sent_to(port) >= 1); /* the dial is in progress */
+    WAIT_UNTIL(tu_syn_sent_to(port) >= 1); /* the dial is in progress */
     int64_t t0 = tu_now_ms();
     CHECK_EQ(knet_client_close(cli), 0);
     CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);

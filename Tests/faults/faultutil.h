@@ -29,17 +29,6 @@ static inline int fu_scale(int n, int div)
     return n / div > 0 ? n / div : 1;
 }
 
-/* Resident set size of this process in bytes (/proc/self/statm). */
-static inline size_t fu_rss(void)
-{
-    FILE *f = fopen("/proc/self/statm", "r");
-    CHECK(f != NULL);
-    unsigned long size = 0, res = 0;
-    CHECK_EQ(fscanf(f, "%lu %lu", &size, &res), 2);
-    fclose(f);
-    return (size_t)res * (size_t)sysconf(_SC_PAGESIZE);
-}
-
 #define FU_MIB ((size_t)1 << 20)
 
 /* ------------------------------------------------------------------ log capture */

@@ -539,7 +539,7 @@ int main(int argc, char **argv)
     printf("knet soak: %d s, %d workers, %u loop threads\n", seconds, workers, knet_loop_threads());
     tu_begin();
     int fds0 = tu_fd_count();
-    size_t rss0 = fu_rss();
+    size_t rss0 = tu_rss();
     servers_start();
 
     pthread_t th[64];
@@ -592,7 +592,7 @@ int main(int argc, char **argv)
     if (fds1 != fds0)
         problem(false, "%d descriptors open at the end, %d at the start", fds1, fds0);
     printf("descriptors: %d at start, %d at end; RSS %+lld KiB\n", fds0, fds1,
-           ((long long)fu_rss() - (long long)rss0) / 1024);
+           ((long long)tu_rss() - (long long)rss0) / 1024);
 
     long lost = atomic_load(&R.lost), failures = atomic_load(&R.failures);
     for (int i = 0; i < R.nproblems; i++)
