@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of knet: the C suite (ctest) plainly, under ASan+UBSan,
-# under TSan and built with clang; the Swift suite (swift test); and each fuzzer for a short time.
+# under TSan and built with clang; the Swift suite (swift test), also under TSan and under
+# ASan+LSan; and each fuzzer for a short time.
 # Usage: scripts/test-all.sh            (from anywhere; builds into build-test-*)
-# Env:   KNET_TEST_SKIP="tsan fuzz ..."  skips parts: plain asan tsan clang swift swift-tsan fuzz
+# Env:   KNET_TEST_SKIP="tsan fuzz ..."  skips parts: plain asan tsan clang swift swift-tsan swift-asan fuzz
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -42,6 +43,10 @@ fi
 if [[ $skip != *" swift-tsan "* ]] && [[ -x "$root/scripts/swift-tsan.sh" ]]; then
   step "Swift suite under TSan"
   "$root/scripts/swift-tsan.sh" || failed+=("swift-tsan")
+fi
+if [[ $skip != *" swift-asan "* ]] && [[ -x "$root/scripts/swift-asan.sh" ]]; then
+  step "Swift suite under ASan+LSan"
+  "$root/scripts/swift-asan.sh" || failed+=("swift-asan")
 fi
 if [[ $skip != *" fuzz "* ]] && [[ -x "$root/fuzz/run.sh" ]]; then
   step "fuzzers (short run)"
