@@ -40,13 +40,13 @@ if [[ $skip != *" swift "* ]]; then
   swift build -Xswiftc -warnings-as-errors --build-tests &&
   swift test -Xswiftc -warnings-as-errors --skip-build || failed+=("swift-test")
 fi
-if [[ $skip != *" swift-tsan "* ]] && [[ -x "$root/scripts/swift-tsan.sh" ]]; then
+if [[ $skip != *" swift-tsan "* ]] && [[ -x "$root/scripts/swift-sanitize.sh" ]]; then
   step "Swift suite under TSan"
-  "$root/scripts/swift-tsan.sh" || failed+=("swift-tsan")
+  "$root/scripts/swift-sanitize.sh" thread || failed+=("swift-tsan")
 fi
-if [[ $skip != *" swift-asan "* ]] && [[ -x "$root/scripts/swift-asan.sh" ]]; then
+if [[ $skip != *" swift-asan "* ]] && [[ -x "$root/scripts/swift-sanitize.sh" ]]; then
   step "Swift suite under ASan+LSan"
-  "$root/scripts/swift-asan.sh" || failed+=("swift-asan")
+  "$root/scripts/swift-sanitize.sh" address || failed+=("swift-asan")
 fi
 if [[ $skip != *" fuzz "* ]] && [[ -x "$root/fuzz/run.sh" ]]; then
   step "fuzzers (short run)"

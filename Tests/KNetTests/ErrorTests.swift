@@ -128,8 +128,8 @@ extension KNetTests {
             } catch {
                 status = 3
             }
-            // The limit back before exiting: LeakSanitizer's check at exit (swift-asan.sh)
-            // needs descriptors, and fails the process without them.
+            // The limit back before exiting: LeakSanitizer's check at exit
+            // (scripts/swift-sanitize.sh address) needs descriptors, and fails the process without them.
             setrlimit(Int32(RLIMIT_NOFILE.rawValue), &saved)
             exit(status)
         }

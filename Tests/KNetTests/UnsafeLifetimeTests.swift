@@ -7,7 +7,7 @@ import Testing
 // The lifetimes the Swift layer manages by hand (Unmanaged references parked in the C
 // userdata, the serve context and codec box the C core points at, per-thread scratch
 // slots), pushed to their edges from other threads. Meant to be run under
-// `--sanitize=address` (scripts/swift-asan.sh) as much as plainly: a use after free shows
+// `--sanitize=address` (scripts/swift-sanitize.sh address) as much as plainly: a use after free shows
 // there as a report, here only maybe as a crash.
 
 /// A handler that keeps every connection it served (so they outlive their serve call).
