@@ -648,8 +648,10 @@ static inline void tu_tracker_on_receive(knet_conn *c, const void *buf, size_t l
         atomic_fetch_add(&t->send_errors, 1);
     if (t->on_receive)
         t->on_receive(r, buf, len);
-    atomic_fetch_add(&r->rx_msgs, 1);
+    /* Bytes first: a test that waits for rx_msgs then reads rx_bytes (another
+     * thread) must see this message's bytes. */
     atomic_fetch_add(&r->rx_bytes, (long)len);
+    atomic_fetch_add(&r->rx_msgs, 1);
     tu_rec_leave(r);
     tu_counter_add(&t->bytes, (long)len);
     tu_counter_add(&t->msgs, 1);
