@@ -45,7 +45,9 @@ public final class TCPClient: Sendable {
     /// `dialAndServe` of this client runs, `.system(errno: EDEADLK)` when called from a
     /// handler callback (a loop thread: call it from a thread of your own), or
     /// `.system(errno:)` EMFILE, ENFILE, ENOMEM or EAGAIN when its wake-up descriptor or
-    /// the loop threads could not be made.
+    /// the loop threads could not be made. A dial has no timeout of its own (as in Go's
+    /// knet): one that gets no answer waits out the kernel's SYN retries (about 2 minutes),
+    /// and `close()` or `shutdown(timeout:)` ends it at once.
     public func dialAndServe(handler: (any TCPHandler)? = nil, codec: (any Codec)? = nil) throws {
         let rc = withExtendedLifetime(self) {
             withServeContext(handler: handler, codec: codec, clientSlot: current) { cHandler, cCodec in

@@ -276,6 +276,9 @@ void knet_client_set_retry_backoff(knet_client *c, uint32_t initial_ms, uint32_t
 /* Dials, serves the connection until it closes, then dials again at once
  * (knet's persistent client; the backoff paces failed dials only; a connection
  * its loop could not take, out of memory or epoll watches, is a failed dial).
+ * A dial has no timeout of its own (as in Go's knet): one that gets no answer
+ * waits out the kernel's SYN retries (about 2 minutes by default), and
+ * knet_client_close or _shutdown ends it at once.
  * Blocks. Returns KNET_ECLIENTCLOSED after
  * knet_client_close, a dial error when retry is off, KNET_EBUSY while another
  * call serves this client, -EDEADLK on a loop thread (in a callback: call it
