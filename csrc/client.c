@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 struct knet_client {
@@ -68,16 +69,22 @@ void knet_client_set_retry_backoff(knet_client *c, uint32_t initial_ms, uint32_t
 }
 
 /* Waits for fd (events) or the close signal; returns revents of fd, 0 on
- * timeout, KNET_ECLIENTCLOSED when the client was closed, or -errno when poll
- * failed (ENOMEM). */
+ * timeout, KNET_ECLIENTCLOSED when the client was closed, or -errno when the
+ * wait for fd failed (poll: ENOMEM). A timed wait alone keeps its deadline. */
 static int wait_or_closed(knet_client *c, int fd, short events, int timeout_ms) {
     struct pollfd p[2] = {{c->wake_fd, POLLIN, 0}, {fd, events, 0}};
     uint64_t end = timeout_ms > 0 ? knet__now_ms() + (uint64_t)timeout_ms : 0;
     for (;;) {
         int n = poll(p, fd >= 0 ? 2 : 1, timeout_ms);
-        if (n < 0 && errno == EINTR) {
+        if (n < 0 && (errno == EINTR || (fd < 0 && timeout_ms > 0))) {
             /* A handled signal (a profiler's SIGPROF, say): wait out the rest,
-             * or signals more frequent than the wait would make it endless. */
+             * or signals more frequent than the wait would make it endless. A
+             * backoff whose poll failed (ENOMEM) naps and tries again, so the
+             * next dial is still paced (a close then waits out the nap). */
+            if (errno != EINTR) {
+                struct timespec nap = {0, (timeout_ms < 10 ? timeout_ms : 10) * 1000000L};
+                nanosleep(&nap, NULL);
+            }
             if (timeout_ms > 0) {
                 uint64_t now = knet__now_ms();
                 timeout_ms = now >= end ? 0 : (int)(end - now);

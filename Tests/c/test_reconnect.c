@@ -17,6 +17,9 @@ int __real_poll(struct pollfd *fds, nfds_t n, int timeout);
 /* When set, the next wait of a dial (the client's wake-up descriptor and a socket
  * waiting for POLLOUT) fails with this errno instead of polling. */
 static atomic_int fail_dial_poll;
+/* When set, that many backoff waits' polls (the wake-up descriptor alone) fail with
+ * ENOMEM instead of polling. */
+static atomic_int fail_backoff_polls;
 
 int __wrap_poll(struct pollfd *fds, nfds_t n, int timeout)
 {
@@ -26,6 +29,11 @@ int __wrap_poll(struct pollfd *fds, nfds_t n, int timeout)
             errno = e;
             return -1;
         }
+    }
+    if (n == 1 && timeout > 0 && atomic_load(&fail_backoff_polls) > 0) {
+        atomic_fetch_sub(&fail_backoff_polls, 1);
+        errno = ENOMEM;
+        return -1;
     }
     return __real_poll(fds, n, timeout);
 }
@@ -616,6 +624,32 @@ static void test_client_conn_null_once_disconnected(void)
     CHECK_EQ(sigaction(SIGUSR2, &old, NULL), 0);
 }
 
+/* A backoff wait whose poll fails (ENOMEM, 3 times in a row) still waits out its time
+ * before the next dial, rather than dialing at once. */
+static void test_backoff_poll_fails(void)
+{
+    enum { WAIT_MS = 200 };
+    int hold, port = tu_reserve_port(&hold);
+    knet_client *c = tu_client_for_port(port);
+    knet_client_enable_retry(c);
+    knet_client_set_retry_backoff(c, WAIT_MS, WAIT_MS);
+    long w0 = tu_counter_get(&nwaits);
+    atomic_store(&fail_backoff_polls, 3);
+    tu_client tc;
+    tu_client_start(&tc, c, NULL, NULL);
+    WAIT_GE(&nwaits, w0 + 3);
+    CHECK_EQ(knet_client_close(c), 0);
+    CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    CHECK_EQ(atomic_load(&fail_backoff_polls), 0);
+    pthread_mutex_lock(&log_mu);
+    int64_t gap = wait_at[w0 + 1] - wait_at[w0]; /* the first wait, its polls failing */
+    pthread_mutex_unlock(&log_mu);
+    printf("  the wait whose polls failed: next dial after %lld ms\n", (long long)gap);
+    CHECK_GE(gap, WAIT_MS - 5);
+    knet_client_free(c);
+    close(hold);
+}
+
 int main(void)
 {
     tu_counter_init(&nwaits);
@@ -632,6 +666,7 @@ int main(void)
     RUN(test_send_on_ended_conn_while_reconnecting);
     RUN(test_client_conn_null_once_disconnected);
     RUN(test_dial_wait_fails);
+    RUN(test_backoff_poll_fails);
     knet_set_log(NULL, KNET_LOG_WARN, NULL);
     return tu_end();
 }
