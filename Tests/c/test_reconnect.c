@@ -472,7 +472,7 @@ static void test_reset_after_accept_retry_off(void)
     tu_tracker_free(t);
 }
 
-/* Retry turned on while backing off... and off again: the outage's dials stop with the
+/* Retry turned off while the client backs off: the outage's dials stop with the
  * refused error at the next failure after the disable, without another wait. */
 static void test_disable_retry_during_backoff(void)
 {
