@@ -13,7 +13,7 @@ public final class TCPClient: Sendable {
     /// Opens no descriptor (running out of them is an error `dialAndServe` throws).
     public init(_ address: String) {
         _ = knetLoggingInstalled
-        guard let handle = knet_client_new(address) else { fatalError("knet_client_new: out of memory") }
+        guard let handle = knet_client_new(cAddress(address)) else { fatalError("knet_client_new: out of memory") }
         self.handle = handle
     }
 

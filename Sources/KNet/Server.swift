@@ -11,7 +11,7 @@ public final class TCPServer: Sendable {
     /// or "" (a kernel-chosen port). The address is checked by `listenAndServe`.
     public init(_ address: String) {
         _ = knetLoggingInstalled
-        guard let handle = knet_server_new(address) else { fatalError("knet_server_new: out of memory") }
+        guard let handle = knet_server_new(cAddress(address)) else { fatalError("knet_server_new: out of memory") }
         self.handle = handle
     }
 
@@ -93,6 +93,12 @@ public final class TCPServer: Sendable {
         if rc < 0 { throw KNetError(code: rc) }
         return Int(rc)
     }
+}
+
+/// The address as the C core gets it: one with an embedded NUL would reach it cut short
+/// at the NUL (a valid address, maybe), so it gets one it rejects with `KNET_EADDR`.
+func cAddress(_ address: String) -> String {
+    address.utf8.contains(0) ? "[" : address
 }
 
 /// A server's counters (monotonic totals, except `live`).
