@@ -3,6 +3,7 @@
 #include "internal.h"
 
 #include <arpa/inet.h>
+#include <net/if.h>
 #include <errno.h>
 #include <netdb.h>
 #include <stdio.h>
@@ -51,6 +52,31 @@ static int split(const char *addr, char *host, size_t hostcap, unsigned *port) {
     return 0;
 }
 
+/* An IPv6 literal with a zone, "fe80::1%eth0" or "fe80::1%2" (an interface name or
+ * index): 1 with the address and its scope in out, else KNET_EADDR (also for a zone
+ * no interface has: dialing it would fail later, or silently use no scope). */
+static int parse_scoped(const char *host, kn_sockaddr *out, unsigned port) {
+    const char *pct = strchr(host, '%');
+    char ip[INET6_ADDRSTRLEN];
+    if (!pct || (size_t)(pct - host) >= sizeof ip || pct[1] == '\0') return KNET_EADDR;
+    memcpy(ip, host, (size_t)(pct - host));
+    ip[pct - host] = '\0';
+    if (inet_pton(AF_INET6, ip, &out->in6.sin6_addr) != 1) return KNET_EADDR;
+    const char *zone = pct + 1;
+    unsigned long scope = 0;
+    if (strspn(zone, "0123456789") == strlen(zone)) {
+        if (strlen(zone) <= 10) scope = strtoul(zone, NULL, 10);
+        if (scope > UINT32_MAX) scope = 0;
+    } else {
+        scope = if_nametoindex(zone);
+    }
+    if (scope == 0) return KNET_EADDR;
+    out->in6.sin6_family = AF_INET6;
+    out->in6.sin6_port = htons((uint16_t)port);
+    out->in6.sin6_scope_id = (uint32_t)scope;
+    return 1;
+}
+
 int knet__addr_parse(const char *addr, bool passive, kn_sockaddr *out, char *host,
                      size_t hostcap, unsigned *port) {
     if (!addr) return KNET_EADDR;
@@ -81,7 +107,8 @@ int knet__addr_parse(const char *addr, bool passive, kn_sockaddr *out, char *hos
         out->in6.sin6_port = htons((uint16_t)*port);
         return 1;
     }
-    if (addr[0] == '[') return KNET_EADDR; /* brackets hold literals only */
+    /* Brackets hold literals only, maybe with a zone (RFC 4007), as Go and libuv read them. */
+    if (addr[0] == '[') return parse_scoped(host, out, *port);
     return 0;
 }
 

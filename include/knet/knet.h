@@ -165,8 +165,9 @@ void *knet_writer_reserve(knet_writer *w, size_t len);
 
 /* ---------------------------------------------------------------- server */
 
-/* Creates a server for addr: "host:port", "[v6]:port", ":port" (every
- * interface) or "" (= ":0", a kernel-chosen port). The address is checked by
+/* Creates a server for addr: "host:port", "[v6]:port" (with a zone too:
+ * "[fe80::1%eth0]:port", a name or index), ":port" (every interface) or "" (= ":0",
+ * a kernel-chosen port). The address is checked by
  * knet_server_listen_and_serve. Returns NULL only when out of memory. */
 knet_server *knet_server_new(const char *addr);
 
@@ -256,9 +257,9 @@ void knet_server_free(knet_server *s);
 
 /* ---------------------------------------------------------------- client */
 
-/* Creates a client that dials addr ("host:port", "[v6]:port" or ":port" = this
- * host). Retry is off. Opens no descriptor (knet_client_dial_and_serve does);
- * returns NULL only when out of memory. */
+/* Creates a client that dials addr ("host:port", "[v6]:port", also with a zone as
+ * for knet_server_new, or ":port" = this host). Retry is off. Opens no descriptor
+ * (knet_client_dial_and_serve does); returns NULL only when out of memory. */
 knet_client *knet_client_new(const char *addr);
 
 /* Retries failed dials with exponential backoff (thread-safe). */
