@@ -76,8 +76,8 @@ public final class TCPClient: Sendable {
         knet_client_set_idle_timeout(handle, timeout.map(knetMilliseconds) ?? 0)
     }
 
-    /// Bounds the bytes queued per connection dialed from now on (default 64 MiB, 0 =
-    /// unlimited); a send beyond it throws `.pendingSendFull`.
+    /// Bounds the bytes queued per connection dialed from now on (default 64 MiB, 0 or
+    /// negative = unlimited); a send beyond it throws `.pendingSendFull`.
     public func setMaxQueuedBytes(_ maxBytes: Int) {
         knet_client_set_max_queued_bytes(handle, max(0, maxBytes))
     }

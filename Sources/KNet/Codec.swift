@@ -239,7 +239,8 @@ public struct LengthFieldCodec: Codec, BuiltinCCodec {
     /// 16 MiB), within what the prefix can express. Taken once here, not per frame.
     private let cMaxFrame: UInt64
 
-    /// Creates a length-prefix codec; `lengthBytes` must be 1, 2, 4 or 8.
+    /// Creates a length-prefix codec; `lengthBytes` must be 1, 2, 4 or 8 and `maxFrame`
+    /// not negative (either mistake traps: it is a programming error, not input).
     public init(lengthBytes: Int = 4, endianness: Endianness = .big, maxFrame: Int = 0) {
         precondition([1, 2, 4, 8].contains(lengthBytes), "lengthBytes must be 1, 2, 4 or 8")
         precondition(maxFrame >= 0, "maxFrame must not be negative")

@@ -96,8 +96,8 @@ public final class TCPConnection: Sendable {
         knet_conn_set_pending_send(handle, maxMessages < 0 ? 0 : maxMessages)
     }
 
-    /// Bounds the bytes queued and not yet written (0 = unlimited; the default comes from the
-    /// server or client, 64 MiB unless set there): a send beyond it throws
+    /// Bounds the bytes queued and not yet written (0 or negative = unlimited; the default
+    /// comes from the server or client, 64 MiB unless set there): a send beyond it throws
     /// `.pendingSendFull`; one message is always accepted into an empty queue.
     public func setMaxQueuedBytes(_ maxBytes: Int) {
         knet_conn_set_max_queued_bytes(handle, maxBytes < 0 ? 0 : maxBytes)

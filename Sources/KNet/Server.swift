@@ -64,7 +64,7 @@ public final class TCPServer: Sendable {
     }
 
     /// Bounds the bytes queued per connection accepted from now on (default 64 MiB,
-    /// 0 = unlimited); a send beyond it throws `.pendingSendFull`.
+    /// 0 or negative = unlimited); a send beyond it throws `.pendingSendFull`.
     public func setMaxQueuedBytes(_ maxBytes: Int) {
         knet_server_set_max_queued_bytes(handle, max(0, maxBytes))
     }
