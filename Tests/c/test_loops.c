@@ -1,0 +1,508 @@
+/* Several loop threads (the count is argv[1]; ctest runs 2, 3 and 8, more loops
+ * than a 2-core machine has): consecutive connections, a server's and its clients'
+ * alike, are spread round-robin over every loop; each connection's callbacks run on
+ * one loop thread; a chat-style broadcast from every loop to every other, with and
+ * without pending-send limits, delivers every accepted send in order and never
+ * deadlocks; closing one server leaves another server's (and the clients') connections
+ * on the same loops alone; a loop held in a callback stalls only its own connections. */
+#include "testutil.h"
+
+static unsigned g_loops;
+
+/* Index of thread th among seen[0..*n), added when new. */
+static int thread_index(pthread_t *seen, int *n, pthread_t th)
+{
+    for (int i = 0; i < *n; i++)
+        if (pthread_equal(seen[i], th))
+            return i;
+    seen[*n] = th;
+    return (*n)++;
+}
+
+/* ------------------------------------------------------------------ set_loop_threads */
+
+/* Before any start the count is settable and reported; once a server serves it is not. */
+static void test_set_before_and_after_start(void)
+{
+    CHECK_EQ(knet_set_loop_threads(g_loops + 1), 0);
+    CHECK_EQ(knet_loop_threads(), g_loops + 1);
+    CHECK_EQ(knet_set_loop_threads(g_loops), 0); /* the last call counts */
+    CHECK_EQ(knet_loop_threads(), g_loops);
+    tu_server ts;
+    CHECK_GT(tu_server_start(&ts, "127.0.0.1:0", NULL, NULL), 0);
+    CHECK_EQ(knet_set_loop_threads(g_loops + 1), KNET_EBUSY);
+    CHECK_EQ(knet_set_loop_threads(0), KNET_EBUSY);
+    CHECK_EQ(knet_loop_threads(), g_loops);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    CHECK_EQ(knet_set_loop_threads(g_loops + 1), KNET_EBUSY); /* for the process's life */
+    CHECK_EQ(knet_loop_threads(), g_loops);
+}
+
+/* ------------------------------------------------------------------ spread */
+
+/* 4 x loops connections accepted one after another: exactly 4 on each loop; every
+ * callback of each on the thread of its connect(true) (the tracker checks). */
+static void test_accepts_spread_round_robin(void)
+{
+    tu_tracker *t = tu_tracker_new();
+    t->echo = true;
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, t, NULL);
+    int n = 4 * (int)g_loops;
+    int fds[4 * 8];
+    CHECK_LE(n, 32);
+    for (int i = 0; i < n; i++) {
+        fds[i] = tu_connect(port);
+        (void)tu_tracker_rec(t, i);
+    }
+    pthread_t seen[32];
+    int nseen = 0, per[32] = {0};
+    for (int i = 0; i < n; i++)
+        per[thread_index(seen, &nseen, t->recs[i].thread)]++;
+    CHECK_EQ(nseen, (int)g_loops);
+    for (int i = 0; i < nseen; i++)
+        CHECK_EQ(per[i], 4);
+    for (int i = 0; i < n; i++) {
+        char b[3] = {'a', (char)i, 'z'}, r[3];
+        tu_write_all(fds[i], b, 3);
+        READ_EXACT(fds[i], r, 3);
+        CHECK(memcmp(b, r, 3) == 0);
+    }
+    for (int i = 0; i < n; i++)
+        close(fds[i]);
+    WAIT_GE(&t->disconnects, n);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
+/* knet clients of a knet server in this process, dialed one after another: the 2 x
+ * loops connections (a client's and its accepted one each) take 2 of each loop. */
+static void test_clients_and_server_share_loops(void)
+{
+    tu_tracker *st = tu_tracker_new(), *ct = tu_tracker_new();
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, st, NULL);
+    int k = (int)g_loops;
+    tu_client tc[8];
+    knet_client *cli[8];
+    knet_handler ch = tu_tracker_handler(ct);
+    for (int i = 0; i < k; i++) {
+        cli[i] = tu_client_for_port(port);
+        tu_client_start(&tc[i], cli[i], &ch, NULL);
+        WAIT_GE(&ct->connects, i + 1);
+        WAIT_GE(&st->connects, i + 1);
+    }
+    pthread_t seen[32];
+    int nseen = 0, per[32] = {0};
+    for (int i = 0; i < k; i++) {
+        per[thread_index(seen, &nseen, tu_tracker_rec(ct, i)->thread)]++;
+        per[thread_index(seen, &nseen, tu_tracker_rec(st, i)->thread)]++;
+    }
+    CHECK_EQ(nseen, (int)g_loops);
+    for (int i = 0; i < nseen; i++)
+        CHECK_EQ(per[i], 2);
+    for (int i = 0; i < k; i++) {
+        CHECK_EQ(knet_client_close(cli[i]), 0);
+        CHECK_EQ(tu_client_join(&tc[i]), KNET_ECLIENTCLOSED);
+        knet_client_free(cli[i]);
+    }
+    WAIT_GE(&st->disconnects, k);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(st);
+    tu_tracker_free(ct);
+}
+
+/* ------------------------------------------------------------------ broadcast */
+
+enum { BC_MAX = 16, BC_MSGS = 200 };
+
+/* One broadcast round: K knet clients of one knet server; each sends "hello" with its
+ * id, then BC_MSGS [id][seq BE32] frames; the server's receive sends every frame to
+ * every other client's connection (most of them on other loops). */
+typedef struct bc_conn {
+    pthread_t thread; /* of connect(true) */
+    atomic_int in_cb;
+    int id;           /* -1 until its hello */
+} bc_conn;
+
+typedef struct bc {
+    int k;
+    size_t limit; /* pending-send limit of the server's connections (0 = none) */
+    pthread_mutex_t mu;
+    knet_conn *by_id[BC_MAX]; /* registered server connections (under mu) */
+    atomic_int registered;
+    atomic_long ok[BC_MAX][BC_MAX];  /* sends from src to dst that returned 0 */
+    atomic_long full;                /* KNET_EPENDINGFULL */
+    atomic_long other_err;
+    atomic_int server_disc;
+    atomic_int bad_thread;
+} bc;
+
+typedef struct bc_client {
+    bc *b;
+    int id;
+    pthread_t thread;
+    bool have_thread;
+    atomic_int in_cb;
+    long next[BC_MAX]; /* lowest acceptable seq per source (loop thread only) */
+    atomic_long got[BC_MAX];
+    atomic_int bad_order, connected;
+} bc_client;
+
+static void bc_enter(atomic_int *in_cb, pthread_t th)
+{
+    if (atomic_exchange(in_cb, 1) != 0)
+        tu_fail(__FILE__, __LINE__, "callbacks nested or concurrent");
+    if (!pthread_equal(th, pthread_self()))
+        tu_fail(__FILE__, __LINE__, "callback on another thread than connect(true)");
+}
+
+static void bc_srv_connect(knet_conn *c, bool connected, void *ud)
+{
+    bc *b = ud;
+    if (connected) {
+        bc_conn *s = calloc(1, sizeof *s);
+        CHECK(s != NULL);
+        s->thread = pthread_self();
+        s->id = -1;
+        if (b->limit)
+            knet_conn_set_pending_send(c, b->limit);
+        knet_conn_set_userdata(c, s);
+        return;
+    }
+    bc_conn *s = knet_conn_userdata(c);
+    bc_enter(&s->in_cb, s->thread);
+    pthread_mutex_lock(&b->mu);
+    if (s->id >= 0 && b->by_id[s->id] == c)
+        b->by_id[s->id] = NULL;
+    pthread_mutex_unlock(&b->mu);
+    atomic_store(&s->in_cb, 0);
+    knet_conn_set_userdata(c, NULL);
+    free(s);
+    atomic_fetch_add(&b->server_disc, 1);
+}
+
+static void bc_srv_receive(knet_conn *c, const void *buf, size_t len, void *ud)
+{
+    bc *b = ud;
+    bc_conn *s = knet_conn_userdata(c);
+    bc_enter(&s->in_cb, s->thread);
+    const uint8_t *m = buf;
+    CHECK_GE(len, 1);
+    int src = m[0];
+    CHECK_LT(src, b->k);
+    if (len == 1) { /* hello */
+        s->id = src;
+        pthread_mutex_lock(&b->mu);
+        b->by_id[src] = c;
+        pthread_mutex_unlock(&b->mu);
+        atomic_fetch_add(&b->registered, 1);
+    } else {
+        CHECK_EQ(s->id, src);
+        /* Under the registry's lock, as a chat server would: every other loop does the
+         * same at the same time, so a send that waited for its connection's loop would
+         * deadlock here. */
+        pthread_mutex_lock(&b->mu);
+        for (int d = 0; d < b->k; d++) {
+            if (d == src || !b->by_id[d])
+                continue;
+            int rc = knet_conn_send(b->by_id[d], buf, len);
+            if (rc == 0)
+                atomic_fetch_add(&b->ok[src][d], 1);
+            else if (rc == KNET_EPENDINGFULL)
+                atomic_fetch_add(&b->full, 1);
+            else
+                atomic_fetch_add(&b->other_err, 1);
+        }
+        pthread_mutex_unlock(&b->mu);
+    }
+    atomic_store(&s->in_cb, 0);
+}
+
+static void bc_cli_connect(knet_conn *c, bool connected, void *ud)
+{
+    bc_client *cl = ud;
+    if (connected) {
+        CHECK(!cl->have_thread); /* one connection per client in this test */
+        cl->thread = pthread_self();
+        cl->have_thread = true;
+        bc_enter(&cl->in_cb, cl->thread);
+        uint8_t hello = (uint8_t)cl->id;
+        CHECK_EQ(knet_conn_send(c, &hello, 1), 0); /* on its own loop */
+        atomic_store(&cl->in_cb, 0);
+        atomic_store(&cl->connected, 1);
+        return;
+    }
+    bc_enter(&cl->in_cb, cl->thread);
+    atomic_store(&cl->in_cb, 0);
+}
+
+static void bc_cli_receive(knet_conn *c, const void *buf, size_t len, void *ud)
+{
+    (void)c;
+    bc_client *cl = ud;
+    bc_enter(&cl->in_cb, cl->thread);
+    const uint8_t *m = buf;
+    CHECK_EQ(len, 5);
+    int src = m[0];
+    CHECK_LT(src, cl->b->k);
+    CHECK_NE(src, cl->id);
+    long seq = (long)tu_get_len(m + 1, 4, false);
+    /* Strictly increasing per source: in order, no duplicate; gaps only where the
+     * server's send met the limit. */
+    if (seq < cl->next[src] || (!cl->b->limit && seq != cl->next[src]))
+        atomic_fetch_add(&cl->bad_order, 1);
+    cl->next[src] = seq + 1;
+    atomic_fetch_add(&cl->got[src], 1);
+    atomic_store(&cl->in_cb, 0);
+}
+
+typedef struct bc_sender {
+    bc_client *cl;
+    knet_client *cli;
+    pthread_barrier_t *go;
+} bc_sender;
+
+static void *bc_sender_main(void *arg)
+{
+    bc_sender *s = arg;
+    knet_conn *c = knet_client_conn(s->cli);
+    CHECK(c != NULL);
+    pthread_barrier_wait(s->go);
+    for (uint32_t seq = 0; seq < BC_MSGS; seq++) {
+        uint8_t m[5];
+        m[0] = (uint8_t)s->cl->id;
+        tu_put_len(m + 1, seq, 4, false);
+        CHECK_EQ(knet_conn_send(c, m, 5), 0);
+    }
+    knet_conn_release(c);
+    return NULL;
+}
+
+/* Sends the server's receive made so far, whatever they returned. */
+static long bc_sends_done(bc *b)
+{
+    long s = atomic_load(&b->full) + atomic_load(&b->other_err);
+    for (int i = 0; i < b->k; i++)
+        for (int j = 0; j < b->k; j++)
+            s += atomic_load(&b->ok[i][j]);
+    return s;
+}
+
+static void broadcast_round(size_t limit)
+{
+    static bc b;
+    static bc_client cls[BC_MAX];
+    memset(&b, 0, sizeof b);
+    memset(cls, 0, sizeof cls);
+    b.k = 2 * (int)g_loops;
+    CHECK_LE(b.k, BC_MAX);
+    b.limit = limit;
+    pthread_mutex_init(&b.mu, NULL);
+    knet_handler sh = {bc_srv_connect, bc_srv_receive, &b};
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &sh, &knet_std_codec);
+    CHECK_GT(port, 0);
+
+    tu_client tc[BC_MAX];
+    knet_client *cli[BC_MAX];
+    for (int i = 0; i < b.k; i++) {
+        cls[i].b = &b;
+        cls[i].id = i;
+        knet_handler ch = {bc_cli_connect, bc_cli_receive, &cls[i]};
+        cli[i] = tu_client_for_port(port);
+        tu_client_start(&tc[i], cli[i], &ch, &knet_std_codec);
+    }
+    WAIT_UNTIL(atomic_load(&b.registered) == b.k);
+
+    pthread_barrier_t go;
+    CHECK_EQ(pthread_barrier_init(&go, NULL, (unsigned)b.k), 0);
+    pthread_t th[BC_MAX];
+    bc_sender snd[BC_MAX];
+    for (int i = 0; i < b.k; i++) {
+        snd[i] = (bc_sender){&cls[i], cli[i], &go};
+        CHECK_EQ(pthread_create(&th[i], NULL, bc_sender_main, &snd[i]), 0);
+    }
+    for (int i = 0; i < b.k; i++)
+        CHECK_EQ(pthread_join(th[i], NULL), 0);
+    pthread_barrier_destroy(&go);
+
+    /* Every frame reached the server and was broadcast: (k - 1) sends each. */
+    long want = (long)b.k * BC_MSGS * (b.k - 1);
+    WAIT_UNTIL(bc_sends_done(&b) == want);
+    CHECK_EQ(atomic_load(&b.other_err), 0);
+    /* Every send that returned 0 arrives, in order. */
+    for (int d = 0; d < b.k; d++)
+        for (int s = 0; s < b.k; s++)
+            WAIT_UNTIL(atomic_load(&cls[d].got[s]) == atomic_load(&b.ok[s][d]));
+    long delivered = 0;
+    for (int d = 0; d < b.k; d++) {
+        CHECK_EQ(atomic_load(&cls[d].bad_order), 0);
+        for (int s = 0; s < b.k; s++)
+            delivered += atomic_load(&cls[d].got[s]);
+    }
+    if (!limit)
+        CHECK_EQ(delivered, want);
+    CHECK_GT(delivered, 0);
+    printf("    %d conns on %u loops, limit %zu: %ld delivered, %ld refused (pending full)\n", b.k,
+           g_loops, limit, delivered, atomic_load(&b.full));
+
+    for (int i = 0; i < b.k; i++) {
+        CHECK_EQ(knet_client_close(cli[i]), 0);
+        CHECK_EQ(tu_client_join(&tc[i]), KNET_ECLIENTCLOSED);
+        knet_client_free(cli[i]);
+    }
+    WAIT_UNTIL(atomic_load(&b.server_disc) == b.k);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    pthread_mutex_destroy(&b.mu);
+}
+
+static void test_broadcast_every_loop(void)
+{
+    broadcast_round(0);
+}
+
+static void test_broadcast_every_loop_pending_limit(void)
+{
+    broadcast_round(2);
+}
+
+/* ------------------------------------------------------------------ two servers */
+
+/* Two servers with knet clients, all on the same loops: closing one closes only its
+ * own connections (reason KNET_ESERVERCLOSED); the other's keep echoing; then a
+ * graceful shutdown of the other delivers what it queued before its FIN. */
+static void test_close_one_server_of_two(void)
+{
+    tu_tracker *s1 = tu_tracker_new(), *s2 = tu_tracker_new(), *c2 = tu_tracker_new();
+    s2->echo = true;
+    tu_server ts1, ts2;
+    int p1 = tu_tracked_server_start(&ts1, s1, NULL);
+    int p2 = tu_tracked_server_start(&ts2, s2, NULL);
+    int k = (int)g_loops;
+    int fds1[8];
+    tu_client tc[8];
+    knet_client *cli[8];
+    knet_handler ch = tu_tracker_handler(c2);
+    for (int i = 0; i < k; i++) {
+        fds1[i] = tu_connect(p1);
+        cli[i] = tu_client_for_port(p2);
+        tu_client_start(&tc[i], cli[i], &ch, NULL);
+    }
+    WAIT_GE(&s1->connects, k);
+    WAIT_GE(&s2->connects, k);
+    WAIT_GE(&c2->connects, k);
+    CHECK_EQ(knet_server_close(ts1.srv), 0);
+    for (int i = 0; i < k; i++)
+        EXPECT_PEER_CLOSED(fds1[i]);
+    WAIT_GE(&s1->disconnects, k);
+    for (int i = 0; i < k; i++)
+        CHECK_EQ(atomic_load(&s1->recs[i].reason), KNET_ESERVERCLOSED);
+    CHECK_EQ(tu_server_join(&ts1), KNET_ESERVERCLOSED);
+    /* The other server's connections and its clients' are untouched. */
+    CHECK_EQ(tu_counter_get(&s2->disconnects), 0);
+    CHECK_EQ(tu_counter_get(&c2->disconnects), 0);
+    for (int i = 0; i < k; i++) {
+        knet_conn *c = knet_client_conn(cli[i]);
+        CHECK(c != NULL);
+        CHECK_EQ(knet_conn_send(c, "ping", 4), 0);
+        knet_conn_release(c);
+    }
+    WAIT_GE(&c2->bytes, 4 * k); /* echoed */
+    CHECK_EQ(knet_server_shutdown(ts2.srv, 10000), 0);
+    /* Each client sees the FIN; its connection ends; with retry off the redial is refused. */
+    for (int i = 0; i < k; i++) {
+        int rc = tu_client_join(&tc[i]);
+        CHECK(rc == -ECONNREFUSED || rc == -ECONNRESET || rc == KNET_ESERVERCLOSED);
+        knet_client_free(cli[i]);
+    }
+    CHECK_EQ(tu_server_join(&ts2), KNET_ESERVERCLOSED);
+    for (int i = 0; i < k; i++)
+        close(fds1[i]);
+    tu_tracker_free(s1);
+    tu_tracker_free(s2);
+    tu_tracker_free(c2);
+}
+
+/* ------------------------------------------------------------------ a held loop */
+
+static tu_counter hold_release; /* 1: let go */
+static atomic_int held;
+
+/* On "H": holds its loop until the test lets go (bounded). */
+static void hook_hold(tu_rec *r, const void *buf, size_t len)
+{
+    (void)r;
+    if (len != 1 || ((const char *)buf)[0] != 'H')
+        return;
+    atomic_store(&held, 1);
+    CHECK(tu_counter_wait_ge(&hold_release, 1, TU_DEADLINE_MS));
+}
+
+/* A loop held in a callback stalls its own connections only: another loop's
+ * connection goes on echoing, sends to a connection of the held loop return at once,
+ * and its bytes go out once the loop is let go. */
+static void test_held_loop_stalls_only_itself(void)
+{
+    tu_tracker *t = tu_tracker_new();
+    t->echo = true;
+    t->on_receive = hook_hold;
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, t, NULL);
+    int n = 2 * (int)g_loops;
+    int fds[16];
+    for (int i = 0; i < n; i++) {
+        fds[i] = tu_connect(port);
+        (void)tu_tracker_rec(t, i);
+    }
+    /* The held connection is 0; a connection on the same loop, and one on another. */
+    int same = -1, other = -1;
+    for (int i = 1; i < n; i++) {
+        bool eq = pthread_equal(t->recs[i].thread, t->recs[0].thread);
+        if (eq && same < 0)
+            same = i;
+        if (!eq && other < 0)
+            other = i;
+    }
+    CHECK_GT(same, 0);
+    CHECK_GT(other, 0);
+    tu_counter_init(&hold_release);
+    char hb = 'H';
+    tu_write_all(fds[0], &hb, 1);
+    WAIT_UNTIL(atomic_load(&held) == 1);
+    for (int r = 0; r < 50; r++) {
+        char b[2] = {'q', (char)r}, got[2];
+        tu_write_all(fds[other], b, 2);
+        READ_EXACT(fds[other], got, 2);
+        CHECK(memcmp(b, got, 2) == 0);
+    }
+    for (int r = 0; r < 100; r++)
+        CHECK_EQ(knet_conn_send(t->recs[same].conn, "s", 1), 0);
+    CHECK_EQ(atomic_load(&t->recs[same].rx_msgs), 0);
+    tu_counter_add(&hold_release, 1);
+    char buf[101];
+    READ_EXACT(fds[0], buf, 1); /* the echo of 'H' */
+    READ_EXACT(fds[same], buf, 100);
+    for (int i = 0; i < n; i++)
+        close(fds[i]);
+    WAIT_GE(&t->disconnects, n);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+    tu_counter_destroy(&hold_release);
+}
+
+int main(int argc, char **argv)
+{
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    g_loops = argc > 1 ? (unsigned)atoi(argv[1]) : 2;
+    CHECK(g_loops >= 2 && g_loops <= 8);
+    RUN(test_set_before_and_after_start); /* before tu_begin, whose warm-up starts the loops */
+    tu_begin();
+    RUN(test_accepts_spread_round_robin);
+    RUN(test_clients_and_server_share_loops);
+    RUN(test_broadcast_every_loop);
+    RUN(test_broadcast_every_loop_pending_limit);
+    RUN(test_close_one_server_of_two);
+    RUN(test_held_loop_stalls_only_itself);
+    return tu_end();
+}
