@@ -272,7 +272,10 @@ static unsigned wanted_threads(long requested) {
         char *end;
         unsigned long v = strtoul(env, &end, 10);
         if (*end == '\0' && v > 0 && v <= 1024) return (unsigned)v;
-        knet__log(KNET_LOG_WARN, "ignoring KNET_LOOP_THREADS=%s", env);
+        /* Once: a log sink may ask knet_loop_threads, which would warn again, and so on. */
+        static atomic_bool warned;
+        if (!atomic_exchange(&warned, true))
+            knet__log(KNET_LOG_WARN, "ignoring KNET_LOOP_THREADS=%s", env);
     }
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n > 0 ? (unsigned)n : 1;
