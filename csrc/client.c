@@ -202,13 +202,6 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
     pthread_mutex_unlock(&c->o.mu);
     if (rc < 0) return rc;
     knet__owner_set(&c->o, handler, codec);
-    rc = knet__owner_start(&c->o);
-    if (rc < 0) {
-        pthread_mutex_lock(&c->o.mu);
-        c->serving = false;
-        pthread_mutex_unlock(&c->o.mu);
-        return rc;
-    }
 
     uint32_t wait = 0;
     for (;;) {
@@ -223,6 +216,12 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
         kn_sockaddr peer;
         rc = dial(c, &fd, &peer);
         if (rc == KNET_ECLIENTCLOSED) break;
+        /* The loops start with the first connection: dials that fail leave them
+         * unstarted, and the loop count settable. Not a failed dial: returned. */
+        if (rc == 0 && (rc = knet__owner_start(&c->o)) < 0) {
+            close(fd);
+            break;
+        }
         if (rc == 0) rc = serve_one(c, fd, &peer);
         if (rc == 0) { /* served: dial again at once */
             wait = 0;

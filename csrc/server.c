@@ -193,9 +193,14 @@ int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
     knet__owner_set(&s->o, handler, codec);
 
     kn_sockaddr sa;
-    rc = knet__owner_start(&s->o);
-    if (rc == 0) rc = knet__addr_resolve(s->addr, true, &sa, 1);
+    rc = knet__addr_resolve(s->addr, true, &sa, 1);
     int fd = rc < 0 ? rc : open_listener(&sa);
+    /* The loops start once there is something to serve: a listen that fails at once
+     * leaves them unstarted, and the loop count settable. */
+    if (fd >= 0 && (rc = knet__owner_start(&s->o)) < 0) {
+        close(fd);
+        fd = rc;
+    }
     kn_loop *lloop = NULL;
     if (fd >= 0) lloop = knet__loop_next();
     else knet__log(KNET_LOG_DEBUG, "listen on \"%s\": %s", s->addr, knet_strerror(fd));

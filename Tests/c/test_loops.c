@@ -21,6 +21,32 @@ static int thread_index(pthread_t *seen, int *n, pthread_t th)
 
 /* ------------------------------------------------------------------ set_loop_threads */
 
+/* Listens and dials that fail at once (a bad address, a port in use, a refused dial)
+ * serve nothing: the loops do not start for them, and the count stays settable (the
+ * loops "start when the first server or client starts serving"). Before: each of these
+ * started them, and knet_set_loop_threads then returned KNET_EBUSY. */
+static void test_failed_listen_and_dial_start_no_loops(void)
+{
+    knet_server *s = knet_server_new("127.0.0.1:port");
+    CHECK(s != NULL);
+    CHECK_EQ(knet_server_listen_and_serve(s, NULL, NULL), KNET_EADDR);
+    knet_server_free(s);
+    int lport, lfd = tu_listen(&lport, 0);
+    char addr[64];
+    snprintf(addr, sizeof addr, "127.0.0.1:%d", lport);
+    s = knet_server_new(addr);
+    CHECK(s != NULL);
+    CHECK_EQ(knet_server_listen_and_serve(s, NULL, NULL), -EADDRINUSE);
+    knet_server_free(s);
+    close(lfd);
+    int holder, rport = tu_reserve_port(&holder);
+    knet_client *c = tu_client_for_port(rport); /* retry off */
+    CHECK_EQ(knet_client_dial_and_serve(c, NULL, NULL), -ECONNREFUSED);
+    knet_client_free(c);
+    close(holder);
+    CHECK_EQ(knet_set_loop_threads(g_loops), 0);
+}
+
 /* Before any start the count is settable and reported; once a server serves it is not. */
 static void test_set_before_and_after_start(void)
 {
@@ -491,11 +517,119 @@ static void test_held_loop_stalls_only_itself(void)
     tu_counter_destroy(&hold_release);
 }
 
+/* ------------------------------------------------------------------ chat churn */
+
+/* A raw chat server (each read goes to every other connection) while peers on 8
+ * threads connect, write, read a little and close (some with a reset), then a server
+ * close with connections on every loop: every send returns 0, KNET_EPENDINGFULL,
+ * KNET_ECLOSED, or (a direct write on its own loop to a peer that reset) -EPIPE or
+ * -ECONNRESET; every connect(true) gets its connect(false) (the tracker checks thread
+ * and order); nothing is left. TSan-clean. */
+enum { CH_MAX = 64 };
+static pthread_mutex_t ch_mu = PTHREAD_MUTEX_INITIALIZER;
+static knet_conn *ch_members[CH_MAX];
+static atomic_long ch_bad_rc, ch_sent;
+
+static void ch_connect(tu_rec *r, bool connected)
+{
+    pthread_mutex_lock(&ch_mu);
+    for (int i = 0; i < CH_MAX; i++) {
+        if (connected && !ch_members[i]) {
+            ch_members[i] = r->conn;
+            knet_conn_set_pending_send(r->conn, 8);
+            break;
+        }
+        if (!connected && ch_members[i] == r->conn) {
+            ch_members[i] = NULL;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&ch_mu);
+}
+
+static void ch_receive(tu_rec *r, const void *buf, size_t len)
+{
+    pthread_mutex_lock(&ch_mu);
+    for (int i = 0; i < CH_MAX; i++) {
+        if (!ch_members[i] || ch_members[i] == r->conn)
+            continue;
+        int rc = knet_conn_send(ch_members[i], buf, len);
+        if (rc == 0)
+            atomic_fetch_add(&ch_sent, 1);
+        else if (rc != KNET_EPENDINGFULL && rc != KNET_ECLOSED && rc != -EPIPE && rc != -ECONNRESET) {
+            fprintf(stderr, "broadcast send: %d (%s)\n", rc, knet_strerror(rc));
+            atomic_fetch_add(&ch_bad_rc, 1);
+        }
+    }
+    pthread_mutex_unlock(&ch_mu);
+}
+
+typedef struct ch_peer {
+    int port, id;
+    int kept; /* a connection left open for the server close */
+} ch_peer;
+
+static void *ch_peer_main(void *arg)
+{
+    ch_peer *p = arg;
+    for (int round = 0; round < 6; round++) {
+        int fd = tu_connect(p->port);
+        char msg[32];
+        int n = snprintf(msg, sizeof msg, "peer %d round %d;", p->id, round);
+        for (int i = 0; i < 20; i++)
+            tu_write_all(fd, msg, (size_t)n);
+        char buf[4096];
+        struct timeval tv = {0, 20000}; /* read what came within 20 ms: any amount will do */
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        (void)recv(fd, buf, sizeof buf, 0);
+        if ((round + p->id) % 3 == 0)
+            tu_set_linger0(fd); /* a reset */
+        if (round == 5) {
+            p->kept = fd;
+            break;
+        }
+        close(fd);
+    }
+    return NULL;
+}
+
+static void test_chat_churn_then_server_close(void)
+{
+    tu_tracker *t = tu_tracker_new();
+    t->on_connect = ch_connect;
+    t->on_receive = ch_receive;
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, t, NULL);
+    enum { PEERS = 8 };
+    pthread_t th[PEERS];
+    ch_peer peers[PEERS];
+    for (int i = 0; i < PEERS; i++) {
+        peers[i] = (ch_peer){port, i, -1};
+        CHECK_EQ(pthread_create(&th[i], NULL, ch_peer_main, &peers[i]), 0);
+    }
+    for (int i = 0; i < PEERS; i++)
+        CHECK_EQ(pthread_join(th[i], NULL), 0);
+    WAIT_GE(&t->connects, PEERS * 6);
+    WAIT_GE(&t->disconnects, PEERS * 5);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    CHECK_EQ(tu_counter_get(&t->disconnects), tu_counter_get(&t->connects));
+    CHECK_EQ(atomic_load(&ch_bad_rc), 0);
+    for (int i = 0; i < PEERS * 6; i++)
+        CHECK_EQ(atomic_load(&t->recs[i].disconnected), 1);
+    printf("    %ld broadcast sends accepted\n", atomic_load(&ch_sent));
+    for (int i = 0; i < PEERS; i++)
+        close(peers[i].kept);
+    for (int i = 0; i < CH_MAX; i++)
+        CHECK(ch_members[i] == NULL);
+    tu_tracker_free(t);
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
     g_loops = argc > 1 ? (unsigned)atoi(argv[1]) : 2;
     CHECK(g_loops >= 2 && g_loops <= 8);
+    RUN(test_failed_listen_and_dial_start_no_loops); /* before anything starts the loops */
     RUN(test_set_before_and_after_start); /* before tu_begin, whose warm-up starts the loops */
     tu_begin();
     RUN(test_accepts_spread_round_robin);
@@ -504,5 +638,6 @@ int main(int argc, char **argv)
     RUN(test_broadcast_every_loop_pending_limit);
     RUN(test_close_one_server_of_two);
     RUN(test_held_loop_stalls_only_itself);
+    RUN(test_chat_churn_then_server_close);
     return tu_end();
 }

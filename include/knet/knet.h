@@ -77,8 +77,9 @@ void knet_set_log(knet_log_fn fn, int min_level, void *ud);
 /* ---------------------------------------------------------------- event loops */
 
 /* Sets the number of loop threads (0 = online CPUs); returns KNET_EBUSY once the
- * loops have started (they start when the first server or client starts serving). The
- * environment variable KNET_LOOP_THREADS is read when this was not called. */
+ * loops have started (they start when the first server listens or client connects: a
+ * listen or dial that fails leaves them unstarted). The environment variable
+ * KNET_LOOP_THREADS is read when this was not called. */
 int knet_set_loop_threads(unsigned n);
 
 /* Returns the number of loop threads that run, or will run once started. */
