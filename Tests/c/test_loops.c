@@ -159,6 +159,8 @@ typedef struct bc {
     atomic_int registered;
     atomic_long ok[BC_MAX][BC_MAX];  /* sends from src to dst that returned 0 */
     atomic_long full;                /* KNET_EPENDINGFULL */
+    atomic_long closed;              /* KNET_ECLOSED (only once the server stops) */
+    bool stopping;                   /* the round shuts the server down midway */
     atomic_long other_err;
     atomic_int server_disc;
     atomic_int bad_thread;
@@ -237,6 +239,8 @@ static void bc_srv_receive(knet_conn *c, const void *buf, size_t len, void *ud)
                 atomic_fetch_add(&b->ok[src][d], 1);
             else if (rc == KNET_EPENDINGFULL)
                 atomic_fetch_add(&b->full, 1);
+            else if (rc == KNET_ECLOSED)
+                atomic_fetch_add(&b->closed, 1);
             else
                 atomic_fetch_add(&b->other_err, 1);
         }
@@ -248,8 +252,16 @@ static void bc_srv_receive(knet_conn *c, const void *buf, size_t len, void *ud)
 static void bc_cli_connect(knet_conn *c, bool connected, void *ud)
 {
     bc_client *cl = ud;
+    if (knet_conn_userdata(c) == &cl->have_thread)
+        return; /* a redial's connect(false) */
+    if (connected && cl->have_thread) {
+        /* A redial after the server's FIN, which reached the closing listener: its loop
+         * closes it, no bytes. Its callbacks are told apart by their userdata. */
+        CHECK(cl->b->stopping);
+        knet_conn_set_userdata(c, &cl->have_thread);
+        return;
+    }
     if (connected) {
-        CHECK(!cl->have_thread); /* one connection per client in this test */
         cl->thread = pthread_self();
         cl->have_thread = true;
         bc_enter(&cl->in_cb, cl->thread);
@@ -265,8 +277,8 @@ static void bc_cli_connect(knet_conn *c, bool connected, void *ud)
 
 static void bc_cli_receive(knet_conn *c, const void *buf, size_t len, void *ud)
 {
-    (void)c;
     bc_client *cl = ud;
+    CHECK(knet_conn_userdata(c) != &cl->have_thread); /* nothing on a redial */
     bc_enter(&cl->in_cb, cl->thread);
     const uint8_t *m = buf;
     CHECK_EQ(len, 5);
@@ -299,7 +311,10 @@ static void *bc_sender_main(void *arg)
         uint8_t m[5];
         m[0] = (uint8_t)s->cl->id;
         tu_put_len(m + 1, seq, 4, false);
-        CHECK_EQ(knet_conn_send(c, m, 5), 0);
+        int rc = knet_conn_send(c, m, 5);
+        if (rc == KNET_ECLOSED && s->cl->b->stopping)
+            break; /* the server's FIN came: this client's connection closed */
+        CHECK_EQ(rc, 0);
     }
     knet_conn_release(c);
     return NULL;
@@ -308,7 +323,7 @@ static void *bc_sender_main(void *arg)
 /* Sends the server's receive made so far, whatever they returned. */
 static long bc_sends_done(bc *b)
 {
-    long s = atomic_load(&b->full) + atomic_load(&b->other_err);
+    long s = atomic_load(&b->full) + atomic_load(&b->other_err) + atomic_load(&b->closed);
     for (int i = 0; i < b->k; i++)
         for (int j = 0; j < b->k; j++)
             s += atomic_load(&b->ok[i][j]);
@@ -357,6 +372,7 @@ static void broadcast_round(size_t limit)
     long want = (long)b.k * BC_MSGS * (b.k - 1);
     WAIT_UNTIL(bc_sends_done(&b) == want);
     CHECK_EQ(atomic_load(&b.other_err), 0);
+    CHECK_EQ(atomic_load(&b.closed), 0);
     /* Every send that returned 0 arrives, in order. */
     for (int d = 0; d < b.k; d++)
         for (int s = 0; s < b.k; s++)
@@ -380,6 +396,70 @@ static void broadcast_round(size_t limit)
     }
     WAIT_UNTIL(atomic_load(&b.server_disc) == b.k);
     CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    pthread_mutex_destroy(&b.mu);
+}
+
+/* The chat of broadcast_round while knet_server_shutdown comes midway: every broadcast
+ * send that returned 0 — made on any loop, to a connection of any loop, before the
+ * shutdown or racing it — reaches its client before the server's FIN, in order; later
+ * ones return KNET_ECLOSED. */
+static void test_broadcast_races_server_shutdown(void)
+{
+    static bc b;
+    static bc_client cls[BC_MAX];
+    memset(&b, 0, sizeof b);
+    memset(cls, 0, sizeof cls);
+    b.k = 2 * (int)g_loops;
+    b.limit = 0;
+    b.stopping = true;
+    pthread_mutex_init(&b.mu, NULL);
+    knet_handler sh = {bc_srv_connect, bc_srv_receive, &b};
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &sh, &knet_std_codec);
+    CHECK_GT(port, 0);
+    tu_client tc[BC_MAX];
+    knet_client *cli[BC_MAX];
+    for (int i = 0; i < b.k; i++) {
+        cls[i].b = &b;
+        cls[i].id = i;
+        knet_handler ch = {bc_cli_connect, bc_cli_receive, &cls[i]};
+        cli[i] = tu_client_for_port(port);
+        tu_client_start(&tc[i], cli[i], &ch, &knet_std_codec);
+    }
+    WAIT_UNTIL(atomic_load(&b.registered) == b.k);
+    pthread_barrier_t go;
+    CHECK_EQ(pthread_barrier_init(&go, NULL, (unsigned)b.k), 0);
+    pthread_t th[BC_MAX];
+    bc_sender snd[BC_MAX];
+    for (int i = 0; i < b.k; i++) {
+        snd[i] = (bc_sender){&cls[i], cli[i], &go};
+        CHECK_EQ(pthread_create(&th[i], NULL, bc_sender_main, &snd[i]), 0);
+    }
+    long want = (long)b.k * BC_MSGS * (b.k - 1);
+    WAIT_UNTIL(bc_sends_done(&b) >= want / 4);
+    CHECK_EQ(knet_server_shutdown(ts.srv, 10000), 0);
+    for (int i = 0; i < b.k; i++)
+        CHECK_EQ(pthread_join(th[i], NULL), 0);
+    pthread_barrier_destroy(&go);
+    /* Each client reads to the server's FIN, then its connection ends; the redial is refused. */
+    for (int i = 0; i < b.k; i++) {
+        int rc = tu_client_join(&tc[i]);
+        CHECK(rc == -ECONNREFUSED || rc == -ECONNRESET);
+        knet_client_free(cli[i]);
+    }
+    CHECK_EQ(tu_server_join(&ts), KNET_ESERVERCLOSED);
+    CHECK_EQ(atomic_load(&b.other_err), 0);
+    long delivered = 0;
+    for (int d = 0; d < b.k; d++) {
+        CHECK_EQ(atomic_load(&cls[d].bad_order), 0);
+        for (int s = 0; s < b.k; s++) {
+            CHECK_EQ(atomic_load(&cls[d].got[s]), atomic_load(&b.ok[s][d]));
+            delivered += atomic_load(&cls[d].got[s]);
+        }
+    }
+    CHECK_GE(delivered, want / 4);
+    printf("    %d conns on %u loops: %ld delivered, %ld refused after the shutdown\n", b.k, g_loops,
+           delivered, atomic_load(&b.closed));
     pthread_mutex_destroy(&b.mu);
 }
 
@@ -636,6 +716,7 @@ int main(int argc, char **argv)
     RUN(test_clients_and_server_share_loops);
     RUN(test_broadcast_every_loop);
     RUN(test_broadcast_every_loop_pending_limit);
+    RUN(test_broadcast_races_server_shutdown);
     RUN(test_close_one_server_of_two);
     RUN(test_held_loop_stalls_only_itself);
     RUN(test_chat_churn_then_server_close);
