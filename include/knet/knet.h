@@ -71,7 +71,9 @@ typedef void (*knet_log_fn)(int level, const char *msg, void *ud);
 
 /* Routes knet's log lines at or above min_level to fn (NULL = the default: stderr).
  * fn runs on the thread that logs (a loop thread or a caller's), maybe while a server,
- * client or the loops start or stop: it must not start, stop or free one itself. */
+ * client or the loops start or stop: it must not start, stop or free one itself. Once
+ * this returns, the sink it replaced runs no more (it waits for calls under way), so its
+ * ud may be freed; called from inside a sink it does not wait. */
 void knet_set_log(knet_log_fn fn, int min_level, void *ud);
 
 /* ---------------------------------------------------------------- event loops */
