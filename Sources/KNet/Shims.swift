@@ -89,7 +89,14 @@ private let threadSlotKey: pthread_key_t = {
 /// A Swift codec, boxed so the C codec can point at it.
 final class SwiftCodecBox: Sendable {
     let codec: any Codec
-    init(_ codec: any Codec) { self.codec = codec }
+    /// The core's bound on the bytes one frame consumes: `maxFrameSize`, 0 = 16 MiB
+    /// (`KNET_DEFAULT_MAX_FRAME`).
+    let maxFrame: Int
+    init(_ codec: any Codec) {
+        self.codec = codec
+        let size = codec.maxFrameSize
+        maxFrame = size > 0 ? size : 16 << 20
+    }
 }
 
 /// The current connection of a client (for `TCPClient.connection`).
@@ -340,6 +347,11 @@ private func swiftCodecRead(_ input: UnsafeRawPointer?, _ inputLength: Int,
         let decoded = try box._withUnsafeGuaranteedRef { try $0.codec.read(from: &reader) }
         guard reader.consumedBytes > 0 else {
             knetLogger.error("Swift codec \(codecName(box)) returned a message without consuming input")
+            return Int(KNET_ECODEC)
+        }
+        // Over the bound the core closes the connection and never delivers the message:
+        // not parked, or the loop thread's slot would keep it until its next frame.
+        guard reader.consumedBytes <= box._withUnsafeGuaranteedRef({ $0.maxFrame }) else {
             return Int(KNET_ECODEC)
         }
         let slot = ThreadSlot.current

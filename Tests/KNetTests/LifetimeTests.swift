@@ -232,3 +232,53 @@ struct ForwardingHandler: TCPHandler {
     func connect(_ conn: TCPConnection, connected: Bool) { state.connect(conn, connected: connected) }
     func receive(_ conn: TCPConnection, _ buf: [UInt8]) { state.receive(conn, buf) }
 }
+
+/// A 4-byte length codec (frames up to 1 KiB) that keeps a second reference to the last
+/// message it decoded, so a test can see whether anything else still holds it.
+final class KeepingLastCodec: Codec {
+    let last = Locked<[UInt8]?>(nil)
+
+    var maxFrameSize: Int { 1024 }
+
+    func read(from reader: inout ByteReader) throws -> [UInt8] {
+        let length = try reader.readInteger(as: UInt32.self)
+        let body = try reader.readBytes(Int(length))
+        last.withLock { $0 = body }
+        return body
+    }
+
+    func write(to writer: inout ByteWriter, _ message: [UInt8]) throws {
+        writer.writeInteger(UInt32(message.count))
+        writer.writeBytes(message)
+    }
+
+    /// Moves the kept message out (the codec no longer holds it).
+    func takeLast() -> [UInt8]? { last.withLock { value in defer { value = nil }; return value } }
+}
+
+extension KNetTests {
+    @Test("a frame a Swift codec decoded over maxFrameSize is not kept by knet once its connection closed")
+    func oversizedDecodedFrameNotKept() throws {
+        let codec = KeepingLastCodec()
+        let handler = RecordingHandler()
+        let server = try ServerHarness(handler: handler, codec: codec)
+        let peer = try PlainSocket(port: server.port)
+        // One write, so the whole 1104-byte frame arrives in one read: the codec decodes
+        // it, and it is over maxFrameSize (1024), so the connection closes with .codec.
+        let body = [UInt8](repeating: 7, count: 1100)
+        try peer.write([0, 0, 0x04, 0x4C] + body)
+        #expect(eventually { handler.only?.disconnects == 1 })
+        #expect(handler.only?.object?.closeReason == .error(.codec))
+        #expect(handler.totalMessages == 0)
+        #expect(server.stop() == .serverClosed)
+        var message = try #require(codec.takeLast())
+        #expect(message == body)
+        // The test now holds the only reference unless knet kept one: then writing to it
+        // copies it first (up to maxFrameSize and one read kept per loop thread, until
+        // that loop decodes its next Swift codec frame).
+        let before = message.withUnsafeBufferPointer { UInt(bitPattern: $0.baseAddress) }
+        let after = message.withUnsafeMutableBufferPointer { UInt(bitPattern: $0.baseAddress) }
+        #expect(before == after, "knet still holds the rejected message")
+        _ = peer
+    }
+}
