@@ -1,8 +1,8 @@
 /* A client's connection is visible through knet_client_conn a moment before its
  * loop attaches it. A close, a send or a client shutdown made in that moment must
  * still take effect (a shutdown: the bytes sent go out before the FIN).
- * And a close racing with the client's own end must finish before
- * knet_client_dial_and_serve returns.
+ * And a close racing with the client's own end, or with a serve call that finds the
+ * client closed, must finish before knet_client_dial_and_serve returns.
  * The test holds the dialing thread right there — in its first allocation after
  * publishing the connection, the attach task's (malloc is wrapped at link time) —
  * until the loop has serviced the request, then lets the attach go ahead. */
@@ -227,6 +227,33 @@ static void test_serve_outlasts_close(void)
     tu_tracker_free(st);
 }
 
+/* A serve call of an already closed client that starts while that close still runs
+ * (held in its wake-up write) returns KNET_ECLIENTCLOSED only once the close is done,
+ * as above, so the client may be freed right after. Before, it returned at once and
+ * the close went on with the freed client (its wake-up fd, its lock). */
+static void test_closed_serve_outlasts_close(void)
+{
+    int hold;
+    knet_client *cli = tu_client_for_port(tu_reserve_port(&hold));
+    /* A refused dial (retry off): the client now has its wake-up fd and may serve again. */
+    CHECK_EQ(knet_client_dial_and_serve(cli, NULL, NULL), -ECONNREFUSED);
+    tu_counter_init(&close_held);
+    tu_counter_init(&close_go);
+    pthread_t closer;
+    CHECK_EQ(pthread_create(&closer, NULL, closer_main, cli), 0);
+    WAIT_GE(&close_held, 1); /* marked closed; the close has yet to return */
+    tu_client tc;
+    tu_client_start(&tc, cli, NULL, NULL);
+    CHECK(!tu_counter_wait_ge(&tc.done, 1, 300)); /* waits for the close */
+    tu_counter_add(&close_go, 1);
+    CHECK_EQ(pthread_join(closer, NULL), 0);
+    CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    knet_client_free(cli);
+    close(hold);
+    tu_counter_destroy(&close_held);
+    tu_counter_destroy(&close_go);
+}
+
 static void test_close_before_attach(void) { race(RACE_CLOSE); }
 
 static void test_send_before_attach(void) { race(RACE_SEND); }
@@ -244,5 +271,6 @@ int main(void)
     RUN(test_send_on_loop_before_attach);
     RUN(test_shutdown_before_attach);
     RUN(test_serve_outlasts_close);
+    RUN(test_closed_serve_outlasts_close);
     return tu_end();
 }
