@@ -73,7 +73,8 @@ typedef void (*knet_log_fn)(int level, const char *msg, void *ud);
  * fn runs on the thread that logs (a loop thread or a caller's), maybe while a server,
  * client or the loops start or stop: it must not start, stop or free one itself. Once
  * this returns, the sink it replaced runs no more (it waits for calls under way), so its
- * ud may be freed; called from inside a sink it does not wait. */
+ * ud may be freed; called from inside a sink it does not wait. So do not call it while
+ * holding a lock the old sink takes. */
 void knet_set_log(knet_log_fn fn, int min_level, void *ud);
 
 /* ---------------------------------------------------------------- event loops */
