@@ -135,12 +135,12 @@ static void queue_consume(knet_conn *c, size_t n) {
 }
 
 static ssize_t send_iov(int fd, const struct iovec *iov, size_t n) {
-    if (n == 1) return send(fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL);
+    if (n == 1) return knet__sys_send(fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL);
     struct msghdr m;
     memset(&m, 0, sizeof m);
     m.msg_iov = (struct iovec *)iov;
     m.msg_iovlen = n;
-    return sendmsg(fd, &m, MSG_NOSIGNAL);
+    return knet__sys_sendmsg(fd, &m, MSG_NOSIGNAL);
 }
 
 /* Adds to a counter only this loop thread writes: no read-modify-write needed. */
@@ -560,7 +560,7 @@ static void conn_read_pass(kn_loop *L, knet_conn *c) {
             buf = c->ibuf;
             cap = c->icap;
         }
-        ssize_t n = read(c->io.fd, buf + len, cap - len);
+        ssize_t n = knet__sys_read(c->io.fd, buf + len, cap - len);
         if (n <= 0) {
             if (n < 0 && errno == EINTR) continue; /* not drained: no new edge comes */
             if (n == 0) {

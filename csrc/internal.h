@@ -17,6 +17,8 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 
+struct epoll_event;
+
 #define KN_READ_BUF (64u * 1024u)  /* per-loop read buffer */
 #define KN_IBUF_SLACK 4096u        /* spare room a kept partial frame may have */
 #define KN_CHUNK_MIN (4u * 1024u)  /* a queue's first chunk payload */
@@ -26,6 +28,16 @@
 #define KN_ACCEPT_BUDGET 64        /* accepts per readiness event */
 #define KN_IOV_MAX 64              /* iovecs per sendmsg */
 #define KN_DEFAULT_GRACE_MS 3000u
+
+/* The per-message system calls of a loop thread (sys.c): read, send, sendmsg and
+ * epoll_wait without glibc's cancellation-point wrappers, which cost two atomic
+ * read-modify-writes per call in a multi-threaded process (knet's always is). Only
+ * loop threads, which are never cancelled, call them. In their own file so white-box
+ * tests can wrap them at link time. */
+ssize_t knet__sys_read(int fd, void *buf, size_t n);
+ssize_t knet__sys_send(int fd, const void *buf, size_t n, int flags);
+ssize_t knet__sys_sendmsg(int fd, const struct msghdr *m, int flags);
+int knet__sys_epoll_wait(int epfd, struct epoll_event *evs, int max, int timeout);
 
 typedef struct kn_loop kn_loop;
 typedef struct kn_io kn_io;

@@ -230,7 +230,7 @@ static void *loop_main(void *arg) {
     bool more = false;
     for (;;) {
         int timeout = more ? 0 : timers_timeout(L);
-        int n = epoll_wait(L->epfd, evs, KN_MAX_EVENTS, timeout);
+        int n = knet__sys_epoll_wait(L->epfd, evs, KN_MAX_EVENTS, timeout);
         if (n < 0) {
             if (errno == EINTR) continue;
             knet__log(KNET_LOG_ERROR, "epoll_wait: %s", strerror(errno));

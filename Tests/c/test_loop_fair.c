@@ -32,13 +32,14 @@
 #define MIN_ROUNDS 10
 #define SAMPLE_MS 2000
 
-/* send and sendmsg wrapped: counts the calls of every thread but the test's peers
- * (the flood's writer and the quiet round trips' thread), i.e. the server's loop's,
+/* The loops' send and sendmsg (knet__sys_send, knet__sys_sendmsg) wrapped: counts the
+ * calls of every thread but the test's peers (the flood's writer and the quiet round
+ * trips' thread), i.e. the server's loop's,
  * and notes the count at the quiet connection's reply ('q', or the frame [0][1]['q']):
  * what came after it (while the test's thread was not yet running, say) is not
  * counted against the wait. */
-ssize_t __real_send(int fd, const void *buf, size_t len, int flags);
-ssize_t __real_sendmsg(int fd, const struct msghdr *m, int flags);
+ssize_t __real_knet__sys_send(int fd, const void *buf, size_t len, int flags);
+ssize_t __real_knet__sys_sendmsg(int fd, const struct msghdr *m, int flags);
 static atomic_long loop_sends;
 static atomic_long quiet_reply_at = -1; /* loop_sends at the quiet reply; -1 = not yet */
 static _Thread_local bool not_counted;
@@ -48,13 +49,13 @@ static void count_send(size_t len, unsigned char last)
     if ((len == 1 || len == 3) && last == 'q')
         atomic_store(&quiet_reply_at, n);
 }
-ssize_t __wrap_send(int fd, const void *buf, size_t len, int flags)
+ssize_t __wrap_knet__sys_send(int fd, const void *buf, size_t len, int flags)
 {
     if (!not_counted)
         count_send(len, len ? ((const unsigned char *)buf)[len - 1] : 0);
-    return __real_send(fd, buf, len, flags);
+    return __real_knet__sys_send(fd, buf, len, flags);
 }
-ssize_t __wrap_sendmsg(int fd, const struct msghdr *m, int flags)
+ssize_t __wrap_knet__sys_sendmsg(int fd, const struct msghdr *m, int flags)
 {
     if (!not_counted) {
         size_t len = 0;
@@ -66,7 +67,7 @@ ssize_t __wrap_sendmsg(int fd, const struct msghdr *m, int flags)
         }
         count_send(len, last);
     }
-    return __real_sendmsg(fd, m, flags);
+    return __real_knet__sys_sendmsg(fd, m, flags);
 }
 
 /* ------------------------------------------------------------ starvation */

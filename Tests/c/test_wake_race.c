@@ -20,7 +20,7 @@
 #include <poll.h>
 #include <sys/epoll.h>
 
-int __real_epoll_wait(int epfd, struct epoll_event *evs, int max, int timeout);
+int __real_knet__sys_epoll_wait(int epfd, struct epoll_event *evs, int max, int timeout);
 ssize_t __real_read(int fd, void *buf, size_t n);
 ssize_t __real_write(int fd, const void *buf, size_t n);
 
@@ -45,12 +45,12 @@ static void hold_point(int p)
         tu_sleep_ms(1); /* held: the tester acts meanwhile */
 }
 
-int __wrap_epoll_wait(int epfd, struct epoll_event *evs, int max, int timeout)
+int __wrap_knet__sys_epoll_wait(int epfd, struct epoll_event *evs, int max, int timeout)
 {
     /* timeout -1: nothing left to do, no timer: the loop goes to sleep for good. */
     if (timeout < 0)
         hold_point(HOLD_SLEEP);
-    return __real_epoll_wait(epfd, evs, max, timeout);
+    return __real_knet__sys_epoll_wait(epfd, evs, max, timeout);
 }
 
 ssize_t __wrap_read(int fd, void *buf, size_t n)
