@@ -53,7 +53,7 @@ final class ThreadSlot {
     /// The small array, now holding a copy of `bytes`: its storage is reused unless the
     /// handler kept the last message (then the replace makes fresh storage). A kept array
     /// pins its capacity, so storage of more than 4 × the message (or 64 bytes) is not
-    /// reused for it.
+    /// reused for it. Moved out of the slot (see `take`); `deliver` moves it back.
     func smallMessage(_ bytes: UnsafeRawBufferPointer) -> [UInt8] {
         let bound = max(4 * bytes.count, smallSlack)
         if small.capacity > bound { small = [] }
@@ -62,7 +62,7 @@ final class ThreadSlot {
         // the old capacity, which the allocator may round up past the bound (glibc hands
         // out a whole free chunk up to 16 bytes larger): then one of this message's size.
         if small.capacity > bound { small = Array(bytes) }
-        return small
+        return take(&small)
     }
 
     /// The calling thread's slot, created on first use and freed when the thread exits.
@@ -75,6 +75,19 @@ final class ThreadSlot {
         return slot
     }
 }
+
+/// Moves the array out of `field`, leaving it empty. A message handed to the handler this
+/// way and moved back after it costs no retain and release (two atomics per message, as a
+/// copy of the slot's reference does); the array stays unique unless the handler kept it.
+@inline(__always)
+private func take(_ field: inout [UInt8]) -> [UInt8] {
+    var array: [UInt8] = []
+    swap(&array, &field)
+    return array
+}
+
+/// Which of the slot's arrays a message is in, for `deliver` to put it back.
+private enum MessageSource { case spare, small, other }
 
 private let threadSlotKey: pthread_key_t = {
     var key = pthread_key_t()
@@ -279,16 +292,21 @@ private func receiveShim(_ conn: OpaquePointer?, _ buf: UnsafeRawPointer?, _ len
 /// Not inlined, so the message's reference ends when it returns.
 @inline(never)
 private func deliver(_ buf: UnsafeRawPointer?, _ len: Int, _ tcp: TCPConnection) -> Bool {
-    let (bytes, handedOver) = message(buf, len, tcp)
+    let (bytes, source) = message(buf, len, tcp)
     tcp.handler._withUnsafeGuaranteedRef { $0.handler.receive(tcp, bytes) }
-    return handedOver
+    switch source { // moved back (see `take`)
+    case .spare: tcp.loopSlot.spare = bytes
+    case .small: tcp.loopSlot.small = bytes
+    case .other: break
+    }
+    return source == .spare
 }
 
-/// The message at buf as an array, and whether it is the spare array: the spare a large
-/// raw read went into (no copy; the slot keeps a reference for `recycleSpare`), the array
-/// a Swift codec decoded (no copy), or else one copy of the bytes (a small one into the
-/// slot's small array, see `smallMessage`).
-private func message(_ buf: UnsafeRawPointer?, _ len: Int, _ tcp: TCPConnection) -> ([UInt8], Bool) {
+/// The message at buf as an array, and where it came from: the spare a large raw read went
+/// into (no copy; moved out of the slot, `deliver` puts it back for `recycleSpare`), the
+/// array a Swift codec decoded (no copy), or else one copy of the bytes (a small one into
+/// the slot's small array, see `smallMessage`).
+private func message(_ buf: UnsafeRawPointer?, _ len: Int, _ tcp: TCPConnection) -> ([UInt8], MessageSource) {
     let slot = tcp.loopSlot
     if tcp.rawCodec {
         if let base = slot.spareBase, buf == UnsafeRawPointer(base), len >= handOverMinimum {
@@ -299,7 +317,7 @@ private func message(_ buf: UnsafeRawPointer?, _ len: Int, _ tcp: TCPConnection)
                 slot.spare.append(contentsOf: BytesInPlace(count: len))
                 slot.spareCapacity = wanted
                 slot.shortReads = 0
-                return (slot.spare, true)
+                return (take(&slot.spare), .spare)
             }
             // Mostly empty for reads of this size: copy this one, into the reused small
             // array (no allocation when the handler did not keep the last one). The spare
@@ -314,22 +332,22 @@ private func message(_ buf: UnsafeRawPointer?, _ len: Int, _ tcp: TCPConnection)
                 slot.spareBase = nil
                 slot.spareCapacity = wanted
             }
-            return (bytes, false)
+            return (bytes, .small)
         }
     } else if tcp.swiftCodec {
         if slot.decodedBase == buf && slot.decoded.count == len {
             var bytes: [UInt8] = []
             swap(&bytes, &slot.decoded)
             slot.decodedBase = nil
-            return (bytes, false)
+            return (bytes, .other)
         }
     }
-    guard len > 0, let buf else { return ([], false) }
+    guard len > 0, let buf else { return ([], .other) }
     let bytes = UnsafeRawBufferPointer(start: buf, count: len)
-    if len < handOverMinimum { return (slot.smallMessage(bytes), false) }
+    if len < handOverMinimum { return (slot.smallMessage(bytes), .small) }
     // This spelling allocates through the specialized array initializer (no generic
     // metadata lookup per message).
-    return (Array(bytes), false)
+    return (Array(bytes), .other)
 }
 
 /// The C read callback of a Swift codec: a need-more error from ByteReader means "wait for
