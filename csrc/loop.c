@@ -236,7 +236,12 @@ static void *loop_main(void *arg) {
             knet__log(KNET_LOG_ERROR, "epoll_wait: %s", strerror(errno));
             abort();
         }
-        L->now = knet__now_ms();
+        /* The loop's time is read for its timers and the idle timeouts they check
+         * (last_io): with none armed it would go unread, and a server without idle
+         * timeouts would pay a clock read per wake-up, per message on one busy
+         * connection. A timer armed meanwhile reads the clock itself, as does the
+         * attach that sets a connection's first last_io. */
+        if (L->heap_len) L->now = knet__now_ms();
         /* With many connections ready their structs are out of cache; fetching
          * a few events ahead overlaps those misses with the current callback. */
         for (int i = 0; i < n && i < KN_PREFETCH; i++) prefetch_io(evs[i].data.ptr);
