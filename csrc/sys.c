@@ -53,9 +53,14 @@ ssize_t knet__sys_sendmsg(int fd, const struct msghdr *m, int flags) {
     return (ssize_t)syscall(SYS_sendmsg, (long)fd, m, (long)flags);
 }
 
-/* epoll_pwait with no signal mask is epoll_wait, which some architectures lack. */
+/* The call glibc's epoll_wait makes: epoll_wait, or on architectures without it
+ * epoll_pwait with no signal mask (seccomp filters and strace see the same). */
 int knet__sys_epoll_wait(int epfd, struct epoll_event *evs, int max, int timeout) {
+#ifdef SYS_epoll_wait
+    return (int)syscall(SYS_epoll_wait, (long)epfd, evs, (long)max, (long)timeout);
+#else
     return (int)syscall(SYS_epoll_pwait, (long)epfd, evs, (long)max, (long)timeout, NULL, 0L);
+#endif
 }
 
 #endif
