@@ -90,6 +90,8 @@ static void on_accept(kn_loop *L, kn_io *io, uint32_t events) {
         if (fd < 0) {
             int e = errno;
             if (e == EAGAIN || e == EWOULDBLOCK) return;
+            /* EINVAL once server_stop took the listener out of LISTEN: its close follows. */
+            if (atomic_load_explicit(&s->o.closing, memory_order_relaxed)) return;
             /* Errors of the one pending connection, not of the listener (accept(2)
              * lists the network errors Linux passes on): take the next. Not EPERM:
              * a security module or seccomp refuses before the connection is taken,
@@ -259,6 +261,11 @@ static int server_stop(knet_server *s, bool force, uint32_t ms) {
      * no work left, return, and let the caller free s before they run. */
     if (serving) s->o.tasks += knet__loop_count();
     if (first && s->listener_open) {
+        /* Out of LISTEN now, from this thread; the fd stays open until listener_close
+         * on its loop. Else a peer re-dialing as its connection ends below could have
+         * its handshake completed by the kernel, then dropped silently by the close:
+         * connected to nothing, for good. Now such a dial is refused. */
+        shutdown(s->lio.fd, SHUT_RDWR);
         s->o.tasks++;
         knet__loop_post_node(s->lloop, &s->close_node, listener_close, s);
     }

@@ -255,8 +255,9 @@ static void bc_cli_connect(knet_conn *c, bool connected, void *ud)
     if (knet_conn_userdata(c) == &cl->have_thread)
         return; /* a redial's connect(false) */
     if (connected && cl->have_thread) {
-        /* A redial after the server's FIN, which reached the closing listener: its loop
-         * closes it, no bytes. Its callbacks are told apart by their userdata. */
+        /* A redial after the server's FIN: refused, as the listener leaves LISTEN
+         * first; were it accepted, its loop would close it, no bytes. Its callbacks are
+         * told apart by their userdata. */
         CHECK(cl->b->stopping);
         knet_conn_set_userdata(c, &cl->have_thread);
         return;
@@ -597,6 +598,54 @@ static void test_held_loop_stalls_only_itself(void)
     tu_counter_destroy(&hold_release);
 }
 
+/* knet_server_close takes the port out of LISTEN before it returns, before any
+ * connection closes: a client that re-dials as its connection ends is refused. Were
+ * the listener still open (its close waits for its loop), the kernel could complete
+ * that dial and the listener's close then drop it silently, leaving the client
+ * connected to nothing for good (seen: a knet client's re-dial hanging a test). Here
+ * every loop is held, so nothing of the close has run on a loop yet. */
+static tu_counter all_held;
+
+static void hook_hold_count(tu_rec *r, const void *buf, size_t len)
+{
+    (void)r;
+    if (len != 1 || ((const char *)buf)[0] != 'H')
+        return;
+    tu_counter_add(&all_held, 1);
+    CHECK(tu_counter_wait_ge(&hold_release, 1, TU_DEADLINE_MS));
+}
+
+static void test_close_stops_listening_at_once(void)
+{
+    tu_tracker *t = tu_tracker_new();
+    t->on_receive = hook_hold_count;
+    tu_counter_init(&hold_release);
+    tu_counter_init(&all_held);
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, t, NULL);
+    int n = (int)g_loops; /* one per loop: accepts go round-robin */
+    int fds[8];
+    for (int i = 0; i < n; i++)
+        fds[i] = tu_connect(port);
+    WAIT_GE(&t->connects, n);
+    for (int i = 0; i < n; i++)
+        tu_write_all(fds[i], "H", 1);
+    WAIT_GE(&all_held, n);
+    CHECK_EQ(knet_server_close(ts.srv), 0);
+    int fd = tu_try_connect_ex(port, 0);
+    if (fd >= 0)
+        close(fd);
+    CHECK_EQ(fd, -ECONNREFUSED);
+    tu_counter_add(&hold_release, 1);
+    WAIT_GE(&t->disconnects, n);
+    CHECK_EQ(tu_server_join(&ts), KNET_ESERVERCLOSED);
+    for (int i = 0; i < n; i++)
+        close(fds[i]);
+    tu_tracker_free(t);
+    tu_counter_destroy(&hold_release);
+    tu_counter_destroy(&all_held);
+}
+
 /* ------------------------------------------------------------------ chat churn */
 
 /* A raw chat server (each read goes to every other connection) while peers on 8
@@ -719,6 +768,7 @@ int main(int argc, char **argv)
     RUN(test_broadcast_races_server_shutdown);
     RUN(test_close_one_server_of_two);
     RUN(test_held_loop_stalls_only_itself);
+    RUN(test_close_stops_listening_at_once);
     RUN(test_chat_churn_then_server_close);
     return tu_end();
 }
