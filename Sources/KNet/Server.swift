@@ -35,8 +35,9 @@ public final class TCPServer: Sendable {
     }
 
     /// Stops accepting and closes every connection at once (does not block; callable from
-    /// callbacks); from then on `send` on its connections throws `.connectionClosed` (also
-    /// after `shutdown(timeout:)`). Closing twice is harmless.
+    /// callbacks); from then on the port refuses connections and `send` on its connections
+    /// throws `.connectionClosed` (also after `shutdown(timeout:)`). Closing twice is
+    /// harmless.
     public func close() {
         _ = knet_server_close(handle)
     }

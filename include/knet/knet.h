@@ -191,13 +191,16 @@ int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
 
 /* Stops accepting and closes every connection at once (thread-safe, does not
  * block, callable from callbacks, allocates nothing: it works out of memory);
- * each connect(false) runs on its loop thread. From its return on, sends on the
- * server's connections fail with KNET_ECLOSED (also after knet_server_shutdown).
- * Returns 0, KNET_ESERVERCLOSED if already closed, or -EINVAL for NULL. */
+ * each connect(false) runs on its loop thread. From its return on, the port refuses
+ * new connections, and sends on the server's connections fail with KNET_ECLOSED
+ * (also after knet_server_shutdown). Returns 0 (also when it force-closes what a
+ * knet_server_shutdown still drains), KNET_ESERVERCLOSED if already closed, or
+ * -EINVAL for NULL. */
 int knet_server_close(knet_server *s);
 
-/* Graceful shutdown: stop accepting, shut every connection down gracefully
- * (queued bytes written, FIN, wait for the peer to close), force-close what
+/* Graceful shutdown: stop accepting (at once, as knet_server_close), shut every
+ * connection down gracefully (queued bytes written, FIN, wait for the peer to
+ * close), force-close what
  * remains after timeout_ms; then knet_server_listen_and_serve returns
  * KNET_ESERVERCLOSED. Thread-safe, does not block, allocates nothing (nor do the
  * connections' graceful closes: each has its timer's room from its start, and
