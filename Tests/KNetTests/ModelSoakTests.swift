@@ -83,6 +83,10 @@ private final class Model: Sendable {
     let problems = Locked<[String]>([])
     let serverHard = Locked(false)
     let clientHard = Locked([Bool](repeating: false, count: clientCount))
+    // Set once a close or shutdown of the server / a client returned: its connections'
+    // sends throw .connectionClosed from then on.
+    let serverStopped = Locked(false)
+    let clientStopped = Locked([Bool](repeating: false, count: clientCount))
     let testThreads = Locked<[pthread_t]>([])
 
     init(seed: UInt64, maxMessage: Int, oversizeRefused: Bool) {
@@ -111,6 +115,12 @@ private final class Model: Sendable {
         var bytes = [UInt8](repeating: 0, count: len)
         Model.make(&bytes, uid: mc.uid, slot: slot, seq: seq)
         var error: KNetError?
+        let stopped = mc.isClient ? clientStopped.withLock { $0[mc.client] } : serverStopped.withLock { $0 }
+        defer {
+            if stopped && error != .connectionClosed {
+                fail("conn \(mc.uid): a send after its \(mc.isClient ? "client" : "server") stopped: \(String(describing: error))")
+            }
+        }
         do {
             try mc.conn.send(bytes)
         } catch let e as KNetError {
@@ -329,6 +339,7 @@ private func runModelRound(seed: UInt64) throws -> [String] {
                         model.serverHard.withLock { $0 = true }
                         server.close()
                     }
+                    model.serverStopped.withLock { $0 = true }
                     continue
                 }
                 let k = r.below(100)
@@ -346,6 +357,7 @@ private func runModelRound(seed: UInt64) throws -> [String] {
                             model.clientHard.withLock { $0[i] = true }
                             client.close()
                         }
+                        model.clientStopped.withLock { $0[i] = true }
                     } else if let conn = client.connection, let mc = conn.userdata as? ModelConn {
                         if mc.conn !== conn { model.fail("TCPClient.connection: userdata of another connection") }
                         modelConnOp(model, mc, worker: w, &r)
@@ -477,8 +489,7 @@ private func checkModel(_ model: Model) -> (completeStreams: Int, messages: Int)
 }
 
 extension KNetTests {
-    @Test("model soak: random calls from many threads on a server, its clients and their connections",
-          .timeLimit(.minutes(3)))
+    @Test("model soak: random calls from many threads on a server, its clients and their connections")
     func modelSoak() throws {
         // The loop threads (and their descriptors) start with the first server.
         let warm = TCPServer("127.0.0.1:0")

@@ -1,13 +1,16 @@
 /* Model-based randomized concurrency: per seed, one knet server and NCLIENTS
- * persistent knet clients (retry on, 1-8 ms backoff) talk framed messages
- * while NWORKERS threads make random public calls on their connections, their
+ * persistent knet clients (retry on, 1-8 ms backoff) talk messages (std, raw or
+ * 4-byte length codec; some connections read into memory of their own through
+ * knet_conn_set_alloc; in some seeds idle timeouts and byte bounds) while
+ * NWORKERS threads make random public calls on their connections, their
  * clients and the server: sends of random sizes (empty, small, large, one over
  * the codec's limit; bursts into a pending-send or queued-bytes limit), the
  * limits themselves, close, shutdown, close_with_timeout (0-30 ms),
  * userdata set/get, nodelay, addresses, knet_client_conn, knet_client_close /
  * _shutdown (also while dialing), and, in some seeds, a server close or short
- * shutdown in the middle of it all. Loop threads answer some messages and
- * greet in connect(true), and sometimes close their own connection in receive.
+ * shutdown in the middle of it all. Loop threads greet in connect(true),
+ * answer some messages, sometimes close their own connection in receive or
+ * take a little longer (a slow handler).
  *
  * Every message is [magic u16][slot u8][0][uid u32][seq u32][len u32][pattern]
  * (uid: the sending connection; slot: the sending thread, or the loop). After
@@ -20,12 +23,17 @@
  *    sends that returned 0, in order, none twice, no refused one;
  *  - the prefix is all of them when neither side was closed hard and both
  *    ended with 0 or KNET_EOF (a graceful close or the peer's FIN);
- *  - every call returns 0 or a code knet.h documents for it;
+ *  - every call returns 0 or a code knet.h documents for it; a send after a
+ *    stop of its server or client returned is KNET_ECLOSED; a full queue
+ *    drains (the peer reads);
+ *  - the server's byte counters lie between what was delivered and accepted;
  *  - no descriptor or thread left (LSan checks memory).
  *
- * Interleavings are the scheduler's; the operations each thread makes are the
- * seed's. Seeds: KNET_MODEL_SEEDS="first-last" or "n" (default 1-24); every
- * round prints its seed, and a failure names it. */
+ * Interleavings are the scheduler's; the kinds and sizes of the operations
+ * each thread makes are the seed's (which connection one hits depends on
+ * timing). Seeds: KNET_MODEL_SEEDS="first-last" or "n" (default 1-24); every
+ * round prints its seed, and a failure names it. KNET_LOOP_THREADS sets the
+ * loops (default 3). */
 #include "testutil.h"
 
 #include <sched.h>
