@@ -331,73 +331,101 @@ static long bc_sends_done(bc *b)
     return s;
 }
 
-static void broadcast_round(size_t limit)
-{
-    static bc b;
-    static bc_client cls[BC_MAX];
-    memset(&b, 0, sizeof b);
-    memset(cls, 0, sizeof cls);
-    b.k = 2 * (int)g_loops;
-    CHECK_LE(b.k, BC_MAX);
-    b.limit = limit;
-    pthread_mutex_init(&b.mu, NULL);
-    knet_handler sh = {bc_srv_connect, bc_srv_receive, &b};
+/* One chat: the server, 2 clients per loop (all registered), and a sender thread per
+ * client, started together. Static: too large for a test thread's stack. */
+typedef struct bc_run {
+    bc b;
+    bc_client cls[BC_MAX];
     tu_server ts;
-    int port = tu_server_start(&ts, "127.0.0.1:0", &sh, &knet_std_codec);
-    CHECK_GT(port, 0);
-
     tu_client tc[BC_MAX];
     knet_client *cli[BC_MAX];
-    for (int i = 0; i < b.k; i++) {
-        cls[i].b = &b;
-        cls[i].id = i;
-        knet_handler ch = {bc_cli_connect, bc_cli_receive, &cls[i]};
-        cli[i] = tu_client_for_port(port);
-        tu_client_start(&tc[i], cli[i], &ch, &knet_std_codec);
-    }
-    WAIT_UNTIL(atomic_load(&b.registered) == b.k);
-
     pthread_barrier_t go;
-    CHECK_EQ(pthread_barrier_init(&go, NULL, (unsigned)b.k), 0);
     pthread_t th[BC_MAX];
     bc_sender snd[BC_MAX];
-    for (int i = 0; i < b.k; i++) {
-        snd[i] = (bc_sender){&cls[i], cli[i], &go};
-        CHECK_EQ(pthread_create(&th[i], NULL, bc_sender_main, &snd[i]), 0);
+} bc_run;
+
+static bc_run *bc_start(size_t limit, bool stopping)
+{
+    static bc_run r;
+    memset(&r, 0, sizeof r);
+    bc *b = &r.b;
+    b->k = 2 * (int)g_loops;
+    CHECK_LE(b->k, BC_MAX);
+    b->limit = limit;
+    b->stopping = stopping;
+    pthread_mutex_init(&b->mu, NULL);
+    knet_handler sh = {bc_srv_connect, bc_srv_receive, b};
+    int port = tu_server_start(&r.ts, "127.0.0.1:0", &sh, &knet_std_codec);
+    CHECK_GT(port, 0);
+    for (int i = 0; i < b->k; i++) {
+        r.cls[i].b = b;
+        r.cls[i].id = i;
+        knet_handler ch = {bc_cli_connect, bc_cli_receive, &r.cls[i]};
+        r.cli[i] = tu_client_for_port(port);
+        tu_client_start(&r.tc[i], r.cli[i], &ch, &knet_std_codec);
     }
-    for (int i = 0; i < b.k; i++)
-        CHECK_EQ(pthread_join(th[i], NULL), 0);
-    pthread_barrier_destroy(&go);
+    WAIT_UNTIL(atomic_load(&b->registered) == b->k);
+    CHECK_EQ(pthread_barrier_init(&r.go, NULL, (unsigned)b->k), 0);
+    for (int i = 0; i < b->k; i++) {
+        r.snd[i] = (bc_sender){&r.cls[i], r.cli[i], &r.go};
+        CHECK_EQ(pthread_create(&r.th[i], NULL, bc_sender_main, &r.snd[i]), 0);
+    }
+    return &r;
+}
+
+/* Joins the sender threads. */
+static void bc_join_senders(bc_run *r)
+{
+    for (int i = 0; i < r->b.k; i++)
+        CHECK_EQ(pthread_join(r->th[i], NULL), 0);
+    pthread_barrier_destroy(&r->go);
+}
+
+/* What arrived: checks that every send that returned 0 arrived, in order per source;
+ * returns the frames delivered. */
+static long bc_delivered(bc_run *r)
+{
+    long delivered = 0;
+    for (int d = 0; d < r->b.k; d++) {
+        CHECK_EQ(atomic_load(&r->cls[d].bad_order), 0);
+        for (int s = 0; s < r->b.k; s++) {
+            CHECK_EQ(atomic_load(&r->cls[d].got[s]), atomic_load(&r->b.ok[s][d]));
+            delivered += atomic_load(&r->cls[d].got[s]);
+        }
+    }
+    return delivered;
+}
+
+static void broadcast_round(size_t limit)
+{
+    bc_run *r = bc_start(limit, false);
+    bc *b = &r->b;
+    bc_join_senders(r);
 
     /* Every frame reached the server and was broadcast: (k - 1) sends each. */
-    long want = (long)b.k * BC_MSGS * (b.k - 1);
-    WAIT_UNTIL(bc_sends_done(&b) == want);
-    CHECK_EQ(atomic_load(&b.other_err), 0);
-    CHECK_EQ(atomic_load(&b.closed), 0);
+    long want = (long)b->k * BC_MSGS * (b->k - 1);
+    WAIT_UNTIL(bc_sends_done(b) == want);
+    CHECK_EQ(atomic_load(&b->other_err), 0);
+    CHECK_EQ(atomic_load(&b->closed), 0);
     /* Every send that returned 0 arrives, in order. */
-    for (int d = 0; d < b.k; d++)
-        for (int s = 0; s < b.k; s++)
-            WAIT_UNTIL(atomic_load(&cls[d].got[s]) == atomic_load(&b.ok[s][d]));
-    long delivered = 0;
-    for (int d = 0; d < b.k; d++) {
-        CHECK_EQ(atomic_load(&cls[d].bad_order), 0);
-        for (int s = 0; s < b.k; s++)
-            delivered += atomic_load(&cls[d].got[s]);
-    }
+    for (int d = 0; d < b->k; d++)
+        for (int s = 0; s < b->k; s++)
+            WAIT_UNTIL(atomic_load(&r->cls[d].got[s]) == atomic_load(&b->ok[s][d]));
+    long delivered = bc_delivered(r);
     if (!limit)
         CHECK_EQ(delivered, want);
     CHECK_GT(delivered, 0);
-    printf("    %d conns on %u loops, limit %zu: %ld delivered, %ld refused (pending full)\n", b.k,
-           g_loops, limit, delivered, atomic_load(&b.full));
+    printf("    %d conns on %u loops, limit %zu: %ld delivered, %ld refused (pending full)\n", b->k,
+           g_loops, limit, delivered, atomic_load(&b->full));
 
-    for (int i = 0; i < b.k; i++) {
-        CHECK_EQ(knet_client_close(cli[i]), 0);
-        CHECK_EQ(tu_client_join(&tc[i]), KNET_ECLIENTCLOSED);
-        knet_client_free(cli[i]);
+    for (int i = 0; i < b->k; i++) {
+        CHECK_EQ(knet_client_close(r->cli[i]), 0);
+        CHECK_EQ(tu_client_join(&r->tc[i]), KNET_ECLIENTCLOSED);
+        knet_client_free(r->cli[i]);
     }
-    WAIT_UNTIL(atomic_load(&b.server_disc) == b.k);
-    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
-    pthread_mutex_destroy(&b.mu);
+    WAIT_UNTIL(atomic_load(&b->server_disc) == b->k);
+    CHECK_EQ(tu_server_stop(&r->ts), KNET_ESERVERCLOSED);
+    pthread_mutex_destroy(&b->mu);
 }
 
 /* The chat of broadcast_round while knet_server_shutdown comes midway: every broadcast
@@ -406,62 +434,25 @@ static void broadcast_round(size_t limit)
  * ones return KNET_ECLOSED. */
 static void test_broadcast_races_server_shutdown(void)
 {
-    static bc b;
-    static bc_client cls[BC_MAX];
-    memset(&b, 0, sizeof b);
-    memset(cls, 0, sizeof cls);
-    b.k = 2 * (int)g_loops;
-    b.limit = 0;
-    b.stopping = true;
-    pthread_mutex_init(&b.mu, NULL);
-    knet_handler sh = {bc_srv_connect, bc_srv_receive, &b};
-    tu_server ts;
-    int port = tu_server_start(&ts, "127.0.0.1:0", &sh, &knet_std_codec);
-    CHECK_GT(port, 0);
-    tu_client tc[BC_MAX];
-    knet_client *cli[BC_MAX];
-    for (int i = 0; i < b.k; i++) {
-        cls[i].b = &b;
-        cls[i].id = i;
-        knet_handler ch = {bc_cli_connect, bc_cli_receive, &cls[i]};
-        cli[i] = tu_client_for_port(port);
-        tu_client_start(&tc[i], cli[i], &ch, &knet_std_codec);
-    }
-    WAIT_UNTIL(atomic_load(&b.registered) == b.k);
-    pthread_barrier_t go;
-    CHECK_EQ(pthread_barrier_init(&go, NULL, (unsigned)b.k), 0);
-    pthread_t th[BC_MAX];
-    bc_sender snd[BC_MAX];
-    for (int i = 0; i < b.k; i++) {
-        snd[i] = (bc_sender){&cls[i], cli[i], &go};
-        CHECK_EQ(pthread_create(&th[i], NULL, bc_sender_main, &snd[i]), 0);
-    }
-    long want = (long)b.k * BC_MSGS * (b.k - 1);
-    WAIT_UNTIL(bc_sends_done(&b) >= want / 4);
-    CHECK_EQ(knet_server_shutdown(ts.srv, 10000), 0);
-    for (int i = 0; i < b.k; i++)
-        CHECK_EQ(pthread_join(th[i], NULL), 0);
-    pthread_barrier_destroy(&go);
+    bc_run *r = bc_start(0, true);
+    bc *b = &r->b;
+    long want = (long)b->k * BC_MSGS * (b->k - 1);
+    WAIT_UNTIL(bc_sends_done(b) >= want / 4);
+    CHECK_EQ(knet_server_shutdown(r->ts.srv, 10000), 0);
+    bc_join_senders(r);
     /* Each client reads to the server's FIN, then its connection ends; the redial is refused. */
-    for (int i = 0; i < b.k; i++) {
-        int rc = tu_client_join(&tc[i]);
+    for (int i = 0; i < b->k; i++) {
+        int rc = tu_client_join(&r->tc[i]);
         CHECK(rc == -ECONNREFUSED || rc == -ECONNRESET);
-        knet_client_free(cli[i]);
+        knet_client_free(r->cli[i]);
     }
-    CHECK_EQ(tu_server_join(&ts), KNET_ESERVERCLOSED);
-    CHECK_EQ(atomic_load(&b.other_err), 0);
-    long delivered = 0;
-    for (int d = 0; d < b.k; d++) {
-        CHECK_EQ(atomic_load(&cls[d].bad_order), 0);
-        for (int s = 0; s < b.k; s++) {
-            CHECK_EQ(atomic_load(&cls[d].got[s]), atomic_load(&b.ok[s][d]));
-            delivered += atomic_load(&cls[d].got[s]);
-        }
-    }
+    CHECK_EQ(tu_server_join(&r->ts), KNET_ESERVERCLOSED);
+    CHECK_EQ(atomic_load(&b->other_err), 0);
+    long delivered = bc_delivered(r);
     CHECK_GE(delivered, want / 4);
-    printf("    %d conns on %u loops: %ld delivered, %ld refused after the shutdown\n", b.k, g_loops,
-           delivered, atomic_load(&b.closed));
-    pthread_mutex_destroy(&b.mu);
+    printf("    %d conns on %u loops: %ld delivered, %ld refused after the shutdown\n", b->k, g_loops,
+           delivered, atomic_load(&b->closed));
+    pthread_mutex_destroy(&b->mu);
 }
 
 static void test_broadcast_every_loop(void)
