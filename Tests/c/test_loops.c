@@ -525,7 +525,7 @@ static void test_close_one_server_of_two(void)
 /* ------------------------------------------------------------------ a held loop */
 
 static tu_counter hold_release; /* 1: let go */
-static atomic_int held;
+static tu_counter held;         /* loops held */
 
 /* On "H": holds its loop until the test lets go (bounded). */
 static void hook_hold(tu_rec *r, const void *buf, size_t len)
@@ -533,7 +533,7 @@ static void hook_hold(tu_rec *r, const void *buf, size_t len)
     (void)r;
     if (len != 1 || ((const char *)buf)[0] != 'H')
         return;
-    atomic_store(&held, 1);
+    tu_counter_add(&held, 1);
     CHECK(tu_counter_wait_ge(&hold_release, 1, TU_DEADLINE_MS));
 }
 
@@ -565,9 +565,10 @@ static void test_held_loop_stalls_only_itself(void)
     CHECK_GT(same, 0);
     CHECK_GT(other, 0);
     tu_counter_init(&hold_release);
+    tu_counter_init(&held);
     char hb = 'H';
     tu_write_all(fds[0], &hb, 1);
-    WAIT_UNTIL(atomic_load(&held) == 1);
+    WAIT_GE(&held, 1);
     for (int r = 0; r < 50; r++) {
         char b[2] = {'q', (char)r}, got[2];
         tu_write_all(fds[other], b, 2);
@@ -587,31 +588,21 @@ static void test_held_loop_stalls_only_itself(void)
     CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
     tu_tracker_free(t);
     tu_counter_destroy(&hold_release);
+    tu_counter_destroy(&held);
 }
 
-/* knet_server_close takes the port out of LISTEN before it returns, before any
- * connection closes: a client that re-dials as its connection ends is refused. Were
- * the listener still open (its close waits for its loop), the kernel could complete
- * that dial and the listener's close then drop it silently, leaving the client
- * connected to nothing for good (seen: a knet client's re-dial hanging a test). Here
- * every loop is held, so nothing of the close has run on a loop yet. */
-static tu_counter all_held;
-
-static void hook_hold_count(tu_rec *r, const void *buf, size_t len)
-{
-    (void)r;
-    if (len != 1 || ((const char *)buf)[0] != 'H')
-        return;
-    tu_counter_add(&all_held, 1);
-    CHECK(tu_counter_wait_ge(&hold_release, 1, TU_DEADLINE_MS));
-}
-
-static void test_close_stops_listening_at_once(void)
+/* knet_server_close and _shutdown take the port out of LISTEN before they return,
+ * before any connection closes: a client that re-dials as its connection ends is
+ * refused. Were the listener still open (its close waits for its loop), the kernel
+ * could complete that dial and the listener's close then drop it silently, leaving the
+ * client connected to nothing for good (seen: a knet client's re-dial hanging a test).
+ * Here every loop is held, so nothing of the stop has run on a loop yet. */
+static void stop_stops_listening_at_once(bool graceful)
 {
     tu_tracker *t = tu_tracker_new();
-    t->on_receive = hook_hold_count;
+    t->on_receive = hook_hold;
     tu_counter_init(&hold_release);
-    tu_counter_init(&all_held);
+    tu_counter_init(&held);
     tu_server ts;
     int port = tu_tracked_server_start(&ts, t, NULL);
     int n = (int)g_loops; /* one per loop: accepts go round-robin */
@@ -621,20 +612,30 @@ static void test_close_stops_listening_at_once(void)
     WAIT_GE(&t->connects, n);
     for (int i = 0; i < n; i++)
         tu_write_all(fds[i], "H", 1);
-    WAIT_GE(&all_held, n);
-    CHECK_EQ(knet_server_close(ts.srv), 0);
+    WAIT_GE(&held, n);
+    CHECK_EQ(graceful ? knet_server_shutdown(ts.srv, 10000) : knet_server_close(ts.srv), 0);
     int fd = tu_try_connect_ex(port, 0);
     if (fd >= 0)
         close(fd);
     CHECK_EQ(fd, -ECONNREFUSED);
     tu_counter_add(&hold_release, 1);
+    for (int i = 0; i < n; i++) /* a graceful close waits for its peer's */
+        close(fds[i]);
     WAIT_GE(&t->disconnects, n);
     CHECK_EQ(tu_server_join(&ts), KNET_ESERVERCLOSED);
-    for (int i = 0; i < n; i++)
-        close(fds[i]);
     tu_tracker_free(t);
     tu_counter_destroy(&hold_release);
-    tu_counter_destroy(&all_held);
+    tu_counter_destroy(&held);
+}
+
+static void test_close_stops_listening_at_once(void)
+{
+    stop_stops_listening_at_once(false);
+}
+
+static void test_shutdown_stops_listening_at_once(void)
+{
+    stop_stops_listening_at_once(true);
 }
 
 /* ------------------------------------------------------------------ chat churn */
@@ -760,6 +761,7 @@ int main(int argc, char **argv)
     RUN(test_close_one_server_of_two);
     RUN(test_held_loop_stalls_only_itself);
     RUN(test_close_stops_listening_at_once);
+    RUN(test_shutdown_stops_listening_at_once);
     RUN(test_chat_churn_then_server_close);
     return tu_end();
 }
