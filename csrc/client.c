@@ -185,11 +185,6 @@ static int serve_one(knet_client *c, int fd, const kn_sockaddr *peer) {
     return rc;
 }
 
-/* Waits (under o.mu) until no knet_client_close / _shutdown still uses c. */
-static void client_wait_tasks(knet_client *c) {
-    while (c->o.tasks > 0) pthread_cond_wait(&c->o.cv, &c->o.mu);
-}
-
 int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
                                const knet_codec *codec) {
     if (!c) return -EINVAL;
@@ -206,7 +201,9 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
     if (rc == 0) c->serving = true;
     /* A close under way (its task) still uses c: as below, return after it, so the
      * caller may free c (a serve call running meanwhile waits for it itself). */
-    else if (rc != KNET_EBUSY) client_wait_tasks(c);
+    else if (rc != KNET_EBUSY) {
+        while (c->o.tasks > 0) pthread_cond_wait(&c->o.cv, &c->o.mu);
+    }
     pthread_mutex_unlock(&c->o.mu);
     if (rc < 0) return rc;
     knet__owner_set(&c->o, handler, codec);
