@@ -53,6 +53,27 @@ static void *closer_main(void *arg)
     return NULL;
 }
 
+/* Starts knet_client_close(cli) on a thread and waits until it is held in its wake-up
+ * write: the client is marked closed, the close has yet to return. */
+static pthread_t close_held_start(knet_client *cli)
+{
+    tu_counter_init(&close_held);
+    tu_counter_init(&close_go);
+    pthread_t closer;
+    CHECK_EQ(pthread_create(&closer, NULL, closer_main, cli), 0);
+    WAIT_GE(&close_held, 1);
+    return closer;
+}
+
+/* Lets the held close finish and joins its thread. */
+static void close_held_finish(pthread_t closer)
+{
+    tu_counter_add(&close_go, 1);
+    CHECK_EQ(pthread_join(closer, NULL), 0);
+    tu_counter_destroy(&close_held);
+    tu_counter_destroy(&close_go);
+}
+
 static void *dialer_main(void *arg)
 {
     tls_dialer = true;
@@ -208,21 +229,14 @@ static void test_serve_outlasts_close(void)
     WAIT_GE(&t->connects, 1);
     WAIT_GE(&st->connects, 1);
 
-    tu_counter_init(&close_held);
-    tu_counter_init(&close_go);
-    pthread_t closer;
-    CHECK_EQ(pthread_create(&closer, NULL, closer_main, cli), 0);
-    WAIT_GE(&close_held, 1);
+    pthread_t closer = close_held_start(cli);
     knet_conn_close(tu_tracker_rec(st, 0)->conn);
     WAIT_GE(&t->disconnects, 1); /* the dialer sees its connection end, and the close */
     CHECK(!tu_counter_wait_ge(&tc.done, 1, 300)); /* ...and waits for the close */
-    tu_counter_add(&close_go, 1);
-    CHECK_EQ(pthread_join(closer, NULL), 0);
+    close_held_finish(closer);
     CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
     knet_client_free(cli);
     tu_tracker_free(t);
-    tu_counter_destroy(&close_held);
-    tu_counter_destroy(&close_go);
     CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
     tu_tracker_free(st);
 }
@@ -237,21 +251,14 @@ static void test_closed_serve_outlasts_close(void)
     knet_client *cli = tu_client_for_port(tu_reserve_port(&hold));
     /* A refused dial (retry off): the client now has its wake-up fd and may serve again. */
     CHECK_EQ(knet_client_dial_and_serve(cli, NULL, NULL), -ECONNREFUSED);
-    tu_counter_init(&close_held);
-    tu_counter_init(&close_go);
-    pthread_t closer;
-    CHECK_EQ(pthread_create(&closer, NULL, closer_main, cli), 0);
-    WAIT_GE(&close_held, 1); /* marked closed; the close has yet to return */
+    pthread_t closer = close_held_start(cli);
     tu_client tc;
     tu_client_start(&tc, cli, NULL, NULL);
     CHECK(!tu_counter_wait_ge(&tc.done, 1, 300)); /* waits for the close */
-    tu_counter_add(&close_go, 1);
-    CHECK_EQ(pthread_join(closer, NULL), 0);
+    close_held_finish(closer);
     CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
     knet_client_free(cli);
     close(hold);
-    tu_counter_destroy(&close_held);
-    tu_counter_destroy(&close_go);
 }
 
 static void test_close_before_attach(void) { race(RACE_CLOSE); }
