@@ -325,9 +325,14 @@ static int start_loops(unsigned n) {
     unsigned made = 0, started = 0;
     while (made < n && (rc = loop_init(&loops[made], made)) == 0) made++;
     if (rc == 0) {
-        /* Loop threads take no asynchronous signals: those belong to the application. */
+        /* Loop threads take no asynchronous signals: those belong to the application.
+         * Faults stay unblocked: a crash in a callback must reach the program's handler
+         * (a crash reporter, ASan, Swift's backtracer); blocked, the kernel kills the
+         * process with the default action instead. */
         sigset_t all, old;
         sigfillset(&all);
+        static const int faults[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS};
+        for (size_t i = 0; i < sizeof faults / sizeof faults[0]; i++) sigdelset(&all, faults[i]);
         pthread_sigmask(SIG_SETMASK, &all, &old);
         pthread_attr_t attr;
         pthread_attr_init(&attr);
