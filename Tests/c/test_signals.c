@@ -406,6 +406,22 @@ static void test_eintr_storm(void)
         CHECK_EQ(tu_pattern_mismatch(msg, len, (uint64_t)i * 64, 9), len);
     }
 
+    /* A dial that resolves a name ("localhost") under the storm: connected, 20 times. */
+    char addr[64];
+    snprintf(addr, sizeof addr, "localhost:%d", port);
+    for (int i = 0; i < 20; i++) {
+        tu_tracker *lt = tu_tracker_new();
+        knet_handler lh = tu_tracker_handler(lt);
+        cli = knet_client_new(addr);
+        CHECK(cli != NULL);
+        tu_client_start(&tc, cli, &lh, NULL);
+        WAIT_GE(&lt->connects, 1);
+        CHECK_EQ(knet_client_close(cli), 0);
+        CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+        knet_client_free(cli);
+        tu_tracker_free(lt);
+    }
+
     CHECK_EQ(knet_server_close(ts.srv), 0);
     CHECK_EQ(tu_server_join(&ts), KNET_ESERVERCLOSED);
     tu_tracker_free(t);
