@@ -575,6 +575,54 @@ static void test_caller_signals_untouched(void)
         CHECK_EQ(sigismember(&mask, s), sigismember(&g_mask0, s));
 }
 
+/* ------------------------------------------------------------------ fork before knet starts */
+
+static void echo_receive(knet_conn *c, const void *buf, size_t len, void *ud)
+{
+    (void)ud;
+    CHECK_EQ(knet_conn_send(c, buf, len), 0);
+}
+
+/* One echo round trip through a knet server of this process; returns 0. */
+static int prefork_echo_once(const char *who)
+{
+    knet_handler h = {NULL, echo_receive, NULL};
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &h, NULL);
+    CHECK_GT(port, 0);
+    int fd = tu_connect(port);
+    tu_write_str(fd, who);
+    char b[16] = {0};
+    CHECK_EQ(tu_read_full(fd, b, strlen(who)), (ssize_t)strlen(who));
+    CHECK_EQ(memcmp(b, who, strlen(who)), 0);
+    close(fd);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    return 0;
+}
+
+/* Child: forks before its first knet call, as a pre-fork server does; each process
+ * then starts its own loops and serves. */
+static int child_prefork(void)
+{
+    pid_t pid = fork();
+    CHECK_GE(pid, 0);
+    if (pid == 0)
+        _exit(prefork_echo_once("grandchild") == 0 ? 0 : 1);
+    CHECK_EQ(prefork_echo_once("child"), 0);
+    int status = wait_child(pid);
+    CHECK(WIFEXITED(status));
+    return WEXITSTATUS(status);
+}
+
+/* README: a process that forks before its first server or client starts gets its
+ * own loops in each process (knet starts them lazily, per process). */
+static void test_fork_before_start_serves_in_both(void)
+{
+    int status = wait_child(spawn_self("prefork", NULL));
+    CHECK(WIFEXITED(status));
+    CHECK_EQ(WEXITSTATUS(status), 0);
+}
+
 int main(int argc, char **argv)
 {
     ssize_t n = readlink("/proc/self/exe", g_self, sizeof g_self - 1);
@@ -586,6 +634,8 @@ int main(int argc, char **argv)
         return child_fault(1);
     if (argc > 1 && strcmp(argv[1], "list-fds") == 0)
         return child_list_fds();
+    if (argc > 1 && strcmp(argv[1], "prefork") == 0)
+        return child_prefork();
     note_inherited_fds();
 
     snapshot_signals(&g_mask0, g_act0); /* before knet runs anything */
@@ -596,6 +646,7 @@ int main(int argc, char **argv)
     RUN(test_eintr_storm);
     RUN(test_segv_in_callback_reaches_handler);
     RUN(test_trap_in_callback_reaches_handler);
+    RUN(test_fork_before_start_serves_in_both);
     RUN(test_caller_signals_untouched);
     return tu_end();
 }
