@@ -128,7 +128,11 @@ typedef ptrdiff_t (*knet_codec_read_fn)(const void *in, size_t in_len, const voi
 typedef int (*knet_codec_write_fn)(knet_writer *w, const void *msg, size_t len, void *ud);
 
 /* Default bound on one buffered partial frame when a codec sets max_frame = 0. */
+#ifdef __cplusplus /* a C cast trips -Wold-style-cast in the C++ program that expands it */
+#define KNET_DEFAULT_MAX_FRAME (static_cast<size_t>(16) << 20)
+#else
 #define KNET_DEFAULT_MAX_FRAME ((size_t)16 << 20)
+#endif
 
 /* A frame reader/writer. NULL read = raw stream; NULL write = raw bytes.
  * max_frame bounds one frame and the unconsumed input knet buffers for one
@@ -216,7 +220,11 @@ int knet_server_close(knet_server *s);
 int knet_server_shutdown(knet_server *s, uint32_t timeout_ms);
 
 /* Default bound on the bytes queued per connection (knet_conn_set_max_queued_bytes). */
+#ifdef __cplusplus /* as KNET_DEFAULT_MAX_FRAME */
+#define KNET_DEFAULT_MAX_QUEUED (static_cast<size_t>(64) << 20)
+#else
 #define KNET_DEFAULT_MAX_QUEUED ((size_t)64 << 20)
+#endif
 
 /* The three limits below apply to the connections a server accepts from now
  * on (thread-safe; set them before knet_server_listen_and_serve). */
