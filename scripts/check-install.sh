@@ -71,6 +71,23 @@ if cmake -S "$root/examples/consumer" -B "$tmp/req-high" -DCMAKE_PREFIX_PATH="$t
      -DKNET_REQUIRE=$((${v%%.*} + 1)).0 >/dev/null 2>&1; then
   fail "find_package(knet $((${v%%.*} + 1)).0) accepted version $v"
 fi
+# The loader refuses what find_package refuses: the next minor version (this tree configured
+# as one) must not satisfy find_package(knet $v) while a program linked to this libknet.so
+# would load it (the same SONAME) -- it would run against an ABI its build never saw.
+v_next="${v%%.*}.$(($(cut -d. -f2 <<<"$v") + 1)).0"
+echo "set(PROJECT_VERSION $v_next)
+set(PROJECT_VERSION_MINOR $(cut -d. -f2 <<<"$v_next"))
+set(PROJECT_VERSION_PATCH 0)" >"$tmp/next-version.cmake"
+quiet cmake -S "$root" -B "$tmp/build-next" "${lib_only[@]}" -DCMAKE_PROJECT_knet_INCLUDE="$tmp/next-version.cmake"
+quiet cmake --build "$tmp/build-next" -j2
+quiet cmake --install "$tmp/build-next" --prefix "$tmp/next-prefix"
+soname() { readelf -d "$1" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p'; }
+so_now="$(soname "$(find "$tmp/prefix" -name libknet.so)")"
+so_next="$(soname "$(find "$tmp/next-prefix" -name libknet.so)")"
+if ! cmake -S "$root/examples/consumer" -B "$tmp/req-next" -DCMAKE_PREFIX_PATH="$tmp/next-prefix" \
+     -DKNET_REQUIRE="$v" >/dev/null 2>&1 && [[ $so_now == "$so_next" ]]; then
+  fail "find_package(knet $v) refuses $v_next, but both are SONAME $so_now: a program built on $v loads $v_next"
+fi
 # Symbol hygiene: both libraries define no global name outside knet_ (libknet.a's are
 # linked into the program, where hidden visibility does not keep them apart), so a program
 # with helpers of its own named kn_* links statically.
