@@ -3,7 +3,9 @@
 # echo round trip (examples/consumer):
 #  1. installed with a prefix chosen at install time: find_package(knet) with the static
 #     and the shared target, version requests; pkg-config, shared and static; C++11/17;
-#     no global symbol outside knet_ in libknet.a or libknet.so.
+#     no global symbol outside knet_ in libknet.a or libknet.so; libknet.so exports exactly
+#     what knet.h declares, has no RUNPATH, and a SONAME that changes as find_package's
+#     compatibility does; the installed tree holds only what it should.
 #  2. installed with DESTDIR and then moved elsewhere: both ways still work (relocatable).
 #  3. installed with absolute CMAKE_INSTALL_LIBDIR/INCLUDEDIR (as distributions pass them):
 #     pkg-config finds the header and the library.
@@ -95,6 +97,23 @@ for lib in "$(find "$tmp/prefix" -name libknet.a)" "$(find "$tmp/prefix" -name l
   other="$(nm -g --defined-only "$lib" | awk 'NF == 3 && $3 !~ /^knet_/ {print $3}' | sort -u)"
   [[ -z $other ]] || fail "$(basename "$lib") defines $(wc -w <<<"$other") names outside knet_: $(echo $other | cut -c1-120)..."
 done
+# libknet.so exports exactly what knet.h declares: no knet__ internals a program could bind
+# to (or collide with), and no public call left hidden.
+so="$(find "$tmp/prefix" -name libknet.so)"
+declared="$(cc -E -P "$tmp/prefix/include/knet/knet.h" |
+  grep -oE '\bknet_[a-z0-9_]+ *\(|extern const [a-z_]+ knet_[a-z_]+' | sed -E 's/ *\($//; s/.* //' | sort -u)"
+exported="$(nm -D --defined-only "$so" | awk '{print $3}' | sort -u)"
+[[ $declared == "$exported" ]] ||
+  fail "libknet.so's exports differ from knet.h's declarations: $(diff <(echo "$declared") <(echo "$exported") | grep '^[<>]' | tr '\n' ' ')"
+! readelf -d "$so" | grep -qE 'RPATH|RUNPATH' || fail "the installed libknet.so has an RPATH/RUNPATH"
+# The installed tree: the public header, the libraries, the CMake package and knet.pc only
+# (no internal header, nothing of the tests).
+# (Only include/ and the libdir, lib or lib64: the consumers above were built in $tmp/prefix too.)
+l="${so#"$tmp/prefix/"}"; l="${l%/libknet.so}"
+files="$(cd "$tmp/prefix" && find include "$l" -type f -o -type l | sort | tr '\n' ' ')"
+want="include/knet/knet.h $l/cmake/knet/knetConfig.cmake $l/cmake/knet/knetConfigVersion.cmake $l/cmake/knet/knetTargets-relwithdebinfo.cmake $l/cmake/knet/knetTargets.cmake $l/libknet.a $l/libknet.so $l/libknet.so.$v $l/libknet.so.${v%.*} $l/pkgconfig/knet.pc"
+[[ $(echo $files | tr ' ' '\n' | sort | tr '\n' ' ') == "$(echo $want | tr ' ' '\n' | sort | tr '\n' ' ')" ]] ||
+  fail "installed files: $files (expected $want)"
 cat >"$tmp/own_kn.c" <<'EOF2'
 #include <knet/knet.h>
 #include <stdio.h>
