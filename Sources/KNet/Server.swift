@@ -87,7 +87,8 @@ public final class TCPServer: Sendable {
     /// Blocks until the server listens and returns its port; throws the listen error of
     /// the latest `listenAndServe` (a wait begun before a retried call started sees the
     /// earlier failure), `.serverClosed` when it was closed before it listened, or
-    /// `.system(errno: ETIMEDOUT)` after `timeout`.
+    /// `.system(errno: ETIMEDOUT)` after `timeout`. In a handler callback it may only time
+    /// out (and stalls that loop meanwhile): the listener may be waiting for that very loop.
     @discardableResult
     public func waitUntilListening(timeout: Duration) throws -> Int {
         let rc = knet_server_wait_listening(handle, knetMilliseconds(timeout))

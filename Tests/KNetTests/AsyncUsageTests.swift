@@ -460,4 +460,40 @@ extension KNetTests {
         #expect(conns[0].localAddress == local0)
         #expect(server.port == port)
     }
+
+    @Test("waitUntilListening called in a callback, for a server starting on a thread: on the callback's own loop it can only time out")
+    func waitUntilListeningInCallback() async throws {
+        let loops = loopThreadCount
+        let others = (0..<loops).map { _ in TCPServer("127.0.0.1:0") }
+        let servings = Locked<[Background]>([])
+        let results = Locked<[Result<Int, KNetError>]>([])
+        let handler = AwaitableHandler { conn, _ in
+            // Each listenAndServe takes the next loop in turn: one of them is this one.
+            for other in others {
+                servings.withLock { $0.append(Background { try other.listenAndServe() }) }
+                let result = Result { () throws(KNetError) -> Int in
+                    do { return try other.waitUntilListening(timeout: .milliseconds(300)) } catch let error as KNetError {
+                        throw error
+                    } catch { throw .codec }
+                }
+                results.withLock { $0.append(result) }
+            }
+            try? conn.send([1])
+        }
+        let server = try ServerHarness(handler: handler, codec: nil)
+        let peer = PeerBox(peer: try PlainSocket(port: server.port))
+        try peer.peer.write([0])
+        #expect(try await offPool { try peer.peer.read(exactly: 1) } == [1])
+        let outcome = results.withLock { $0 }
+        #expect(outcome.count == loops)
+        // The one whose listener waits for this loop timed out, though it listens right after.
+        let timedOut = outcome.indices.filter { outcome[$0] == .failure(.system(errno: ETIMEDOUT)) }
+        #expect(timedOut.count == 1, "\(outcome)")
+        for (i, other) in others.enumerated() {
+            #expect(try await offPool { try other.waitUntilListening(timeout: .seconds(10)) } > 0, "server \(i)")
+            other.close()
+        }
+        for serving in servings.withLock({ $0 }) { #expect(serving.join() as? KNetError == .serverClosed) }
+        #expect(server.stop() == .serverClosed)
+    }
 }
