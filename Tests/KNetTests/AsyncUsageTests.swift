@@ -496,4 +496,50 @@ extension KNetTests {
         for serving in servings.withLock({ $0 }) { #expect(serving.join() as? KNetError == .serverClosed) }
         #expect(server.stop() == .serverClosed)
     }
+
+    @Test("received arrays handed to an actor by Tasks stay intact while the loop reads on (hand-over storage not reused under them)",
+          arguments: ChurnCodec.allCases)
+    func receivedArraysKeptByActor(codec: ChurnCodec) async throws {
+        actor Store {
+            var parts: [Int: [UInt8]] = [:]
+            func put(_ seq: Int, _ bytes: [UInt8]) {
+                // Read it only now, later, on another thread.
+                parts[seq] = bytes
+            }
+            func joined() -> [UInt8] { parts.keys.sorted().flatMap { parts[$0]! } }
+            var count: Int { parts.count }
+        }
+        let store = Store()
+        let sequence = Atomic<Int>(0)
+        let handler = AwaitableHandler { _, buf in
+            let seq = sequence.add(1, ordering: .relaxed).oldValue
+            Task { await store.put(seq, buf) }
+        }
+        let server = try ServerHarness(handler: handler, codec: codec.make())
+        let total = 3 << 20
+        let body = pattern(total)
+        var wire: [UInt8] = []
+        var cut = 0
+        while cut < total { // messages of 1 to 60000 bytes
+            let size = min(total - cut, 1 + cut * 31 % 60_000)
+            wire += codec.frame(Array(body[cut..<cut + size]))
+            cut += size
+        }
+        try await offPool { [wire] in
+            let peer = try PlainSocket(port: server.port)
+            var offset = 0
+            var step = 700
+            while offset < wire.count {
+                let end = min(wire.count, offset + step)
+                try peer.write(Array(wire[offset..<end]))
+                offset = end
+                step = step * 7 % 65_521 + 100 // read sizes across the spare's thresholds
+            }
+        }
+        #expect(await eventuallyAsync { await store.count == sequence.load(ordering: .relaxed) && handler.downs.withLock { $0 } == 1 })
+        let joined = await store.joined()
+        #expect(joined.count == total)
+        #expect(joined == body)
+        #expect(server.stop() == .serverClosed)
+    }
 }
