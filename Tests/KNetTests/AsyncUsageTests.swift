@@ -542,4 +542,31 @@ extension KNetTests {
         #expect(joined == body)
         #expect(server.stop() == .serverClosed)
     }
+
+    @Test("documented errors from tasks: a second dialAndServe is .busy, a taken port is EADDRINUSE (port 0), loop count .busy")
+    func documentedErrorsFromTasks() async throws {
+        let echo = try ServerHarness(handler: RecordingHandler(echo: true), codec: nil)
+        let client = TCPClient("127.0.0.1:\(echo.port)")
+        let handler = AwaitableHandler()
+        let dialing = Task { try await offPool { try client.dialAndServe(handler: handler) } }
+        #expect(await handler.until { $0.conns.withLock { $0.count } == 1 })
+        let second = await Task.detached { () -> KNetError? in
+            do { try client.dialAndServe(); return nil } catch { return error as? KNetError }
+        }.value
+        #expect(second == .busy)
+        #expect(await Task.detached { () -> KNetError? in
+            do { try setLoopThreads(1); return nil } catch { return error as? KNetError }
+        }.value == .busy)
+        let taken = TCPServer("127.0.0.1:\(echo.port)")
+        let failed = await Task.detached { () -> KNetError? in
+            do { try taken.listenAndServe(); return nil } catch { return error as? KNetError }
+        }.value
+        #expect(failed == .system(errno: EADDRINUSE))
+        #expect(taken.port == 0)
+        #expect(throws: KNetError.system(errno: EADDRINUSE)) { try taken.waitUntilListening(timeout: .seconds(1)) }
+        client.close()
+        await #expect(throws: KNetError.clientClosed) { try await dialing.value }
+        #expect(throws: KNetError.clientClosed) { try client.dialAndServe() }
+        #expect(echo.stop() == .serverClosed)
+    }
 }
