@@ -265,13 +265,14 @@ extension KNetTests {
         let accepted = await withTaskGroup(of: [Int: Int].self) { group in
             for (c, conn) in conns.enumerated() {
                 group.addTask {
+                    let peer = conn.userdata as? Int ?? -1 // before the connection can end
                     var sent = 0
                     for i in 1...2000 {
                         do { try conn.send([UInt8(c), UInt8(i >> 8), UInt8(i & 0xff)]) } catch { break }
                         sent = i
                         if i % 64 == 0 { await Task.yield() }
                     }
-                    return [conn.userdata as? Int ?? -1: sent]
+                    return [peer: sent]
                 }
             }
             group.addTask {
@@ -411,6 +412,7 @@ extension KNetTests {
                             conn.setMaxQueuedBytes(1 << 20)
                             _ = try? conn.setNoDelay(i % 2 == 0)
                             _ = String(describing: conn)
+                            if i == 100 + t { t % 2 == 0 ? conn.close() : conn.close(timeout: .milliseconds(t)) }
                         }
                         _ = server.stats
                         _ = server.port
