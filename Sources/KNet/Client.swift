@@ -47,7 +47,8 @@ public final class TCPClient: Sendable {
     /// `.system(errno:)` EMFILE, ENFILE, ENOMEM or EAGAIN when its wake-up descriptor or
     /// the loop threads could not be made. A dial has no timeout of its own (as in Go's
     /// knet): one that gets no answer waits out the kernel's SYN retries (about 2 minutes),
-    /// and `close()` or `shutdown(timeout:)` ends it at once.
+    /// and `close()` or `shutdown(timeout:)` ends it at once. In async code use
+    /// `run(handler:codec:)`, which holds no thread of the task pool.
     public func dialAndServe(handler: (any TCPHandler)? = nil, codec: (any Codec)? = nil) throws {
         let rc = withExtendedLifetime(self) {
             withServeContext(handler: handler, codec: codec, clientSlot: current) { cHandler, cCodec in

@@ -25,6 +25,7 @@ public final class TCPServer: Sendable {
     /// throws another error at once when it cannot listen (`.invalidAddress`,
     /// `.resolveFailed`, `.system(errno: EADDRINUSE)`, `.busy` if already serving,
     /// `.system(errno: EDEADLK)` when called from a handler callback (a loop thread), ...).
+    /// In async code use `run(handler:codec:)`, which holds no thread of the task pool.
     public func listenAndServe(handler: (any TCPHandler)? = nil, codec: (any Codec)? = nil) throws {
         let rc = withExtendedLifetime(self) {
             withServeContext(handler: handler, codec: codec, clientSlot: nil) { cHandler, cCodec in

@@ -51,6 +51,21 @@ extension KNetTests {
         #expect(serving.join() == nil)
     }
 
+    @Test("README async form: run serves from a Task, cancel closes it and run throws .serverClosed")
+    func readmeAsyncRun() async throws {
+        let server = TCPServer("127.0.0.1:0")
+        let serving = Task { try await server.run(handler: Echo(), codec: StdCodec()) }
+        let port = try await offPool { try server.waitUntilListening(timeout: .seconds(10)) }
+        let echoed = try await offPool { () -> [UInt8] in
+            let peer = try PlainSocket(port: port)
+            try peer.write([0, 2, 7, 8])
+            return try peer.read(exactly: 4)
+        }
+        #expect(echoed == [0, 2, 7, 8])
+        serving.cancel()                              // = server.close(); run throws .serverClosed
+        await #expect(throws: KNetError.serverClosed) { try await serving.value }
+    }
+
     @Test("README Framed codec: a frame split across reads arrives whole")
     func readmeFramedCodec() throws {
         let server = try ServerHarness(handler: Echo(), codec: Framed())
