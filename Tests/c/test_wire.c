@@ -776,12 +776,152 @@ static void test_client_connect_in_progress_reset(void)
     }
 }
 
+/* ------------------------------------------------------------ FIN with the first bytes */
+
+static void greet_connect(knet_conn *c, bool up, void *ud)
+{
+    ac_counts *k = ud;
+    ac_connect(c, up, ud);
+    (void)k;
+    if (up)
+        CHECK_EQ(knet_conn_send(c, "hello", 5), 0);
+}
+
+static void echo_receive(knet_conn *c, const void *buf, size_t len, void *ud)
+{
+    (void)ud;
+    int rc = knet_conn_send(c, buf, len);
+    CHECK(rc == 0 || rc == -EPIPE || rc == -ECONNRESET);
+}
+
+/* 200 peers each write a request and half-close at once, before the server may have
+ * attached the connection: each gets the greeting sent in connect(true), then the echo,
+ * then EOF; every connect(true) has its connect(false). */
+static void test_request_and_fin_before_attach(void)
+{
+    ac_counts k = {0};
+    knet_handler h = {greet_connect, echo_receive, &k};
+    tu_server ts;
+    CHECK_GT(tu_server_start(&ts, "127.0.0.1:0", &h, NULL), 0);
+    enum { N = 200 };
+    for (int i = 0; i < N; i++) {
+        int fd = tu_connect(ts.port);
+        tu_write_all(fd, "request", 7);
+        CHECK_EQ(shutdown(fd, SHUT_WR), 0);
+        char b[32];
+        size_t got = 0;
+        for (;;) {
+            ssize_t r = tu_read_some(fd, b + got, sizeof b - got);
+            CHECK_GE(r, 0);
+            if (r == 0)
+                break;
+            got += (size_t)r;
+        }
+        CHECK_EQ(got, 12);
+        CHECK_EQ(memcmp(b, "hellorequest", 12), 0);
+        close(fd);
+    }
+    WAIT_UNTIL(atomic_load(&k.down) == N);
+    CHECK_EQ(atomic_load(&k.up), N);
+    CHECK_EQ(atomic_load(&k.bad), 0);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+}
+
+/* A plain server that greets each connection and half-closes at once, then reads the
+ * client's echo to EOF: a persistent knet client (echoing) answers every greeting
+ * before it closes and re-dials; 100 rounds. */
+static void test_server_greets_and_fins(void)
+{
+    int port, lfd = tu_listen(&port, 0);
+    ac_counts k = {0};
+    knet_handler h = {ac_connect, echo_receive, &k};
+    knet_client *cli = tu_client_for_port(port);
+    tu_client tc;
+    tu_client_start(&tc, cli, &h, NULL);
+    enum { N = 100 };
+    for (int i = 0; i < N; i++) {
+        int p = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+        CHECK_GE(p, 0);
+        tu_set_timeouts(p);
+        tu_write_all(p, "greeting", 8);
+        CHECK_EQ(shutdown(p, SHUT_WR), 0);
+        char b[16];
+        size_t got = 0;
+        for (;;) {
+            ssize_t r = tu_read_some(p, b + got, sizeof b - got);
+            CHECK_GE(r, 0);
+            if (r == 0)
+                break;
+            got += (size_t)r;
+        }
+        CHECK_EQ(got, 8);
+        CHECK_EQ(memcmp(b, "greeting", 8), 0);
+        close(p);
+    }
+    CHECK_EQ(knet_client_close(cli), 0);
+    CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    CHECK_EQ(atomic_load(&k.up), atomic_load(&k.down));
+    CHECK_GE(atomic_load(&k.up), N);
+    CHECK_EQ(atomic_load(&k.bad), 0);
+    knet_client_free(cli);
+    close(lfd);
+}
+
+/* Large std frames around knet's read-buffer thresholds (32 KiB: a partial frame read
+ * on in its own buffer; 64 KiB: one read), all in one write, then the same stream in
+ * writes whose ends fall at those thresholds, each read by knet before the next: every
+ * frame arrives whole, in order. */
+static void test_large_frames_at_buffer_edges(void)
+{
+    static const size_t sizes[] = {0, 1, 32765, 32766, 32767, 32768, 32769, 65533, 65534, 65535,
+                                   65535, 40000, 24000, 65535, 1, 65535};
+    enum { NS = sizeof sizes / sizeof sizes[0] };
+    static uint8_t wire[NS * 65537], bodies[NS * 65535];
+    size_t lens[NS], wo = 0, bo = 0;
+    for (int i = 0; i < NS; i++) {
+        tu_pattern_fill(bodies + bo, sizes[i], bo, 21);
+        wo += frame(&g_codecs[1], wire + wo, bodies + bo, sizes[i]);
+        lens[i] = sizes[i];
+        bo += sizes[i];
+    }
+    static const size_t cuts[] = {1, 2, 32767, 32768, 32769, 65535, 65536, 65537, 98303, 98304};
+    enum { NC = sizeof cuts / sizeof cuts[0] };
+    for (int mode = 0; mode < 2; mode++) {
+        tu_server ts;
+        tu_tracker *t = tu_tracker_new();
+        t->capture = true;
+        tu_tracked_server_start(&ts, t, &knet_std_codec);
+        int fd = tu_connect(ts.port);
+        tu_rec *r = tu_tracker_rec(t, 0);
+        if (mode == 0) {
+            tu_write_all(fd, wire, wo);
+        } else {
+            size_t off = 0;
+            for (int c = 0; off < wo; c = (c + 1) % NC) {
+                size_t n = cuts[c] < wo - off ? cuts[c] : wo - off;
+                uint64_t b0 = bytes_in(ts.srv);
+                tu_write_all(fd, wire + off, n);
+                WAIT_UNTIL(bytes_in(ts.srv) >= b0 + n);
+                off += n;
+            }
+        }
+        WAIT_UNTIL(atomic_load(&r->rx_msgs) >= NS || atomic_load(&r->disconnected));
+        check_capture(&g_codecs[1], r, bodies, lens, NS);
+        close(fd);
+        WAIT_GE(&t->disconnects, 1);
+        CHECK_EQ(atomic_load(&r->reason), KNET_EOF);
+        CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+        tu_tracker_free(t);
+    }
+}
+
 int main(void)
 {
     codecs_init();
     tu_begin();
     RUN(test_dribble_split_batch);
     RUN(test_max_frame_and_one_over);
+    RUN(test_large_frames_at_buffer_edges);
     RUN(test_client_dribble_and_over);
     RUN(test_urgent_data);
     RUN(test_half_close_with_queue);
@@ -790,6 +930,8 @@ int main(void)
     RUN(test_accept_and_close_server);
     RUN(test_never_reads_then_resets);
     RUN(test_client_drain_reset);
+    RUN(test_request_and_fin_before_attach);
+    RUN(test_server_greets_and_fins);
     RUN(test_client_connect_in_progress_reset);
     return tu_end();
 }
