@@ -7,6 +7,7 @@ import Glibc
 #endif
 import Foundation
 import KNet
+import Synchronization
 import Testing
 
 /// A user codec in Swift: 'S', a 2-byte big-endian length, the body; frames up to 3 + 200.
@@ -37,6 +38,132 @@ private func cpuMilliseconds() -> Double {
     getrusage(RUSAGE_SELF.rawValue, &usage)
     return Double(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) * 1000
         + Double(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1000
+}
+
+
+
+/// A plain listener on 127.0.0.1 (kernel-chosen port) handing out accepted descriptors.
+final class PlainListener {
+    let port: Int
+    let fd: Int32
+
+    init() throws {
+        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let fd = fd
+        _ = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard listen(fd, 8) == 0 else { throw KNetError.system(errno: errno) }
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+        }
+        port = Int(UInt16(bigEndian: address.sin_port))
+    }
+
+    deinit { Glibc.close(fd) }
+
+    /// Accepts one connection (waits at most 20 s).
+    func accept() throws -> AcceptedSocket {
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        guard poll(&p, 1, 20_000) == 1 else { throw KNetError.system(errno: ETIMEDOUT) }
+        let c = Glibc.accept(fd, nil, nil)
+        guard c >= 0 else { throw KNetError.system(errno: errno) }
+        var one: Int32 = 1
+        setsockopt(c, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        return AcceptedSocket(fd: c)
+    }
+}
+
+/// An accepted plain socket: blocking writes.
+final class AcceptedSocket {
+    let fd: Int32
+    init(fd: Int32) { self.fd = fd }
+    deinit { Glibc.close(fd) }
+
+    func write(_ bytes: [UInt8]) throws {
+        var offset = 0
+        while offset < bytes.count {
+            let n = bytes.withUnsafeBytes {
+                Glibc.send(fd, $0.baseAddress! + offset, $0.count - offset, Int32(MSG_NOSIGNAL))
+            }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw KNetError.system(errno: errno)
+            }
+            offset += n
+        }
+    }
+}
+
+/// Counts connect(true) / connect(false) and checks they pair per connection.
+final class PairCounter: TCPHandler {
+    let ups = Atomic<Int>(0)
+    let downs = Atomic<Int>(0)
+    let unpaired = Atomic<Int>(0)
+
+    func connect(_ conn: TCPConnection, connected: Bool) {
+        if connected {
+            if conn.userdata != nil { unpaired.add(1, ordering: .relaxed) }
+            conn.userdata = 1
+            ups.add(1, ordering: .relaxed)
+        } else {
+            if (conn.userdata as? Int) != 1 { unpaired.add(1, ordering: .relaxed) }
+            downs.add(1, ordering: .relaxed)
+        }
+    }
+
+    func receive(_ conn: TCPConnection, _ buf: [UInt8]) {}
+}
+
+/// A plain listener on 127.0.0.1 whose thread accepts and at once closes or resets.
+final class AcceptAndClose: @unchecked Sendable {
+    let port: Int
+    private let fd: Int32
+    private let stopFlag = Locked(false)
+    let accepted = Locked(0)
+    private let thread: Background
+
+    init(reset: Bool) throws {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        _ = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        listen(fd, 64)
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+        }
+        self.fd = fd
+        port = Int(UInt16(bigEndian: address.sin_port))
+        let stopFlag = stopFlag, accepted = accepted
+        thread = Background {
+            while !stopFlag.withLock({ $0 }) {
+                var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                if poll(&p, 1, 20) <= 0 { continue }
+                let c = accept(fd, nil, nil)
+                if c < 0 { continue }
+                if reset {
+                    var lg = linger(l_onoff: 1, l_linger: 0)
+                    setsockopt(c, SOL_SOCKET, SO_LINGER, &lg, socklen_t(MemoryLayout<linger>.size))
+                }
+                Glibc.close(c)
+                accepted.withLock { $0 += 1 }
+            }
+        }
+    }
+
+    func stop() {
+        stopFlag.withLock { $0 = true }
+        _ = thread.join()
+        Glibc.close(fd)
+    }
 }
 
 extension KNetTests {
@@ -153,5 +280,49 @@ extension KNetTests {
         #expect(eventually { handler.only?.disconnects == 1 })
         #expect(handler.only?.reasonAtDisconnect == .error(.endOfStream))
         #expect(harness.stop() == .serverClosed)
+    }
+
+    @Test("a plain server dribbles a Swift codec's frames to a TCPClient: the limit arrives whole, one byte over ends it with .codec")
+    func wireClientSwiftCodecDribble() throws {
+        let listener = try PlainListener()
+        let handler = RecordingHandler()
+        let harness = ClientHarness(port: listener.port, handler: handler, codec: WireCodec())
+        let peer = try listener.accept()
+        #expect(eventually { handler.connectionCount == 1 })
+        let exact = WireCodec.frame(pattern(WireCodec.maxBody))
+        for byte in exact { try peer.write([byte]) }
+        #expect(eventually { handler.totalMessages == 1 })
+        #expect(handler.only?.messages == [pattern(WireCodec.maxBody)])
+        for byte in WireCodec.frame(pattern(WireCodec.maxBody + 1)) {
+            if (try? peer.write([byte])) == nil { break }
+        }
+        // The persistent client dials again once the connection ended: look at the first.
+        #expect(eventually { handler.snapshot.connections[0]?.disconnects == 1 })
+        #expect(handler.snapshot.connections[0]?.reasonAtDisconnect == .error(.codec))
+        #expect(handler.snapshot.connections[0]?.messages.count == 1)
+        #expect(harness.stop() == .clientClosed)
+    }
+
+    @Test("a server that accepts and at once closes or resets: a TCPClient's connect(true) and connect(false) pair up",
+          arguments: [(false, false), (false, true), (true, false), (true, true)])
+    func wireClientAgainstAcceptAndClose(reset: Bool, retry: Bool) throws {
+        let server = try AcceptAndClose(reset: reset)
+        let handler = PairCounter()
+        let client = TCPClient("127.0.0.1:\(server.port)")
+        if retry {
+            client.enableRetry()
+            client.setRetryBackoff(initial: .milliseconds(50), max: .milliseconds(400))
+        }
+        let serving = Background { try client.dialAndServe(handler: handler, codec: WireCodec()) }
+        let start = ContinuousClock.now
+        while ContinuousClock.now - start < .milliseconds(300) && !serving.isFinished { usleep(5_000) }
+        client.close()
+        let error = serving.join() as? KNetError
+        if error != .clientClosed {
+            #expect(reset && !retry, "dialAndServe threw \(String(describing: error))")
+        }
+        #expect(handler.ups.load(ordering: .relaxed) == handler.downs.load(ordering: .relaxed))
+        #expect(handler.unpaired.load(ordering: .relaxed) == 0)
+        server.stop()
     }
 }
