@@ -227,8 +227,13 @@ void knet__conn_finish(knet_conn *c, int reason) {
  * re-armed lazily from last_io so traffic costs no timer updates. */
 static void conn_timeout(kn_loop *L, kn_timer *t) {
     knet_conn *c = (knet_conn *)((char *)t - offsetof(knet_conn, timer));
-    if (!c->graceful) {
-        uint64_t now = knet__now_ms();
+    uint64_t now = knet__now_ms();
+    /* The drain knet begins on the peer's EOF (no close was asked for) stays under the
+     * idle timeout: a peer that half-closes and stops reading is as idle as one that
+     * only stops reading, and is closed within 2 x idle_ms, not kept for the 3 s. */
+    bool idle_watch = !c->graceful || (c->idle_ms && c->close_as == KNET_EOF);
+    if (c->graceful && now >= c->grace_end) idle_watch = false;
+    if (idle_watch) {
         /* Bytes the kernel sent from its buffer since the last expiry count too:
          * a slow reader drains megabytes there while knet, waiting for half of it
          * to free up, writes nothing. Read here only, not per write: a peer that
@@ -238,9 +243,10 @@ static void conn_timeout(kn_loop *L, kn_timer *t) {
             c->outq_seen = outq;
             c->last_io = now;
         }
-        uint64_t idle = now - c->last_io;
+        uint64_t idle = now - c->last_io, next = c->idle_ms - idle;
         if (idle < c->idle_ms) {
-            knet__timer_start(L, t, c->idle_ms - idle);
+            if (c->graceful && c->grace_end - now < next) next = c->grace_end - now;
+            knet__timer_start(L, t, next);
             return;
         }
         pthread_mutex_lock(&c->owner->mu);
@@ -404,6 +410,9 @@ static void conn_begin_graceful(kn_loop *L, knet_conn *c, uint32_t ms, int reaso
     conn_take_inbox(c);
     c->graceful = true;
     c->close_as = reason;
+    c->grace_end = knet__now_ms() + ms;
+    /* An EOF drain checks the idle timeout first (conn_timeout). */
+    if (reason == KNET_EOF && c->idle_ms && c->idle_ms < ms) ms = c->idle_ms;
     knet__timer_start(L, &c->timer, ms);
 }
 
@@ -411,8 +420,13 @@ static void conn_begin_graceful(kn_loop *L, knet_conn *c, uint32_t ms, int reaso
  * reason and brings its deadline forward to ms if that is earlier, never back
  * (a server's shutdown, a shorter close_with_timeout). */
 static void conn_graceful_within(kn_loop *L, knet_conn *c, uint32_t ms) {
-    if (!c->graceful) conn_begin_graceful(L, c, ms, 0);
-    else if (c->timer.deadline > knet__now_ms() + ms) knet__timer_start(L, &c->timer, ms);
+    uint64_t end = knet__now_ms() + ms;
+    if (!c->graceful) {
+        conn_begin_graceful(L, c, ms, 0);
+    } else if (c->grace_end > end) {
+        c->grace_end = end;
+        if (c->timer.deadline > end) knet__timer_start(L, &c->timer, ms);
+    }
 }
 
 /* Begins the graceful close knet_conn_close_with_timeout asked for. */

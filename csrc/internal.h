@@ -256,6 +256,8 @@ struct knet_conn {
                          means drained (kept: urgent data once costs a read per event) */
     bool graceful;   /* flushing before close */
     int close_as;    /* the reason a graceful close ends with */
+    uint64_t grace_end; /* a graceful close's deadline (the timer may fire sooner, for the
+                           idle timeout of a drain after the peer's EOF) */
     bool peer_eof;   /* the peer finished sending */
     bool wr_shut;    /* SHUT_WR done */
     bool attached;

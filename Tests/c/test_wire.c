@@ -958,6 +958,73 @@ static void test_client_half_close_with_queue(void)
     tu_tracker_free(t);
 }
 
+/* ------------------------------------------------------------ half-close vs idle timeout */
+
+static void queue_8mib(tu_rec *r, bool connected)
+{
+    if (!connected)
+        return;
+    static uint8_t chunk[64 * 1024];
+    for (int i = 0; i < 128; i++)
+        CHECK_EQ(knet_conn_send(r->conn, chunk, sizeof chunk), 0);
+}
+
+/* With an idle timeout of 300 ms, a peer with 8 MiB queued for it that half-closes and
+ * then never reads is closed as idle (knet.h: "a peer that stops reading with bytes
+ * queued is closed within 2 x idle_ms"), not kept for the 3 s an EOF drain may take;
+ * a half-closed peer that reads slowly (bytes move) keeps its connection past the idle
+ * timeout and gets every byte, then EOF. */
+static void test_half_close_then_idle(void)
+{
+    enum { IDLE = 300 };
+    tu_tracker *t = tu_tracker_new();
+    t->on_connect = queue_8mib;
+    knet_handler h = tu_tracker_handler(t);
+    tu_server ts;
+    tu_server_init(&ts, "127.0.0.1:0", &h, NULL);
+    knet_server_set_idle_timeout(ts.srv, IDLE);
+    CHECK_GT(tu_server_run(&ts), 0);
+
+    int stuck = tu_connect_ex(ts.port, 16384);
+    tu_rec *r = tu_tracker_rec(t, 0);
+    CHECK_EQ(shutdown(stuck, SHUT_WR), 0);
+    WAIT_UNTIL(knet_conn_send(r->conn, "", 0) == KNET_ECLOSED); /* knet read the FIN */
+    int64_t t0 = tu_now_ms();
+    WAIT_UNTIL(atomic_load(&r->disconnected));
+    int64_t took = tu_now_ms() - t0;
+    printf("  half-closed peer that never reads: closed after %lld ms (idle %d ms)\n",
+           (long long)took, IDLE);
+    CHECK_EQ(atomic_load(&r->reason), -ETIMEDOUT);
+    CHECK_LT(took, 2 * IDLE + 700); /* 2 x idle_ms, and a loaded machine's slack */
+    knet_stats st;
+    knet_server_stats(ts.srv, &st);
+    CHECK_EQ(st.idle_closed, 1);
+    close(stuck);
+
+    /* 1 MiB at 64 KiB per 100 ms after the FIN: about 1.6 s, over five idle periods. */
+    int slow = tu_connect_ex(ts.port, 16384);
+    tu_rec *r2 = tu_tracker_rec(t, 1);
+    CHECK_EQ(shutdown(slow, SHUT_WR), 0);
+    WAIT_UNTIL(knet_conn_send(r2->conn, "", 0) == KNET_ECLOSED);
+    static uint8_t buf[64 * 1024];
+    size_t got = 0;
+    for (;;) {
+        ssize_t n = tu_read_full(slow, buf, got < ((size_t)1 << 20) ? 16384 : sizeof buf);
+        CHECK_GE(n, 0);
+        if (n == 0)
+            break;
+        got += (size_t)n;
+        if (got < ((size_t)1 << 20) && got % 65536 == 0)
+            tu_sleep_ms(100); /* the slow reader's pace, not synchronisation */
+    }
+    CHECK_EQ(got, (size_t)8 << 20);
+    WAIT_UNTIL(atomic_load(&r2->disconnected));
+    CHECK_EQ(atomic_load(&r2->reason), KNET_EOF);
+    close(slow);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
 int main(void)
 {
     codecs_init();
@@ -969,6 +1036,7 @@ int main(void)
     RUN(test_urgent_data);
     RUN(test_half_close_with_queue);
     RUN(test_half_close_answers);
+    RUN(test_half_close_then_idle);
     RUN(test_reset_after_accept);
     RUN(test_accept_and_close_server);
     RUN(test_never_reads_then_resets);
