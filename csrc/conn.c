@@ -223,8 +223,9 @@ void knet__conn_finish(knet_conn *c, int reason) {
     knet__owner_conn_done(o); /* last: the serving thread may return and free o */
 }
 
-/* The one timer: a graceful close's deadline, or else the idle timeout,
- * re-armed lazily from last_io so traffic costs no timer updates. */
+/* The one timer: a graceful close's deadline, or else the idle timeout (in a drain
+ * after the peer's EOF: both), re-armed lazily from last_io so traffic costs no timer
+ * updates. */
 static void conn_timeout(kn_loop *L, kn_timer *t) {
     knet_conn *c = (knet_conn *)((char *)t - offsetof(knet_conn, timer));
     uint64_t now = knet__now_ms();
