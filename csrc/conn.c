@@ -412,8 +412,12 @@ static void conn_begin_graceful(kn_loop *L, knet_conn *c, uint32_t ms, int reaso
     c->graceful = true;
     c->close_as = reason;
     c->grace_end = knet__now_ms() + ms;
-    /* An EOF drain checks the idle timeout first (conn_timeout). */
-    if (reason == KNET_EOF && c->idle_ms && c->idle_ms < ms) ms = c->idle_ms;
+    /* An EOF drain keeps the idle check already armed (conn_timeout checks both): the
+     * FIN is no byte, and a peer that stopped reading before it is closed within
+     * 2 x idle_ms all the same, not idle_ms after its FIN. */
+    if (reason == KNET_EOF && c->idle_ms && c->timer.idx != SIZE_MAX &&
+        c->timer.deadline <= c->grace_end)
+        return;
     knet__timer_start(L, &c->timer, ms);
 }
 
@@ -466,7 +470,10 @@ static void conn_on_eof(kn_loop *L, knet_conn *c) {
     if (!c->graceful) conn_begin_graceful(L, c, KN_DEFAULT_GRACE_MS, KNET_EOF);
     c->peer_eof = true;
     conn_set_events(c, c->events & ~(uint32_t)CONN_READ_EVENTS);
-    conn_flush(c);
+    /* EPOLLOUT armed: the socket had no room and says when it has. A write into what
+     * little the peer freed would count as a byte moved: a peer that stopped reading
+     * before its FIN would have its idle close put off by idle_ms. */
+    if (!(c->events & EPOLLOUT)) conn_flush(c);
 }
 
 void knet__conn_graceful(kn_loop *L, knet_conn *c, uint32_t ms) {
