@@ -73,6 +73,8 @@ public final class TCPClient: Sendable {
 
     /// Closes a connection dialed from now on after `timeout` with no bytes either way
     /// (reason `.system(errno: ETIMEDOUT)`); nil or zero turns it off (the default).
+    /// A graceful close asked for (`close(timeout:)`, `shutdown(timeout:)`) is bounded by its
+    /// own timeout instead; the drain after the peer's EOF by both.
     public func setIdleTimeout(_ timeout: Duration?) {
         knet_client_set_idle_timeout(handle, timeout.map(knetMilliseconds) ?? 0)
     }

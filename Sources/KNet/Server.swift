@@ -61,6 +61,8 @@ public final class TCPServer: Sendable {
 
     /// Closes connections accepted from now on that have had no bytes either way for
     /// `timeout` (reason `.system(errno: ETIMEDOUT)`); nil or zero turns it off (the default).
+    /// A graceful close asked for (`close(timeout:)`, `shutdown(timeout:)`) is bounded by its
+    /// own timeout instead; the drain after the peer's EOF by both.
     public func setIdleTimeout(_ timeout: Duration?) {
         knet_server_set_idle_timeout(handle, timeout.map(knetMilliseconds) ?? 0)
     }

@@ -72,6 +72,27 @@ extension KNetTests {
         #expect(serving.join() as? KNetError == .serverClosed)
     }
 
+    @Test("a peer that half-closes and never reads is closed as idle: ETIMEDOUT, idleClosed")
+    func halfClosedPeerIsIdle() throws {
+        let payload = [UInt8](repeating: 7, count: 16 << 20)
+        let handler = RecordingHandler(onConnect: { conn in try? conn.send(payload) })
+        let server = TCPServer("127.0.0.1:0")
+        server.setIdleTimeout(.milliseconds(200))
+        let serving = Background { try server.listenAndServe(handler: handler, codec: nil) }
+        let port = try server.waitUntilListening(timeout: .seconds(10))
+        let peer = try PlainSocket(port: port) // never reads
+        #expect(eventually { handler.only?.connects == 1 })
+        let start = ContinuousClock.now
+        peer.shutdownWrite()
+        #expect(eventually { handler.only?.disconnects == 1 })
+        // Within 2 x the idle timeout and a loaded machine's slack, not the EOF drain's 3 s.
+        #expect(ContinuousClock.now - start < .milliseconds(2 * 200 + 1500))
+        #expect(handler.only?.reasonAtDisconnect == .error(.system(errno: ETIMEDOUT)))
+        #expect(server.stats.idleClosed == 1)
+        server.close()
+        #expect(serving.join() as? KNetError == .serverClosed)
+    }
+
     @Test("setMaxQueuedBytes bounds the queue: pendingSendFull beyond it")
     func maxQueuedBytes() throws {
         let handler = RecordingHandler()

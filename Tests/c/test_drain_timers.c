@@ -216,6 +216,29 @@ static void test_idle_longer_than_drain(void)
     }
 }
 
+/* ------------------------------------------------------------ a drain asked for */
+
+/* A graceful close asked for is bounded by its own timeout, not the idle timeout (knet.h,
+ * knet_server_set_idle_timeout; before, knet.h promised "a peer that stops reading with
+ * bytes queued is closed within 2 x idle_ms" for every connection): knet_conn_shutdown's
+ * 3 s with an idle timeout of 300 ms, the peer never reading and never sending its FIN. */
+static void test_requested_drain_and_idle(void)
+{
+    enum { IDLE = 300 };
+    drain d;
+    drain_start(&d, IDLE, false);
+    int64_t t0 = tu_now_ms();
+    knet_conn_shutdown(d.r->conn);
+    int64_t took = wait_closed(&d, t0);
+    printf("  knet_conn_shutdown, peer never reads: closed after %lld ms (idle %d ms)\n",
+           (long long)took, IDLE);
+    CHECK_EQ(atomic_load(&d.r->reason), -ETIMEDOUT);
+    CHECK_GE(took, 3000 - 20); /* ms clocks: a tick either way */
+    CHECK_LT(took, 3000 + SLACK);
+    CHECK_EQ(idle_closed(&d), 0);
+    drain_end(&d);
+}
+
 /* ------------------------------------------------------------ a client's EOF drain */
 
 /* A client's connection to a peer that half-closes and never reads is closed as idle
@@ -265,6 +288,7 @@ int main(void)
     RUN(test_eof_drain_then_short_server_shutdown);
     RUN(test_eof_drain_then_close);
     RUN(test_idle_longer_than_drain);
+    RUN(test_requested_drain_and_idle);
     RUN(test_client_eof_drain);
     return tu_end();
 }

@@ -236,8 +236,10 @@ void knet_server_set_max_conns(knet_server *s, size_t max_conns);
 /* Closes a connection with no bytes either way for idle_ms with -ETIMEDOUT;
  * connect(false) runs on its loop thread (0 = off, the default). Bytes the
  * kernel sends from the socket's buffer count (a slow reader is not idle); a
- * peer that stops reading with bytes queued is closed within 2 x idle_ms. Time
- * is the loop's, read once per iteration (as libuv's uv_now). */
+ * peer that stops reading with bytes queued is closed within 2 x idle_ms. A
+ * graceful close asked for (knet_conn_close_with_timeout, a server's or client's
+ * shutdown) is bounded by its own timeout instead; the drain knet begins on the
+ * peer's EOF by both. Time is the loop's, read once per iteration (as libuv's uv_now). */
 void knet_server_set_idle_timeout(knet_server *s, uint32_t idle_ms);
 
 /* Sets each new connection's knet_conn_set_max_queued_bytes (default
