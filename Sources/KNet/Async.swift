@@ -18,7 +18,15 @@ extension TCPServer {
     /// Callbacks run on loop threads, as always.
     public func run(handler: (any TCPHandler)? = nil, codec: (any Codec)? = nil) async throws {
         try await withTaskCancellationHandler {
-            try await onOwnThread { try self.listenAndServe(handler: handler, codec: codec) }
+            do {
+                try await onOwnThread { try self.listenAndServe(handler: handler, codec: codec) }
+            } catch where Task.isCancelled {
+                // The listen failed (or found the server busy) as the task was cancelled:
+                // cancellation closes the server all the same (this close covers a
+                // handler that did not run), and run says so, as documented.
+                self.close()
+                throw KNetError.serverClosed
+            }
         } onCancel: {
             self.close()
         }
@@ -32,7 +40,13 @@ extension TCPClient {
     /// `.clientClosed`. Callbacks run on loop threads, as always.
     public func run(handler: (any TCPHandler)? = nil, codec: (any Codec)? = nil) async throws {
         try await withTaskCancellationHandler {
-            try await onOwnThread { try self.dialAndServe(handler: handler, codec: codec) }
+            do {
+                try await onOwnThread { try self.dialAndServe(handler: handler, codec: codec) }
+            } catch where Task.isCancelled {
+                // A dial failed (retry off) as the task was cancelled: as for the server.
+                self.close()
+                throw KNetError.clientClosed
+            }
         } onCancel: {
             self.close()
         }
