@@ -250,6 +250,9 @@ int knet_client_dial_and_serve(knet_client *c, const knet_handler *handler,
     }
     pthread_mutex_lock(&c->o.mu);
     while (c->o.live > 0 || c->o.tasks > 0) pthread_cond_wait(&c->o.cv, &c->o.mu);
+    /* A close made before the return wins over a failure it raced (a refused dial with
+     * retry off): the caller asked for it, and knet.h promises KNET_ECLIENTCLOSED. */
+    if (rc < 0 && c->closed) rc = KNET_ECLIENTCLOSED;
     c->serving = false;
     pthread_mutex_unlock(&c->o.mu);
     return rc;

@@ -1,10 +1,12 @@
 /* knet_client_enable_retry / knet_client_disable_retry are thread-safe and apply to a
  * dial that fails after the call, also when that dial began before it: connect is
- * wrapped at link time to hold a chosen dial until the test lets it go on. */
+ * wrapped at link time to hold a chosen dial until the test lets it go on (and
+ * getsockopt, to hold one after its wait for the connect ended). */
 #include "testutil.h"
 
 int __real_connect(int fd, const struct sockaddr *addr, socklen_t len);
 int __wrap_connect(int fd, const struct sockaddr *addr, socklen_t len);
+static void hold_result(void);
 
 static _Atomic int hold_dials;  /* dials to hold in connect */
 static tu_counter dials;        /* connect calls made by dials */
@@ -18,7 +20,13 @@ int __wrap_connect(int fd, const struct sockaddr *addr, socklen_t len)
         atomic_fetch_sub(&hold_dials, 1);
         CHECK(tu_counter_wait_ge(&released, n + 1, TU_DEADLINE_MS));
     }
-    return __real_connect(fd, addr, len);
+    int rc = __real_connect(fd, addr, len);
+    if (rc < 0 && errno != EINPROGRESS) { /* refused at once: the result is known here */
+        int e = errno;
+        hold_result();
+        errno = e;
+    }
+    return rc;
 }
 
 /* Starts a client (retry as given, the backoff initial..max) on a port whose dials
@@ -84,10 +92,59 @@ static void test_disable_retry_during_dial(void)
     tu_counter_destroy(&released);
 }
 
+/* Holds a dial that has its connect's result: after connect refused at once, or, once
+ * the wait for an EINPROGRESS connect ended, in getsockopt(SO_ERROR). */
+int __real_getsockopt(int fd, int level, int name, void *val, socklen_t *len);
+int __wrap_getsockopt(int fd, int level, int name, void *val, socklen_t *len);
+
+static _Atomic int hold_results; /* dials to hold as they have their connect's result */
+static tu_counter results;       /* dials holding there */
+
+static void hold_result(void)
+{
+    if (atomic_load(&hold_results) > 0) {
+        atomic_fetch_sub(&hold_results, 1);
+        tu_counter_add(&results, 1);
+        CHECK(tu_counter_wait_ge(&released, 2, TU_DEADLINE_MS));
+    }
+}
+
+int __wrap_getsockopt(int fd, int level, int name, void *val, socklen_t *len)
+{
+    if (level == SOL_SOCKET && name == SO_ERROR) hold_result();
+    return __real_getsockopt(fd, level, name, val, len);
+}
+
+/* A close made once a refused dial's wait has ended, before dial_and_serve returns
+ * (retry off), wins over that dial's failure: dial_and_serve returns
+ * KNET_ECLIENTCLOSED, as knet.h promises after a close (before: -ECONNREFUSED). */
+static void test_close_as_dial_fails(void)
+{
+    int holder;
+    tu_client tc;
+    tu_counter_init(&results);
+    atomic_store(&hold_results, 1);
+    knet_client *cli = start_held_dial(&tc, &holder, false, 1, 1);
+    tu_counter_add(&released, 1); /* connect goes on: refused, seen by the wait */
+    WAIT_GE(&results, 1);         /* held reading the result: the wait is over */
+    CHECK_EQ(knet_client_close(cli), 0);
+    tu_counter_add(&released, 1);
+    int rc = tu_client_join(&tc);
+    if (rc != KNET_ECLIENTCLOSED) fprintf(stderr, "dial_and_serve returned %d (%s)\n", rc, knet_strerror(rc));
+    CHECK_EQ(rc, KNET_ECLIENTCLOSED);
+    CHECK_EQ(tu_counter_get(&dials), 1);
+    knet_client_free(cli);
+    close(holder);
+    tu_counter_destroy(&dials);
+    tu_counter_destroy(&released);
+    tu_counter_destroy(&results);
+}
+
 int main(void)
 {
     tu_begin();
     RUN(test_enable_retry_during_dial);
     RUN(test_disable_retry_during_dial);
+    RUN(test_close_as_dial_fails);
     return tu_end();
 }
