@@ -48,6 +48,7 @@ void knet_server_free(knet_server *s) {
     free(s);
 }
 
+/* A bound socket, not listening yet: knet_server_listen_and_serve listens. */
 static int open_listener(kn_sockaddr *sa) {
     int fd = socket(sa->sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     bool wild6 = sa->sa.sa_family == AF_INET6 && IN6_IS_ADDR_UNSPECIFIED(&sa->in6.sin6_addr);
@@ -63,7 +64,7 @@ static int open_listener(kn_sockaddr *sa) {
     int one = 1, zero = 0;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     if (wild6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
-    if (bind(fd, &sa->sa, knet__sockaddr_len(sa)) < 0 || listen(fd, 4096) < 0) {
+    if (bind(fd, &sa->sa, knet__sockaddr_len(sa)) < 0) {
         int err = -errno;
         close(fd);
         return err;
@@ -139,19 +140,21 @@ static void listener_start(kn_loop *L, void *arg) {
         rc = knet__loop_ctl(L, EPOLL_CTL_ADD, &s->lio, EPOLLIN);
         if (rc < 0) knet__timer_unreserve(L);
     }
-    if (rc < 0) {
-        knet__log(KNET_LOG_ERROR, "cannot watch the listener: %s", knet_strerror(rc));
-        close(s->lio.fd);
-        s->lio.fd = -1;
-    }
+    if (rc < 0) knet__log(KNET_LOG_ERROR, "cannot watch the listener: %s", knet_strerror(rc));
     kn_sockaddr bound = {.sa = {.sa_family = AF_UNSPEC}};
     socklen_t sl = sizeof bound;
     if (rc == 0) getsockname(s->lio.fd, &bound.sa, &sl);
+    int dead = -1;
     pthread_mutex_lock(&s->o.mu);
     s->port = rc < 0 ? rc : (int)knet__sockaddr_port(&bound);
-    if (rc < 0) s->listener_open = false;
+    if (rc < 0) { /* taken under the lock: a close (server_stop) no longer sees it */
+        s->listener_open = false;
+        dead = s->lio.fd;
+        s->lio.fd = -1;
+    }
     pthread_cond_broadcast(&s->o.cv);
     pthread_mutex_unlock(&s->o.mu);
+    if (dead >= 0) close(dead); /* its number may be another's at once */
     knet__owner_task_done(&s->o);
 }
 
@@ -197,9 +200,25 @@ int knet_server_listen_and_serve(knet_server *s, const knet_handler *handler,
     kn_sockaddr sa;
     rc = knet__addr_resolve(s->addr, true, &sa, 1);
     int fd = rc < 0 ? rc : open_listener(&sa);
+    if (fd >= 0) {
+        /* Listens under the lock, publishing the listener: a close from then on takes
+         * it out of LISTEN (server_stop), and one made before keeps the port from ever
+         * listening. The port refuses connections once a close has returned. */
+        pthread_mutex_lock(&s->o.mu);
+        int err = s->closed || listen(fd, 4096) == 0 ? 0 : -errno;
+        if (err == 0 && !s->closed) s->lio.fd = fd;
+        pthread_mutex_unlock(&s->o.mu);
+        if (err < 0) {
+            close(fd);
+            fd = err;
+        }
+    }
     /* The loops start once there is something to serve: a listen that fails at once
      * leaves them unstarted, and the loop count settable. */
     if (fd >= 0 && (rc = knet__owner_start(&s->o)) < 0) {
+        pthread_mutex_lock(&s->o.mu);
+        s->lio.fd = -1; /* before its close: a close (server_stop) may shut it down */
+        pthread_mutex_unlock(&s->o.mu);
         close(fd);
         fd = rc;
     }
@@ -260,12 +279,14 @@ static int server_stop(knet_server *s, bool force, uint32_t ms) {
     /* Reserve the per-loop tasks under the lock, or the serving thread could see
      * no work left, return, and let the caller free s before they run. */
     if (serving) s->o.tasks += knet__loop_count();
+    /* The listener, once listening (also before its loop watches it, or while the
+     * serving thread has yet to hand it over): out of LISTEN now, from this thread;
+     * the fd stays open until listener_close on its loop, or the serving thread
+     * closes it. Else a peer re-dialing as its connection ends below could have
+     * its handshake completed by the kernel, then dropped silently by the close:
+     * connected to nothing, for good. Now such a dial is refused. */
+    if (first && s->lio.fd >= 0) shutdown(s->lio.fd, SHUT_RDWR);
     if (first && s->listener_open) {
-        /* Out of LISTEN now, from this thread; the fd stays open until listener_close
-         * on its loop. Else a peer re-dialing as its connection ends below could have
-         * its handshake completed by the kernel, then dropped silently by the close:
-         * connected to nothing, for good. Now such a dial is refused. */
-        shutdown(s->lio.fd, SHUT_RDWR);
         s->o.tasks++;
         knet__loop_post_node(s->lloop, &s->close_node, listener_close, s);
     }
