@@ -1,7 +1,8 @@
-/* A server's close racing the steps of its listen, made deterministic by wrapping
- * bind, listen, epoll_ctl and close at link time: the serving thread is held after
- * its bind or its listen, the listener's loop is made to fail its watch, and the
- * close is made at that very point. */
+/* A server's close racing the steps of its listen and of an accept, made deterministic
+ * by wrapping bind, listen, epoll_ctl, close, accept4 and setsockopt at link time: the
+ * serving thread is held after its bind or its listen, the listener's loop is made to
+ * fail its watch or held as it takes a connection, and the close is made at that very
+ * point. */
 #include "testutil.h"
 
 #include <sys/epoll.h>
@@ -41,6 +42,37 @@ int __wrap_listen(int fd, int backlog)
         WAIT_GE(&listen_go, 1);
     }
     return rc;
+}
+
+
+/* accept4 (after it took a connection) and the accepted socket's TCP_NODELAY (after
+ * its admission) hold the listener's loop, once each, when asked. */
+int __real_accept4(int fd, struct sockaddr *sa, socklen_t *sl, int flags);
+int __wrap_accept4(int fd, struct sockaddr *sa, socklen_t *sl, int flags);
+int __real_setsockopt(int fd, int level, int name, const void *v, socklen_t len);
+int __wrap_setsockopt(int fd, int level, int name, const void *v, socklen_t len);
+static _Atomic bool hold_accept, hold_nodelay;
+static tu_counter step_held, step_go;
+static pthread_t main_thread;
+
+int __wrap_accept4(int fd, struct sockaddr *sa, socklen_t *sl, int flags)
+{
+    int rc = __real_accept4(fd, sa, sl, flags);
+    if (rc >= 0 && atomic_exchange(&hold_accept, false)) {
+        tu_counter_add(&step_held, 1);
+        WAIT_GE(&step_go, 1);
+    }
+    return rc;
+}
+
+int __wrap_setsockopt(int fd, int level, int name, const void *v, socklen_t len)
+{
+    if (level == IPPROTO_TCP && name == TCP_NODELAY && !pthread_equal(pthread_self(), main_thread) &&
+        atomic_exchange(&hold_nodelay, false)) {
+        tu_counter_add(&step_held, 1);
+        WAIT_GE(&step_go, 1);
+    }
+    return __real_setsockopt(fd, level, name, v, len);
 }
 
 static _Atomic int fail_add_of = -1; /* the next EPOLL_CTL_ADD of this fd fails */
@@ -162,10 +194,49 @@ static void test_close_as_listener_fails_on_its_loop(void)
     tu_counter_destroy(&listen_go);
 }
 
+/* A connection the listener's loop is taking when the server closes (or shuts down):
+ * held after accept4 took it, or after its admission; it gets no callbacks or both,
+ * the peer sees it closed, live ends at 0 and listen_and_serve returns. */
+static void accept_races_stop(_Atomic bool *hold, bool force)
+{
+    tu_counter_init(&step_held);
+    tu_counter_init(&step_go);
+    tu_tracker *t = tu_tracker_new();
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, t, NULL);
+    atomic_store(hold, true);
+    int fd = tu_connect(port);
+    WAIT_GE(&step_held, 1);
+    CHECK_EQ(force ? knet_server_close(ts.srv) : knet_server_shutdown(ts.srv, 5000), 0);
+    CHECK_EQ(tu_try_connect_ex(port, 0), -ECONNREFUSED);
+    tu_counter_add(&step_go, 1);
+    EXPECT_PEER_CLOSED(fd);
+    close(fd);
+    WAIT_GE(&ts.done, 1);
+    knet_stats st;
+    knet_server_stats(ts.srv, &st);
+    CHECK_EQ(st.live, 0);
+    CHECK_EQ(tu_counter_get(&t->connects), tu_counter_get(&t->disconnects));
+    CHECK_EQ(tu_server_join(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+    tu_counter_destroy(&step_held);
+    tu_counter_destroy(&step_go);
+}
+
+static void test_accept_races_stop(void)
+{
+    accept_races_stop(&hold_accept, true);
+    accept_races_stop(&hold_accept, false);
+    accept_races_stop(&hold_nodelay, true);
+    accept_races_stop(&hold_nodelay, false);
+}
+
 int main(void)
 {
+    main_thread = pthread_self();
     tu_begin();
     RUN(test_close_as_listener_fails_on_its_loop);
     RUN(test_close_between_bind_and_listen);
+    RUN(test_accept_races_stop);
     return tu_end();
 }
