@@ -80,10 +80,15 @@ static int wait_or_closed(knet_client *c, int fd, short events, int timeout_ms) 
             /* A handled signal (a profiler's SIGPROF, say): wait out the rest,
              * or signals more frequent than the wait would make it endless. A
              * backoff whose poll failed (ENOMEM) naps and tries again, so the
-             * next dial is still paced (a close then waits out the nap). */
+             * next dial is still paced (a close then waits out the nap: the
+             * failing poll cannot tell of it, so closed is read after each nap). */
             if (errno != EINTR) {
                 struct timespec nap = {0, (timeout_ms < 10 ? timeout_ms : 10) * 1000000L};
                 nanosleep(&nap, NULL);
+                pthread_mutex_lock(&c->o.mu);
+                bool closed = c->closed;
+                pthread_mutex_unlock(&c->o.mu);
+                if (closed) return KNET_ECLIENTCLOSED;
             }
             if (timeout_ms > 0) {
                 uint64_t now = knet__now_ms();

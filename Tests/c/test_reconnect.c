@@ -650,6 +650,32 @@ static void test_backoff_poll_fails(void)
     close(hold);
 }
 
+/* A close during a backoff wait whose polls keep failing (ENOMEM) ends it after at
+ * most one of its naps, as a close ends a backoff wait at once otherwise (before:
+ * the close was noticed only once the whole wait, 4 s here, was over). */
+static void test_close_during_failing_backoff(void)
+{
+    enum { WAIT_MS = 4000 };
+    int hold, port = tu_reserve_port(&hold);
+    knet_client *c = tu_client_for_port(port);
+    knet_client_enable_retry(c);
+    knet_client_set_retry_backoff(c, WAIT_MS, WAIT_MS);
+    long w0 = tu_counter_get(&nwaits);
+    atomic_store(&fail_backoff_polls, 1000000); /* every poll of the wait fails */
+    tu_client tc;
+    tu_client_start(&tc, c, NULL, NULL);
+    WAIT_GE(&nwaits, w0 + 1); /* the first dial was refused: the wait is under way */
+    int64_t t0 = tu_now_ms();
+    CHECK_EQ(knet_client_close(c), 0);
+    CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    int64_t took = tu_now_ms() - t0;
+    atomic_store(&fail_backoff_polls, 0);
+    if (took >= 1000) fprintf(stderr, "dial_and_serve returned %lld ms after the close\n", (long long)took);
+    CHECK_LT(took, 1000);
+    knet_client_free(c);
+    close(hold);
+}
+
 int main(void)
 {
     tu_counter_init(&nwaits);
@@ -667,6 +693,7 @@ int main(void)
     RUN(test_client_conn_null_once_disconnected);
     RUN(test_dial_wait_fails);
     RUN(test_backoff_poll_fails);
+    RUN(test_close_during_failing_backoff);
     knet_set_log(NULL, KNET_LOG_WARN, NULL);
     return tu_end();
 }
