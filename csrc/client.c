@@ -173,13 +173,21 @@ static int serve_one(knet_client *c, int fd, const kn_sockaddr *peer) {
         return -ENOMEM;
     }
     knet_conn_retain(conn); /* the client's reference, for knet_client_conn */
+    /* A stop made before the connection is visible (knet_client_conn) is asked of it
+     * first: else a send after knet_client_close returned could be accepted on it. */
     pthread_mutex_lock(&c->o.mu);
-    c->conn = conn; /* before connect(true) can run */
     bool closed = c->closed;
     uint32_t grace_ms = c->o.grace_ms;
     pthread_mutex_unlock(&c->o.mu);
-    knet__conn_start(conn);
     if (closed) client_stop_conn(conn, grace_ms);
+    pthread_mutex_lock(&c->o.mu);
+    c->conn = conn; /* before connect(true) can run */
+    /* A stop made meanwhile (or a close after that shutdown) did not see c->conn. */
+    bool again = c->closed && (!closed || c->o.grace_ms != grace_ms);
+    grace_ms = c->o.grace_ms;
+    pthread_mutex_unlock(&c->o.mu);
+    if (again) client_stop_conn(conn, grace_ms);
+    knet__conn_start(conn);
     pthread_mutex_lock(&c->o.mu);
     while (c->o.live > 0) pthread_cond_wait(&c->o.cv, &c->o.mu);
     c->conn = NULL;

@@ -34,11 +34,12 @@ ssize_t __real_write(int fd, const void *buf, size_t n);
 ssize_t __wrap_write(int fd, const void *buf, size_t n);
 
 static _Thread_local bool tls_closer;
+static _Atomic bool hold_dialer_write; /* hold the dialer's next write (a loop wake-up) too */
 static tu_counter close_held, close_go;
 
 ssize_t __wrap_write(int fd, const void *buf, size_t n)
 {
-    if (tls_closer) {
+    if (tls_closer || (tls_dialer && atomic_exchange(&hold_dialer_write, false))) {
         tls_closer = false;
         tu_counter_add(&close_held, 1);
         CHECK(tu_counter_wait_ge(&close_go, 1, TU_DEADLINE_MS));
@@ -261,6 +262,123 @@ static void test_closed_serve_outlasts_close(void)
     close(hold);
 }
 
+/* The dialer held in its setsockopt(TCP_NODELAY) (wrapped): its dial has connected,
+ * its connection is not made yet. */
+int __real_setsockopt(int fd, int level, int name, const void *val, socklen_t len);
+int __wrap_setsockopt(int fd, int level, int name, const void *val, socklen_t len);
+
+static _Atomic bool hold_nodelay;
+static tu_counter nodelay_held, nodelay_go;
+
+int __wrap_setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+{
+    if (tls_dialer && level == IPPROTO_TCP && name == TCP_NODELAY && atomic_exchange(&hold_nodelay, false)) {
+        tu_counter_add(&nodelay_held, 1);
+        CHECK(tu_counter_wait_ge(&nodelay_go, 1, TU_DEADLINE_MS));
+    }
+    return __real_setsockopt(fd, level, name, val, len);
+}
+
+/* A close (or shutdown) made once a dial has connected, before its connection exists:
+ * the connection it then makes and knet_client_conn returns is closing already — a
+ * send on it is KNET_ECLOSED, as on any connection after its close or shutdown began
+ * (before: it was open until the dialer asked it a moment later, and a send made
+ * after knet_client_close had returned was accepted, then dropped). connect(true) and
+ * connect(false) still pair, and dial_and_serve returns KNET_ECLIENTCLOSED. */
+static void stop_after_dial(bool graceful)
+{
+    tu_tracker *st = tu_tracker_new();
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, st, NULL);
+    tu_counter_init(&race_held);
+    tu_counter_init(&race_go);
+    tu_counter_init(&nodelay_held);
+    tu_counter_init(&nodelay_go);
+    tu_tracker *t = tu_tracker_new();
+    knet_client *cli = tu_client_for_port(port);
+    atomic_store(&hold_nodelay, true);
+    tu_client tc;
+    memset(&tc, 0, sizeof tc);
+    tc.cli = cli;
+    tc.handler = tu_tracker_handler(t);
+    tu_counter_init(&tc.done);
+    CHECK_EQ(pthread_create(&tc.thread, NULL, dialer_main, &tc), 0);
+
+    WAIT_GE(&nodelay_held, 1); /* connected, no connection yet */
+    CHECK_EQ(graceful ? knet_client_shutdown(cli, TU_DEADLINE_MS) : knet_client_close(cli), 0);
+    atomic_store(&race_cli, cli); /* hold it again once its connection is visible */
+    tu_counter_add(&nodelay_go, 1);
+    WAIT_GE(&race_held, 1);
+    knet_conn *conn = knet_client_conn(cli);
+    CHECK(conn != NULL);
+    int rc = knet_conn_send(conn, "late", 4);
+    if (rc != KNET_ECLOSED)
+        fprintf(stderr, "send on the connection made after the %s returned %d (%s)\n",
+                graceful ? "shutdown" : "close", rc, knet_strerror(rc));
+    tu_counter_add(&race_go, 1);
+    CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    CHECK_EQ(tu_counter_get(&t->connects), tu_counter_get(&t->disconnects));
+    knet_conn_release(conn);
+    CHECK_EQ(rc, KNET_ECLOSED);
+    knet_client_free(cli);
+    tu_tracker_free(t);
+    tu_counter_destroy(&race_held);
+    tu_counter_destroy(&race_go);
+    tu_counter_destroy(&nodelay_held);
+    tu_counter_destroy(&nodelay_go);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(st);
+}
+
+static void test_close_after_dial_connected(void) { stop_after_dial(false); }
+
+static void test_shutdown_after_dial_connected(void) { stop_after_dial(true); }
+
+/* A close after a shutdown, landing while the dialer asks the shutdown of the connection
+ * it just made (held in that request's loop wake-up) and before it is visible: the close
+ * does not find it, and the dialer force-closes it in its stead: reason
+ * KNET_ECLIENTCLOSED, not the graceful close's 0 (the server answers its FIN). */
+static void test_close_after_shutdown_before_visible(void)
+{
+    tu_tracker *st = tu_tracker_new();
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, st, NULL);
+    tu_counter_init(&nodelay_held);
+    tu_counter_init(&nodelay_go);
+    tu_counter_init(&close_held);
+    tu_counter_init(&close_go);
+    tu_tracker *t = tu_tracker_new();
+    knet_client *cli = tu_client_for_port(port);
+    atomic_store(&hold_nodelay, true);
+    tu_client tc;
+    memset(&tc, 0, sizeof tc);
+    tc.cli = cli;
+    tc.handler = tu_tracker_handler(t);
+    tu_counter_init(&tc.done);
+    CHECK_EQ(pthread_create(&tc.thread, NULL, dialer_main, &tc), 0);
+    WAIT_GE(&nodelay_held, 1);
+    CHECK_EQ(knet_client_shutdown(cli, 600000), 0);
+    atomic_store(&hold_dialer_write, true);
+    tu_counter_add(&nodelay_go, 1);
+    WAIT_GE(&close_held, 1); /* the dialer, in its shutdown request's wake-up */
+    knet_conn *none = knet_client_conn(cli);
+    CHECK(none == NULL);
+    CHECK_EQ(knet_client_close(cli), 0);
+    tu_counter_add(&close_go, 1);
+    WAIT_GE(&t->disconnects, 1);
+    CHECK_EQ(atomic_load(&t->recs[0].reason), KNET_ECLIENTCLOSED);
+    CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    CHECK_EQ(tu_counter_get(&t->connects), 1);
+    knet_client_free(cli);
+    tu_tracker_free(t);
+    tu_counter_destroy(&nodelay_held);
+    tu_counter_destroy(&nodelay_go);
+    tu_counter_destroy(&close_held);
+    tu_counter_destroy(&close_go);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(st);
+}
+
 static void test_close_before_attach(void) { race(RACE_CLOSE); }
 
 static void test_send_before_attach(void) { race(RACE_SEND); }
@@ -279,5 +397,8 @@ int main(void)
     RUN(test_shutdown_before_attach);
     RUN(test_serve_outlasts_close);
     RUN(test_closed_serve_outlasts_close);
+    RUN(test_close_after_dial_connected);
+    RUN(test_shutdown_after_dial_connected);
+    RUN(test_close_after_shutdown_before_visible);
     return tu_end();
 }
