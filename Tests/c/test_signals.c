@@ -600,7 +600,7 @@ static int prefork_echo_once(const char *who)
     return 0;
 }
 
-/* Child: forks before its first knet call, as a pre-fork server does; each process
+/* Child: forks before its first knet call, each process
  * then starts its own loops and serves. */
 static int child_prefork(void)
 {
@@ -612,6 +612,48 @@ static int child_prefork(void)
     int status = wait_child(pid);
     CHECK(WIFEXITED(status));
     return WEXITSTATUS(status);
+}
+
+/* Child: forks before its first knet call, then both processes serve one port, as the
+ * workers of a classic pre-fork server share their listener. The grandchild listens
+ * once the child does, on the child's port. Exits with the grandchild's listen result
+ * negated (0: it served the port too). */
+static int child_prefork_one_port(void)
+{
+    int p[2];
+    CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+    pid_t pid = fork();
+    CHECK_GE(pid, 0);
+    if (pid == 0) {
+        int port = 0;
+        if (read(p[0], &port, sizeof port) != (ssize_t)sizeof port) _exit(100);
+        char addr[32];
+        snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
+        knet_server *s = knet_server_new(addr);
+        int rc = knet_server_listen_and_serve(s, NULL, NULL); /* a failure returns at once */
+        knet_server_free(s);
+        _exit(rc == KNET_ESERVERCLOSED ? 0 : rc < 0 && rc > -100 ? -rc : 101);
+    }
+    knet_handler h = {NULL, echo_receive, NULL};
+    tu_server ts;
+    int port = tu_server_start(&ts, "127.0.0.1:0", &h, NULL);
+    CHECK_GT(port, 0);
+    CHECK_EQ(write(p[1], &port, sizeof port), (ssize_t)sizeof port);
+    int status = wait_child(pid);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    CHECK(WIFEXITED(status));
+    return WEXITSTATUS(status);
+}
+
+/* README, knet.h: processes forked before the first start each have their own loops and
+ * servers, but cannot share a port as a classic pre-fork server's workers share its
+ * listener: knet sets no SO_REUSEPORT, so the second listen is -EADDRINUSE (before, the
+ * docs called this "a pre-fork server" with no word of it). */
+static void test_prefork_processes_cannot_share_a_port(void)
+{
+    int status = wait_child(spawn_self("prefork-one-port", NULL));
+    CHECK(WIFEXITED(status));
+    CHECK_EQ(WEXITSTATUS(status), EADDRINUSE);
 }
 
 /* README: a process that forks before its first server or client starts gets its
@@ -636,6 +678,8 @@ int main(int argc, char **argv)
         return child_list_fds();
     if (argc > 1 && strcmp(argv[1], "prefork") == 0)
         return child_prefork();
+    if (argc > 1 && strcmp(argv[1], "prefork-one-port") == 0)
+        return child_prefork_one_port();
     note_inherited_fds();
 
     snapshot_signals(&g_mask0, g_act0); /* before knet runs anything */
@@ -647,6 +691,7 @@ int main(int argc, char **argv)
     RUN(test_segv_in_callback_reaches_handler);
     RUN(test_trap_in_callback_reaches_handler);
     RUN(test_fork_before_start_serves_in_both);
+    RUN(test_prefork_processes_cannot_share_a_port);
     RUN(test_caller_signals_untouched);
     return tu_end();
 }

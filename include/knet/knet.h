@@ -20,7 +20,8 @@
  *  - fork: the loop threads start with the first server or client and do not
  *    exist in a child forked after that, so such a child must not call knet (it
  *    may exec; knet's descriptors are close-on-exec). Fork before that first
- *    start, as a pre-fork server does, and each process gets its own loops.
+ *    start and each process gets its own loops; its servers listen on ports of
+ *    their own (no SO_REUSEPORT: processes cannot share one port, -EADDRINUSE).
  *  - knet_conn_* calls may be made from any thread, including from inside any
  *    callback. A close requested inside a callback takes effect (and delivers
  *    connect(false)) after that callback returns.
