@@ -85,8 +85,8 @@ public final class TCPClient: Sendable {
         knet_client_set_max_queued_bytes(handle, max(0, maxBytes))
     }
 
-    /// The current connection: set just before its `connect(true)`, nil again from its
-    /// `connect(false)` on.
+    /// The current connection: set just before its `connect(true)`, nil again once its
+    /// `connect(false)` returned (a closing connection stays current until then).
     public var connection: TCPConnection? {
         current.value.withLock { $0 }
     }

@@ -205,10 +205,11 @@ private func connectShim(_ conn: OpaquePointer?, _ connected: Bool, _ ud: Unsafe
         guard let raw = knet_conn_userdata(conn) else { return }
         let reference = Unmanaged<TCPConnection>.fromOpaque(raw)
         let tcp = reference.takeUnretainedValue()
+        tcp.handler._withUnsafeGuaranteedRef { $0.handler.connect(tcp, connected: false) }
+        // Current until its connect(false) ran, as knet_client_conn is (README).
         context.clientSlot?.value.withLock { current in
             if current === tcp { current = nil }
         }
-        tcp.handler._withUnsafeGuaranteedRef { $0.handler.connect(tcp, connected: false) }
         // The last callback: drop what could refer back to the connection (no cycle).
         tcp.dropUserdata()
         knet_conn_set_userdata(conn, nil)

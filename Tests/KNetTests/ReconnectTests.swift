@@ -110,6 +110,32 @@ extension KNetTests {
         #expect(client.connection == nil)
     }
 
+    @Test("`connection` is the closing connection in its connect(false), as knet_client_conn (README), nil after it")
+    func connectionCurrentInOwnDisconnect() throws {
+        let server = try ServerHarness(handler: RecordingHandler(onConnect: { $0.close() }), codec: nil)
+        let box = Locked<TCPClient?>(nil)
+        let seen = Locked<[Bool]>([]) // per connect(false): was `connection` that connection?
+        final class Handler: TCPHandler {
+            let box: Locked<TCPClient?>
+            let seen: Locked<[Bool]>
+            init(box: Locked<TCPClient?>, seen: Locked<[Bool]>) { self.box = box; self.seen = seen }
+            func connect(_ conn: TCPConnection, connected: Bool) {
+                guard !connected, let client = box.withLock({ $0 }) else { return }
+                let current = client.connection
+                seen.withLock { $0.append(current === conn) }
+                client.close()
+            }
+        }
+        let client = TCPClient("127.0.0.1:\(server.port)")
+        box.withLock { $0 = client }
+        let serving = Background { try client.dialAndServe(handler: Handler(box: box, seen: seen), codec: nil) }
+        #expect(serving.join() as? KNetError == .clientClosed)
+        #expect(seen.withLock { $0 } == [true])
+        #expect(client.connection == nil)
+        box.withLock { $0 = nil }
+        #expect(server.stop() == .serverClosed)
+    }
+
     @Test("close() and shutdown(timeout:) in the connect(false) of a dropped connection: no re-dial, clientClosed")
     func closeInOwnDisconnect() throws {
         for graceful in [false, true] {

@@ -624,6 +624,40 @@ static void test_client_conn_null_once_disconnected(void)
     CHECK_EQ(sigaction(SIGUSR2, &old, NULL), 0);
 }
 
+/* knet.h: a closing connection stays current "until its connect(false) ran": inside
+ * that connect(false), knet_client_conn returns it (TCPClient.connection too). */
+static atomic_int current_in_disconnect; /* 1: it was the connection, 2: another or NULL */
+
+static void current_check_connect(knet_conn *conn, bool connected, void *ud)
+{
+    if (connected)
+        return;
+    knet_client *c = ud;
+    knet_conn *cur = knet_client_conn(c);
+    atomic_store(&current_in_disconnect, cur == conn ? 1 : 2);
+    if (cur)
+        knet_conn_release(cur);
+    knet_client_close(c);
+}
+
+static void test_client_conn_current_in_own_disconnect(void)
+{
+    atomic_store(&current_in_disconnect, 0);
+    int port;
+    int lfd = tu_listen(&port, 0);
+    knet_client *c = tu_client_for_port(port);
+    knet_handler h = {current_check_connect, NULL, c};
+    tu_client tc;
+    tu_client_start(&tc, c, &h, NULL);
+    int peer = accept_one(lfd);
+    close(peer); /* ends the connection: connect(false) */
+    CHECK_EQ(tu_client_join(&tc), KNET_ECLIENTCLOSED);
+    CHECK_EQ(atomic_load(&current_in_disconnect), 1);
+    CHECK(client_conn_is_null(c));
+    knet_client_free(c);
+    close(lfd);
+}
+
 /* A backoff wait whose poll fails (ENOMEM, 3 times in a row) still waits out its time
  * before the next dial, rather than dialing at once. */
 static void test_backoff_poll_fails(void)
@@ -691,6 +725,7 @@ int main(void)
     RUN(test_disable_retry_during_backoff);
     RUN(test_send_on_ended_conn_while_reconnecting);
     RUN(test_client_conn_null_once_disconnected);
+    RUN(test_client_conn_current_in_own_disconnect);
     RUN(test_dial_wait_fails);
     RUN(test_backoff_poll_fails);
     RUN(test_close_during_failing_backoff);
