@@ -101,7 +101,9 @@ extension KNetTests {
             // A re-dial can reach the closing listener's backlog before its descriptor is
             // closed (then it is reset): wait until every connection is down.
             #expect(eventually { let s = handler.snapshot; return !s.up && s.ups == s.downs })
-            #expect(client.connection == nil) // nothing listens: no new connection yet
+            // Nothing listens: no new connection yet. Awaited, not read once: `connection`
+            // turns nil once connect(false) returned, a moment after the handler saw it.
+            #expect(eventually { client.connection == nil })
         }
         client.close()
         #expect(serving.join() as? KNetError == .clientClosed)
