@@ -189,6 +189,8 @@ extension KNetTests {
         } // the peer closes
         #expect(await handler.until { $0.downs.withLock { $0 } == 1 })
         let conn = try #require(handler.conns.withLock { $0.first })
+        // connect(false) is counted inside it; the userdata is dropped once it returned.
+        #expect(await eventuallyAsync { conn.userdata = Token(-1); return conn.userdata == nil })
         await withTaskGroup(of: Void.self) { group in
             for t in 0..<8 {
                 group.addTask {
@@ -320,11 +322,14 @@ extension KNetTests {
                 }
             }
             #expect(await handler.until { $0.downs.withLock { $0 } == 1 })
+            // connect(false) is counted inside it; the userdata is dropped once it returned.
+            #expect(await eventuallyAsync { conn.userdata = Token(-1); return conn.userdata == nil })
             let token = Token(42)
             lastToken = token
             conn.userdata = token
             #expect(conn.userdata == nil)
-            #expect(Token.live.load(ordering: .relaxed) == 1) // only `token`, held here
+            // Only `token`, held here (the last dropped one is freed just after the drop).
+            #expect(await eventuallyAsync { Token.live.load(ordering: .relaxed) == 1 })
             server.close()
             await #expect(throws: KNetError.serverClosed) { try await serving.value }
             handler.conns.withLock { $0 = [] }
