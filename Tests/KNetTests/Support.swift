@@ -265,6 +265,9 @@ final class PlainSocket {
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
     }
 
+    /// Takes over an accepted socket (closed in deinit).
+    init(adopting fd: Int32) { self.fd = fd }
+
     deinit { Glibc.close(fd) }
 
     /// Writes every byte (blocking).

@@ -67,35 +67,14 @@ final class PlainListener {
     deinit { Glibc.close(fd) }
 
     /// Accepts one connection (waits at most 20 s).
-    func accept() throws -> AcceptedSocket {
+    func accept() throws -> PlainSocket {
         var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
         guard poll(&p, 1, 20_000) == 1 else { throw KNetError.system(errno: ETIMEDOUT) }
         let c = Glibc.accept(fd, nil, nil)
         guard c >= 0 else { throw KNetError.system(errno: errno) }
         var one: Int32 = 1
         setsockopt(c, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-        return AcceptedSocket(fd: c)
-    }
-}
-
-/// An accepted plain socket: blocking writes.
-final class AcceptedSocket {
-    let fd: Int32
-    init(fd: Int32) { self.fd = fd }
-    deinit { Glibc.close(fd) }
-
-    func write(_ bytes: [UInt8]) throws {
-        var offset = 0
-        while offset < bytes.count {
-            let n = bytes.withUnsafeBytes {
-                Glibc.send(fd, $0.baseAddress! + offset, $0.count - offset, Int32(MSG_NOSIGNAL))
-            }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw KNetError.system(errno: errno)
-            }
-            offset += n
-        }
+        return PlainSocket(adopting: c)
     }
 }
 
