@@ -23,7 +23,8 @@
  *    start and each process gets its own loops; its servers listen on ports of
  *    their own (no SO_REUSEPORT: processes cannot share one port, -EADDRINUSE).
  *  - knet_conn_* calls may be made from any thread, including from inside any
- *    callback (but knet_conn_set_alloc: on the connection's loop thread only). A close requested inside a callback takes effect (and delivers
+ *    callback (but knet_conn_set_alloc: on the connection's loop thread only).
+ *    A close requested inside a callback takes effect (and delivers
  *    connect(false)) after that callback returns.
  *  - codec callbacks: read runs on the connection's loop thread; write runs on
  *    the thread that called knet_conn_send (holding that connection's lock
