@@ -81,6 +81,16 @@ static void *dialer_main(void *arg)
     return tu_client_main(arg);
 }
 
+/* tu_client_start on a thread the wraps know as the dialer, with tracker t as handler. */
+static void dialer_start(tu_client *tc, knet_client *cli, tu_tracker *t)
+{
+    memset(tc, 0, sizeof *tc);
+    tc->cli = cli;
+    tc->handler = tu_tracker_handler(t);
+    tu_counter_init(&tc->done);
+    CHECK_EQ(pthread_create(&tc->thread, NULL, dialer_main, tc), 0);
+}
+
 /* One round trip through the echo server on the same (only) loop thread. Two of
  * them after a request guarantee the loop finished the iteration that serviced it. */
 static void probe_round_trip(int probe)
@@ -134,11 +144,7 @@ static void race(race_kind kind)
     knet_client *cli = tu_client_for_port(port);
     atomic_store(&race_cli, cli);
     tu_client tc;
-    memset(&tc, 0, sizeof tc);
-    tc.cli = cli;
-    tc.handler = tu_tracker_handler(t);
-    tu_counter_init(&tc.done);
-    CHECK_EQ(pthread_create(&tc.thread, NULL, dialer_main, &tc), 0);
+    dialer_start(&tc, cli, t);
 
     WAIT_GE(&race_held, 1);
     knet_conn *conn = knet_client_conn(cli);
@@ -298,11 +304,7 @@ static void stop_after_dial(bool graceful)
     knet_client *cli = tu_client_for_port(port);
     atomic_store(&hold_nodelay, true);
     tu_client tc;
-    memset(&tc, 0, sizeof tc);
-    tc.cli = cli;
-    tc.handler = tu_tracker_handler(t);
-    tu_counter_init(&tc.done);
-    CHECK_EQ(pthread_create(&tc.thread, NULL, dialer_main, &tc), 0);
+    dialer_start(&tc, cli, t);
 
     WAIT_GE(&nodelay_held, 1); /* connected, no connection yet */
     CHECK_EQ(graceful ? knet_client_shutdown(cli, TU_DEADLINE_MS) : knet_client_close(cli), 0);
@@ -351,11 +353,7 @@ static void test_close_after_shutdown_before_visible(void)
     knet_client *cli = tu_client_for_port(port);
     atomic_store(&hold_nodelay, true);
     tu_client tc;
-    memset(&tc, 0, sizeof tc);
-    tc.cli = cli;
-    tc.handler = tu_tracker_handler(t);
-    tu_counter_init(&tc.done);
-    CHECK_EQ(pthread_create(&tc.thread, NULL, dialer_main, &tc), 0);
+    dialer_start(&tc, cli, t);
     WAIT_GE(&nodelay_held, 1);
     CHECK_EQ(knet_client_shutdown(cli, 600000), 0);
     atomic_store(&hold_dialer_write, true);
