@@ -164,27 +164,6 @@ static int child_list_fds(void)
     return 0;
 }
 
-/* The parent's descriptors whose target contains what. */
-static int count_fds_like(const char *what)
-{
-    DIR *d = opendir("/proc/self/fd");
-    CHECK(d != NULL);
-    int n = 0;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (e->d_name[0] == '.')
-            continue;
-        char path[300], target[256];
-        snprintf(path, sizeof path, "/proc/self/fd/%s", e->d_name);
-        ssize_t r = readlink(path, target, sizeof target - 1);
-        target[r > 0 ? r : 0] = '\0';
-        if (strstr(target, what))
-            n++;
-    }
-    closedir(d);
-    return n;
-}
-
 /* Every descriptor knet makes is close-on-exec: epolls, eventfds (loops' and a
  * client's), the listener, accepted and dialed sockets. A child exec'd while all
  * of them are open gets none. */
@@ -205,9 +184,9 @@ static void test_exec_child_inherits_no_knet_fds(void)
     tu_client_start(&tc, cli, &ch, NULL);
     WAIT_GE(&ct->connects, 1);
     WAIT_GE(&t->connects, 2);
-    CHECK_GE(count_fds_like("eventpoll"), 1);
-    CHECK_GE(count_fds_like("eventfd"), 2); /* a loop's and the client's */
-    CHECK_GE(count_fds_like("socket:"), 4); /* listener, 2 accepted, 1 dialed (+ peer) */
+    CHECK_GE(tu_fds_like("eventpoll", false), 1);
+    CHECK_GE(tu_fds_like("eventfd", false), 2); /* a loop's and the client's */
+    CHECK_GE(tu_fds_like("socket:", false), 4); /* listener, 2 accepted, 1 dialed (+ peer) */
 
     int out;
     pid_t pid = spawn_self("list-fds", &out);

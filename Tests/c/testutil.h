@@ -490,12 +490,14 @@ static inline int tu_syn_sent_to(int port)
     return n;
 }
 
-/* Prints every open descriptor and what it points at. */
-static inline void tu_dump_fds(void)
+/* Counts the open descriptors whose target (readlink of /proc/self/fd/N) contains
+ * what ("" = every one), printing each counted one when print. */
+static inline int tu_fds_like(const char *what, bool print)
 {
     DIR *d = opendir("/proc/self/fd");
     if (!d)
-        return;
+        return 0;
+    int count = 0;
     struct dirent *e;
     while ((e = readdir(d)) != NULL) {
         if (e->d_name[0] == '.')
@@ -504,9 +506,20 @@ static inline void tu_dump_fds(void)
         snprintf(path, sizeof path, "/proc/self/fd/%s", e->d_name);
         ssize_t n = readlink(path, target, sizeof target - 1);
         target[n > 0 ? n : 0] = '\0';
-        fprintf(stderr, "  fd %s -> %s\n", e->d_name, target);
+        if (!strstr(target, what))
+            continue;
+        count++;
+        if (print)
+            fprintf(stderr, "  fd %s -> %s\n", e->d_name, target);
     }
     closedir(d);
+    return count;
+}
+
+/* Prints every open descriptor and what it points at. */
+static inline void tu_dump_fds(void)
+{
+    (void)tu_fds_like("", true);
 }
 
 /* Waits (bounded: the core may close descriptors on its loop threads) until the fd count
