@@ -256,6 +256,33 @@ static void *sender_main(void *arg)
     return NULL;
 }
 
+/* Reads nframes piece-written frames (each body byte followed by '#') from fd and checks
+ * each: whole, from sender min_id..NTHREADS, in its sender's order. */
+static void read_piece_frames(int fd, int nframes, int min_id)
+{
+    uint32_t next[NTHREADS + 1] = {0};
+    uint8_t want[256], got[512];
+    for (int k = 0; k < nframes; k++) {
+        uint8_t h[4];
+        READ_EXACT(fd, h, 4);
+        size_t n = (size_t)tu_get_len(h, 4, false);
+        CHECK_LE(n, 256);
+        READ_EXACT(fd, got, 2 * n);
+        int id = got[0];
+        CHECK(id >= min_id && id <= NTHREADS);
+        uint32_t seq;
+        uint8_t sb[4] = {got[2], got[4], got[6], got[8]};
+        memcpy(&seq, sb, 4);
+        CHECK_EQ(seq, next[id]);
+        next[id]++;
+        CHECK_EQ(make_body(want, id, seq), n);
+        for (size_t i = 0; i < n; i++) {
+            CHECK_EQ(got[2 * i], want[i]);
+            CHECK_EQ(got[2 * i + 1], '#');
+        }
+    }
+}
+
 /* Frames of hundreds of pieces from 4 threads to a slow reader: each arrives whole and
  * contiguous, each thread's in its order. */
 static void test_many_threads_many_pieces(void)
@@ -272,27 +299,7 @@ static void test_many_threads_many_pieces(void)
         s[i].id = i + 1;
         CHECK_EQ(pthread_create(&s[i].th, NULL, sender_main, &s[i]), 0);
     }
-    uint32_t next[NTHREADS + 1] = {0};
-    uint8_t want[256], got[512];
-    for (int k = 0; k < NTHREADS * PER_THREAD; k++) {
-        uint8_t h[4];
-        READ_EXACT(fd, h, 4);
-        size_t n = (size_t)tu_get_len(h, 4, false);
-        CHECK_LE(n, 256);
-        READ_EXACT(fd, got, 2 * n);
-        int id = got[0];
-        CHECK(id >= 1 && id <= NTHREADS);
-        uint32_t seq;
-        uint8_t sb[4] = {got[2], got[4], got[6], got[8]};
-        memcpy(&seq, sb, 4);
-        CHECK_EQ(seq, next[id]);
-        next[id]++;
-        CHECK_EQ(make_body(want, id, seq), n);
-        for (size_t i = 0; i < n; i++) {
-            CHECK_EQ(got[2 * i], want[i]);
-            CHECK_EQ(got[2 * i + 1], '#');
-        }
-    }
+    read_piece_frames(fd, NTHREADS * PER_THREAD, 1);
     for (int i = 0; i < NTHREADS; i++)
         CHECK_EQ(pthread_join(s[i].th, NULL), 0);
     close(fd);
@@ -340,27 +347,7 @@ static void test_threads_and_loop_many_pieces(void)
     }
     peer_writer pw = {.fd = fd};
     CHECK_EQ(pthread_create(&pw.th, NULL, peer_writer_main, &pw), 0);
-    uint32_t next[NTHREADS + 1] = {0};
-    uint8_t want[256], got[512];
-    for (int k = 0; k < (NTHREADS + 1) * PER_THREAD; k++) {
-        uint8_t h[4];
-        READ_EXACT(fd, h, 4);
-        size_t n = (size_t)tu_get_len(h, 4, false);
-        CHECK_LE(n, 256);
-        READ_EXACT(fd, got, 2 * n);
-        int id = got[0];
-        CHECK(id >= 0 && id <= NTHREADS);
-        uint32_t seq;
-        uint8_t sb[4] = {got[2], got[4], got[6], got[8]};
-        memcpy(&seq, sb, 4);
-        CHECK_EQ(seq, next[id]);
-        next[id]++;
-        CHECK_EQ(make_body(want, id, seq), n);
-        for (size_t i = 0; i < n; i++) {
-            CHECK_EQ(got[2 * i], want[i]);
-            CHECK_EQ(got[2 * i + 1], '#');
-        }
-    }
+    read_piece_frames(fd, (NTHREADS + 1) * PER_THREAD, 0);
     for (int i = 0; i < NTHREADS; i++)
         CHECK_EQ(pthread_join(s[i].th, NULL), 0);
     CHECK_EQ(pthread_join(pw.th, NULL), 0);
