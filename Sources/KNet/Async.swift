@@ -17,18 +17,8 @@ extension TCPServer {
     /// Cancelling the task closes the server (`close()`), so it throws `.serverClosed`.
     /// Callbacks run on loop threads, as always.
     public func run(handler: (any TCPHandler)? = nil, codec: (any Codec)? = nil) async throws {
-        try await withTaskCancellationHandler {
-            do {
-                try await onOwnThread { try self.listenAndServe(handler: handler, codec: codec) }
-            } catch where Task.isCancelled {
-                // The listen failed (or found the server busy) as the task was cancelled:
-                // cancellation closes the server all the same (this close covers a
-                // handler that did not run), and run says so, as documented.
-                self.close()
-                throw KNetError.serverClosed
-            }
-        } onCancel: {
-            self.close()
+        try await serveCancellably(closed: .serverClosed, close: close) {
+            try self.listenAndServe(handler: handler, codec: codec)
         }
     }
 }
@@ -39,17 +29,27 @@ extension TCPClient {
     /// throws. Cancelling the task closes the client (`close()`), so it throws
     /// `.clientClosed`. Callbacks run on loop threads, as always.
     public func run(handler: (any TCPHandler)? = nil, codec: (any Codec)? = nil) async throws {
-        try await withTaskCancellationHandler {
-            do {
-                try await onOwnThread { try self.dialAndServe(handler: handler, codec: codec) }
-            } catch where Task.isCancelled {
-                // A dial failed (retry off) as the task was cancelled: as for the server.
-                self.close()
-                throw KNetError.clientClosed
-            }
-        } onCancel: {
-            self.close()
+        try await serveCancellably(closed: .clientClosed, close: close) {
+            try self.dialAndServe(handler: handler, codec: codec)
         }
+    }
+}
+
+/// Runs the blocking `serve` on a thread of its own; the task's cancellation calls `close`.
+/// `serve` failing as the task was cancelled (a failed listen or dial racing it) throws
+/// `closed`, as cancellation promises, after a `close` of its own (harmless twice: it
+/// covers a cancellation handler that did not run).
+private func serveCancellably(closed: KNetError, close: @escaping @Sendable () -> Void,
+                              _ serve: @escaping @Sendable () throws -> Void) async throws {
+    try await withTaskCancellationHandler {
+        do {
+            try await onOwnThread(serve)
+        } catch where Task.isCancelled {
+            close()
+            throw closed
+        }
+    } onCancel: {
+        close()
     }
 }
 
