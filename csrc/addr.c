@@ -162,7 +162,16 @@ int knet__addr_format(const kn_sockaddr *a, char *buf, size_t len) {
             n = snprintf(buf, len, "%s:%u", ip, port);
         } else {
             inet_ntop(AF_INET6, &a->in6.sin6_addr, ip, sizeof ip);
-            n = snprintf(buf, len, "[%s]:%u", ip, port);
+            /* Keep the zone, as Go writes it, so the string dials the same peer again:
+             * the interface's name, or its index once no interface has it. At most
+             * "[" 39 "%" 15 "]:" 5 characters, which KNET_ADDRSTRLEN holds. */
+            char zone[IF_NAMESIZE + 1] = "", name[IF_NAMESIZE];
+            unsigned scope = a->in6.sin6_scope_id;
+            if (scope != 0 && if_indextoname(scope, name))
+                snprintf(zone, sizeof zone, "%%%s", name);
+            else if (scope != 0)
+                snprintf(zone, sizeof zone, "%%%u", scope);
+            n = snprintf(buf, len, "[%s%s]:%u", ip, zone, port);
         }
     } else {
         n = snprintf(buf, len, "%s", "");

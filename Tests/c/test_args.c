@@ -57,9 +57,46 @@ static void test_ipv6_zone(void)
     }
 }
 
+/* knet__addr_format writes a scoped IPv6 address with its zone, as Go does, so the
+ * string dials the same peer again (before: the zone was dropped, "[fe80::1]:1234"):
+ * the interface's name, or the index when no interface has it. The longest such string
+ * fits KNET_ADDRSTRLEN. */
+static void test_ipv6_zone_format(void)
+{
+    unsigned lo = if_nametoindex("lo");
+    if (lo == 0) {
+        printf("skipped: no interface \"lo\"\n");
+        return;
+    }
+    char by_index[64], buf[KNET_ADDRSTRLEN];
+    snprintf(by_index, sizeof by_index, "[fe80::1%%%u]:1234", lo);
+    const char *const in[] = {"[fe80::1%lo]:1234", by_index, "[::1%lo]:1", "[::1]:80"};
+    const char *const want[] = {"[fe80::1%lo]:1234", "[fe80::1%lo]:1234", "[::1%lo]:1", "[::1]:80"};
+    for (size_t i = 0; i < sizeof in / sizeof in[0]; i++) {
+        kn_sockaddr a;
+        CHECK_EQ(parse(in[i], &a), 1);
+        int n = knet__addr_format(&a, buf, sizeof buf);
+        if (n < 0 || strcmp(buf, want[i]) != 0) fprintf(stderr, "%s -> %d \"%s\"\n", in[i], n, buf);
+        CHECK_EQ(n, (int)strlen(want[i]));
+        CHECK(strcmp(buf, want[i]) == 0);
+        kn_sockaddr back;
+        CHECK_EQ(parse(buf, &back), 1);
+        CHECK_EQ(back.in6.sin6_scope_id, a.in6.sin6_scope_id);
+    }
+
+    kn_sockaddr a;
+    CHECK_EQ(parse("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe]:65535", &a), 1);
+    a.in6.sin6_scope_id = UINT32_MAX; /* no interface has it: written as its index */
+    const char *longest = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe%4294967295]:65535";
+    CHECK_EQ(knet__addr_format(&a, buf, sizeof buf), (int)strlen(longest));
+    CHECK(strcmp(buf, longest) == 0);
+    CHECK_EQ(knet__addr_format(&a, buf, strlen(longest)), -ENOSPC);
+}
+
 int main(void)
 {
     tu_begin();
     RUN(test_ipv6_zone);
+    RUN(test_ipv6_zone_format);
     return tu_end();
 }
