@@ -10,6 +10,7 @@
  * wrapped at link time. */
 #include "testutil.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -38,6 +39,7 @@ static _Atomic size_t loop_realloc_above; /* a loop thread's realloc above this 
 static _Atomic int listen_errno;          /* the next listen fails with it (0 = off) */
 static _Atomic bool no_ipv6;              /* socket(AF_INET6) fails: EAFNOSUPPORT */
 static _Atomic int accepts_to_abort;      /* accept4 calls that fail with ECONNABORTED */
+static _Thread_local bool tls_no_fds;     /* this thread's sockets fail: EMFILE */
 static _Atomic long failed;               /* allocations refused */
 
 static bool on_loop_thread(void)
@@ -109,6 +111,10 @@ int __wrap_listen(int fd, int backlog)
 
 int __wrap_socket(int domain, int type, int protocol)
 {
+    if (tls_no_fds) {
+        errno = EMFILE;
+        return -1;
+    }
     if (domain == AF_INET6 && atomic_load(&no_ipv6)) {
         errno = EAFNOSUPPORT;
         return -1;
@@ -580,6 +586,91 @@ static void test_dial_out_of_memory(void)
     close(lfd);
 }
 
+
+/* A dial whose socket cannot be made (out of descriptors) fails with that error:
+ * dial_and_serve returns -EMFILE with retry off, and no callbacks run. */
+static void *dial_without_fds(void *arg)
+{
+    tls_no_fds = true;
+    void *r = tu_client_main(arg);
+    tls_no_fds = false;
+    return r;
+}
+
+static void test_dial_socket_fails(void)
+{
+    int port;
+    int lfd = tu_listen(&port, 0);
+    tu_tracker *t = tu_tracker_new();
+    tu_client tc;
+    memset(&tc, 0, sizeof tc);
+    tc.cli = tu_client_for_port(port);
+    tc.handler = tu_tracker_handler(t);
+    tu_counter_init(&tc.done);
+    CHECK_EQ(pthread_create(&tc.thread, NULL, dial_without_fds, &tc), 0);
+    CHECK_EQ(tu_client_join(&tc), -EMFILE);
+    CHECK_EQ(tu_counter_get(&t->connects), 0);
+    knet_client_free(tc.cli);
+    tu_tracker_free(t);
+    close(lfd);
+}
+
+/* The TCP state (/proc/net/tcp, hex) of the socket local_port <-> remote_port, or -1. */
+static int tcp_state(int local_port, int remote_port)
+{
+    FILE *f = fopen("/proc/net/tcp", "r");
+    CHECK(f != NULL);
+    char line[512];
+    int st = -1;
+    CHECK(fgets(line, sizeof line, f) != NULL); /* header */
+    while (fgets(line, sizeof line, f)) {
+        unsigned la, lp, ra, rp, s1;
+        if (sscanf(line, " %*d: %x:%x %x:%x %x", &la, &lp, &ra, &rp, &s1) == 5 &&
+            (int)lp == local_port && (int)rp == remote_port)
+            st = (int)s1;
+    }
+    fclose(f);
+    return st;
+}
+
+/* In receive: on the first connection 8 MiB its peer does not read; on others an echo. */
+static void send_big(tu_rec *r, const void *buf, size_t len)
+{
+    if (r->index == 0)
+        atomic_store(&hook_rc1, knet_conn_send(r->conn, big_msg, BIG));
+    else
+        CHECK_EQ(knet_conn_send(r->conn, buf, len), 0);
+}
+
+/* A peer that half-closes while knet still writes it a large queue (the drain knet
+ * begins on EOF, 3 s) and then resets: the reset ends the connection at once, with a
+ * reset reason (not -ETIMEDOUT at the drain's deadline), exactly one connect(false). */
+static void test_reset_during_eof_drain(void)
+{
+    tu_tracker *t = tu_tracker_new();
+    t->on_receive = send_big;
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, t, NULL);
+    int fd = tu_connect_ex(port, 64 << 10);
+    tu_write_str(fd, "x");
+    WAIT_GE(&t->msgs, 1);
+    CHECK_EQ(atomic_load(&hook_rc1), 0);
+    CHECK_EQ(shutdown(fd, SHUT_WR), 0);
+    /* The FIN is the server socket's (CLOSE_WAIT); a round trip on another connection of
+     * the one loop then comes after knet read it. */
+    WAIT_UNTIL(tcp_state(port, tu_sock_port(fd)) == 0x08);
+    expect_echo(port);
+    CHECK_EQ(knet_conn_close_reason(t->recs[0].conn), 1); /* draining */
+    tu_set_linger0(fd);
+    close(fd);
+    WAIT_UNTIL(atomic_load(&t->recs[0].disconnected)); /* the echo's may end first */
+    int reason = atomic_load(&t->recs[0].reason);
+    if (reason != -ECONNRESET && reason != -EPIPE)
+        tu_fail_op(__FILE__, __LINE__, "reason", "is", "-ECONNRESET or -EPIPE", reason, -ECONNRESET);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
 /* ------------------------------------------------------------------ listening */
 
 /* listen failing after the bind (another socket bound the port with SO_REUSEADDR
@@ -623,12 +714,15 @@ static void test_wildcard_listen_without_ipv6(void)
     int port = tu_server_start(&ts, ":0", &h, NULL);
     atomic_store(&no_ipv6, false);
     CHECK_GT(port, 0);
-    expect_echo(port);
+    int fd = tu_connect(port);
+    char b[2];
+    tu_write_str(fd, "ok");
+    READ_EXACT(fd, b, 2);
     char addr[KNET_ADDRSTRLEN], want[KNET_ADDRSTRLEN];
-    WAIT_GE(&t->connects, 1);
-    CHECK_GT(knet_conn_local_addr(t->recs[0].conn, addr, sizeof addr), 0);
+    CHECK_GT(knet_conn_local_addr(t->recs[0].conn, addr, sizeof addr), 0); /* still open */
     snprintf(want, sizeof want, "127.0.0.1:%d", port);
     CHECK(strcmp(addr, want) == 0);
+    close(fd);
     CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
     tu_tracker_free(t);
 }
@@ -681,18 +775,39 @@ static void test_second_serve_busy(void)
 
 /* The process stopped (SIGSTOP) and continued (SIGCONT), as a shell's ^Z and fg do:
  * every loop's epoll_wait returns EINTR, and the loops go on serving. */
-static void test_stop_and_continue(void)
+static char loop_thread_state(void)
 {
-    tu_tracker *t = tu_tracker_new();
-    t->echo = true;
-    tu_server ts;
-    int port = tu_tracked_server_start(&ts, t, NULL);
-    int fd = tu_connect(port);
+    DIR *d = opendir("/proc/self/task");
+    CHECK(d != NULL);
+    char st = '?';
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.')
+            continue;
+        char path[300], buf[512];
+        snprintf(path, sizeof path, "/proc/self/task/%s/stat", e->d_name);
+        int sfd = open(path, O_RDONLY | O_CLOEXEC);
+        if (sfd < 0)
+            continue;
+        ssize_t n = read(sfd, buf, sizeof buf - 1);
+        close(sfd);
+        buf[n > 0 ? n : 0] = '\0';
+        char *p = strrchr(buf, ')');
+        if (strstr(buf, "(knet-loop-0)") && p && p[1] == ' ')
+            st = p[2];
+    }
+    closedir(d);
+    return st;
+}
+
+/* Forks a child that stops this process (SIGSTOP), waits until it is stopped (state
+ * T) and continues it (SIGCONT). */
+static void stop_and_continue_me(void)
+{
     pid_t me = getpid();
     pid_t child = fork();
     CHECK_GE(child, 0);
     if (child == 0) {
-        /* Stops the parent, waits until it is stopped (its state T), continues it. */
         kill(me, SIGSTOP);
         char path[64], buf[512];
         snprintf(path, sizeof path, "/proc/%d/stat", (int)me);
@@ -718,6 +833,27 @@ static void test_stop_and_continue(void)
     }
     CHECK_EQ(w, child);
     CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+/* The process stopped (SIGSTOP) and continued (SIGCONT), as a shell's ^Z and fg do:
+ * a loop asleep in epoll_wait gets EINTR, and goes on serving (before, untested: any
+ * other error of epoll_wait aborts). Stopped with its loop asleep (state S; a round
+ * trip first), up to 20 times until one EINTR is seen. */
+static void test_stop_and_continue(void)
+{
+    tu_tracker *t = tu_tracker_new();
+    t->echo = true;
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, t, NULL);
+    int fd = tu_connect(port);
+    atomic_store(&epoll_eintr, 0);
+    for (int round = 0; round < 20 && atomic_load(&epoll_eintr) == 0; round++) {
+        char b[2];
+        tu_write_str(fd, "ok");
+        READ_EXACT(fd, b, 2);
+        WAIT_UNTIL(loop_thread_state() == 'S');
+        stop_and_continue_me();
+    }
     CHECK_GE(atomic_load(&epoll_eintr), 1);
     char b[2];
     tu_write_str(fd, "ok");
@@ -728,8 +864,46 @@ static void test_stop_and_continue(void)
     tu_tracker_free(t);
 }
 
+/* Runs listen_and_serve with this thread's mallocs and callocs limited as ts->codec.ud
+ * says (bits 0-7: mallocs, 8-15: callocs; 255 = unlimited). */
+static void *serve_with_budgets(void *arg)
+{
+    tu_server *ts = arg;
+    long b = (long)(intptr_t)ts->codec.ud;
+    tls_malloc_budget = (b & 255) == 255 ? -1 : (b & 255);
+    tls_calloc_budget = (b >> 8 & 255) == 255 ? -1 : (b >> 8 & 255);
+    void *r = tu_server_main(ts);
+    tls_malloc_budget = tls_calloc_budget = -1;
+    return r;
+}
+
+/* The loops cannot be made (out of memory: their array, the second loop's read buffer,
+ * the first's): the first listen returns -ENOMEM, every descriptor made for them is
+ * closed again, the loop count stays settable; the next listen starts them. Run before
+ * anything else starts the loops. */
+static void test_loops_out_of_memory(void)
+{
+    int fds = tu_fd_count();
+    static const long budgets[] = {255 | 0 << 8, 1 | 255 << 8, 0 | 255 << 8};
+    for (size_t i = 0; i < sizeof budgets / sizeof budgets[0]; i++) {
+        CHECK_EQ(knet_set_loop_threads(2), 0);
+        tu_server ts;
+        tu_server_init(&ts, "127.0.0.1:0", NULL, NULL);
+        ts.codec.ud = (void *)(intptr_t)budgets[i]; /* has_codec stays false */
+        atomic_store(&failed, 0);
+        CHECK_EQ(pthread_create(&ts.thread, NULL, serve_with_budgets, &ts), 0);
+        CHECK_EQ(tu_server_join(&ts), -ENOMEM);
+        CHECK_EQ(atomic_load(&failed), 1);
+        CHECK_EQ(tu_fd_count(), fds);
+        CHECK_EQ(knet_loop_threads(), 2);
+    }
+    printf("[  OK  ] test_loops_out_of_memory\n");
+}
+
 int main(void)
 {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    test_loops_out_of_memory();
     CHECK_EQ(knet_set_loop_threads(1), 0);
     big_msg = malloc(BIG);
     CHECK(big_msg != NULL);
@@ -744,6 +918,8 @@ int main(void)
     RUN(test_accept_conn_out_of_memory);
     RUN(test_server_start_out_of_memory);
     RUN(test_dial_out_of_memory);
+    RUN(test_dial_socket_fails);
+    RUN(test_reset_during_eof_drain);
     RUN(test_listen_fails_after_bind);
     RUN(test_wildcard_listen_without_ipv6);
     RUN(test_accept_aborted_skips_on);
