@@ -673,6 +673,28 @@ static void test_reset_during_eof_drain(void)
 
 /* ------------------------------------------------------------------ listening */
 
+/* A listen whose socket cannot be made (out of descriptors): listen_and_serve and
+ * wait_listening return -EMFILE; on ":0" too (no IPv4 fallback for that error). */
+static void *serve_without_fds(void *arg)
+{
+    tls_no_fds = true;
+    void *r = tu_server_main(arg);
+    tls_no_fds = false;
+    return r;
+}
+
+static void test_listen_socket_fails(void)
+{
+    static const char *addrs[] = {"127.0.0.1:0", ":0"};
+    for (int i = 0; i < 2; i++) {
+        tu_server ts;
+        tu_server_init(&ts, addrs[i], NULL, NULL);
+        CHECK_EQ(pthread_create(&ts.thread, NULL, serve_without_fds, &ts), 0);
+        CHECK_EQ(knet_server_wait_listening(ts.srv, TU_DEADLINE_MS), -EMFILE);
+        CHECK_EQ(tu_server_join(&ts), -EMFILE);
+    }
+}
+
 /* listen failing after the bind (another socket bound the port with SO_REUSEADDR
  * and listened first): listen_and_serve, wait_listening and port report the error,
  * the socket is closed, and a later call on the same server listens. */
@@ -920,6 +942,7 @@ int main(void)
     RUN(test_dial_out_of_memory);
     RUN(test_dial_socket_fails);
     RUN(test_reset_during_eof_drain);
+    RUN(test_listen_socket_fails);
     RUN(test_listen_fails_after_bind);
     RUN(test_wildcard_listen_without_ipv6);
     RUN(test_accept_aborted_skips_on);
