@@ -415,16 +415,13 @@ static int pieces_write(knet_writer *w, const void *msg, size_t len, void *ud)
  * queues nothing; the first that gets all its memory goes out whole. */
 static void test_framed_send_out_of_memory_at_each_allocation(void)
 {
-    tu_tracker *t;
-    tu_server ts;
-    int port, fd;
-    knet_conn *c;
     knet_codec codec = {NULL, pieces_write, NULL, 0};
-    t = tu_tracker_new();
-    port = tu_tracked_server_start(&ts, t, &codec);
-    fd = tu_connect(port);
+    tu_tracker *t = tu_tracker_new();
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, t, &codec);
+    int fd = tu_connect(port);
     WAIT_GE(&t->connects, 1);
-    c = t->recs[0].conn;
+    knet_conn *c = t->recs[0].conn;
     enum { GROUPS = 32 };
     static char msg[4 * GROUPS]; /* 96 pieces; 96 scratch bytes outgrow the inline 64 */
     for (size_t i = 0; i < sizeof msg; i++)
