@@ -612,24 +612,6 @@ static void test_dial_socket_fails(void)
     close(lfd);
 }
 
-/* The TCP state (/proc/net/tcp, hex) of the socket local_port <-> remote_port, or -1. */
-static int tcp_state(int local_port, int remote_port)
-{
-    FILE *f = fopen("/proc/net/tcp", "r");
-    CHECK(f != NULL);
-    char line[512];
-    int st = -1;
-    CHECK(fgets(line, sizeof line, f) != NULL); /* header */
-    while (fgets(line, sizeof line, f)) {
-        unsigned la, lp, ra, rp, s1;
-        if (sscanf(line, " %*d: %x:%x %x:%x %x", &la, &lp, &ra, &rp, &s1) == 5 &&
-            (int)lp == local_port && (int)rp == remote_port)
-            st = (int)s1;
-    }
-    fclose(f);
-    return st;
-}
-
 /* In receive: on the first connection 8 MiB its peer does not read; on others an echo. */
 static void send_big(tu_rec *r, const void *buf, size_t len)
 {
@@ -655,7 +637,7 @@ static void test_reset_during_eof_drain(void)
     CHECK_EQ(shutdown(fd, SHUT_WR), 0);
     /* The FIN is the server socket's (CLOSE_WAIT); a round trip on another connection of
      * the one loop then comes after knet read it. */
-    WAIT_UNTIL(tcp_state(port, tu_sock_port(fd)) == 0x08);
+    WAIT_UNTIL(tu_tcp_sockets(port, tu_sock_port(fd), 8 /* CLOSE_WAIT */) == 1);
     expect_echo(port);
     CHECK_EQ(knet_conn_close_reason(t->recs[0].conn), 1); /* draining */
     tu_set_linger0(fd);

@@ -472,8 +472,9 @@ static inline size_t tu_rss(void)
     return (size_t)res * (size_t)sysconf(_SC_PAGESIZE);
 }
 
-/* The sockets of this host in SYN_SENT to 127.0.0.1:port (/proc/net/tcp): a dial under way. */
-static inline int tu_syn_sent_to(int port)
+/* The sockets of this host (/proc/net/tcp) from local_port to remote_port in TCP state
+ * state (include/net/tcp_states.h: 2 SYN_SENT, 8 CLOSE_WAIT); a port of 0 is any. */
+static inline int tu_tcp_sockets(int local_port, int remote_port, unsigned state)
 {
     FILE *f = fopen("/proc/net/tcp", "r");
     CHECK(f != NULL);
@@ -483,11 +484,18 @@ static inline int tu_syn_sent_to(int port)
     while (fgets(line, sizeof line, f)) {
         unsigned la, lp, ra, rp, st;
         if (sscanf(line, " %*d: %x:%x %x:%x %x", &la, &lp, &ra, &rp, &st) == 5 &&
-            (int)rp == port && st == 2 /* TCP_SYN_SENT */)
+            (local_port == 0 || (int)lp == local_port) &&
+            (remote_port == 0 || (int)rp == remote_port) && st == state)
             n++;
     }
     fclose(f);
     return n;
+}
+
+/* The sockets of this host in SYN_SENT to 127.0.0.1:port: a dial under way. */
+static inline int tu_syn_sent_to(int port)
+{
+    return tu_tcp_sockets(0, port, 2 /* TCP_SYN_SENT */);
 }
 
 /* Counts the open descriptors whose target (readlink of /proc/self/fd/N) contains
