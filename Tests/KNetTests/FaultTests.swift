@@ -237,7 +237,7 @@ final class ChurnHandler: TCPHandler {
 }
 
 /// Makes the socket's close send an RST (SO_LINGER {1, 0}).
-private func resetOnClose(_ socket: PlainSocket) {
+func resetOnClose(_ socket: PlainSocket) {
     var value = linger(l_onoff: 1, l_linger: 0)
     setsockopt(socket.fd, SOL_SOCKET, SO_LINGER, &value, socklen_t(MemoryLayout<linger>.size))
 }
