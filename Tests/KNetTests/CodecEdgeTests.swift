@@ -5,6 +5,7 @@
 import Glibc
 #endif
 import Dispatch
+import Foundation
 import KNet
 import Testing
 
@@ -245,5 +246,35 @@ extension KNetTests {
             Issue.record("close reason \(String(describing: handler.only?.reasonAtDisconnect))")
         }
         #expect(server.stop() == .serverClosed)
+    }
+}
+
+extension KNetTests {
+    @Test("run() when no thread can be made throws .system(errno: EAGAIN) at once (no hang, the server untouched)",
+          .disabled(if: underSanitizer, "a sanitizer's runtime needs address space the limit leaves no room for"))
+    func runWithoutThreads() async {
+        await #expect(processExitsWith: .success) {
+            let server = TCPServer("127.0.0.1:0")
+            // Address space for a few more small allocations, not for a thread's stack.
+            let statm = try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8)
+            guard let pages = statm?.split(separator: " ").first.flatMap({ Int($0) }) else { exit(2) }
+            var limit = rlimit()
+            getrlimit(Int32(RLIMIT_AS.rawValue), &limit)
+            let saved = limit
+            limit.rlim_cur = rlim_t(pages * Int(getpagesize()) + (1 << 20))
+            guard setrlimit(Int32(RLIMIT_AS.rawValue), &limit) == 0 else { exit(3) }
+            var status: Int32 = 4
+            do {
+                try await server.run()
+            } catch KNetError.system(errno: EAGAIN) {
+                status = 0
+            } catch {
+                status = 5
+            }
+            var restore = saved
+            setrlimit(Int32(RLIMIT_AS.rawValue), &restore)
+            if status == 0 && server.port != 0 { status = 6 }
+            exit(status)
+        }
     }
 }
