@@ -232,7 +232,8 @@ public struct LengthFieldCodec: Codec, BuiltinCCodec {
     public let lengthBytes: Int
     /// Byte order of the length prefix.
     public let endianness: Endianness
-    /// Largest body accepted or sent (0 = 16 MiB); never more than the prefix can express.
+    /// Largest body accepted or sent, as given (0 = 16 MiB); where the prefix expresses less
+    /// (255 for 1 byte, 65,535 for 2), that smaller limit applies.
     public let maxFrame: Int
     let storage: LengthFieldStorage
     /// The largest whole frame as the C codec computes it: the prefix and `maxFrame` (or
