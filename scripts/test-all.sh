@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of knet: the C suite (ctest) plainly, under ASan+UBSan,
-# under TSan and built with clang; the Swift suite (swift test), also under TSan and under
-# ASan+LSan; and each fuzzer for a short time.
+# under TSan, built with clang and under MSan (clang); the Swift suite (swift test),
+# also under TSan and under ASan+LSan; and each fuzzer for a short time.
 # Usage: scripts/test-all.sh            (from anywhere; builds into build-test-*)
-# Env:   KNET_TEST_SKIP="tsan fuzz ..."  skips parts: plain asan tsan clang swift swift-tsan swift-asan fuzz
+# Env:   KNET_TEST_SKIP="tsan fuzz ..."  skips parts: plain asan tsan clang msan swift swift-tsan swift-asan fuzz
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -32,6 +32,16 @@ if [[ $skip != *" clang "* ]]; then
     run_ctest clang -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_COMPILER="$cc" -DCMAKE_CXX_COMPILER="$cxx"
   else
     echo "no clang found: the clang build is skipped"; failed+=("clang-missing")
+  fi
+fi
+# MemorySanitizer (reads of uninitialised memory), which only clang has.
+if [[ $skip != *" msan "* ]]; then
+  cc=$(command -v clang || echo /opt/swift/usr/bin/clang)
+  cxx=$(command -v clang++ || echo /opt/swift/usr/bin/clang++)
+  if [[ -x $cc && -x $cxx ]]; then
+    run_ctest msan -DCMAKE_BUILD_TYPE=Debug -DKNET_SANITIZE=memory -DCMAKE_C_COMPILER="$cc" -DCMAKE_CXX_COMPILER="$cxx"
+  else
+    echo "no clang found: the MSan build is skipped"
   fi
 fi
 
