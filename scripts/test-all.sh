@@ -34,12 +34,13 @@ if [[ $skip != *" clang "* ]]; then
     echo "no clang found: the clang build is skipped"; failed+=("clang-missing")
   fi
 fi
-# MemorySanitizer (reads of uninitialised memory), which only clang has.
+# MemorySanitizer (reads of uninitialised memory), which only clang has. Optimised, as
+# MSan's docs advise: at -O0 the tests' per-byte pattern checks took 4 min, now 1.
 if [[ $skip != *" msan "* ]]; then
   cc=$(command -v clang || echo /opt/swift/usr/bin/clang)
   cxx=$(command -v clang++ || echo /opt/swift/usr/bin/clang++)
   if [[ -x $cc && -x $cxx ]]; then
-    run_ctest msan -DCMAKE_BUILD_TYPE=Debug -DKNET_SANITIZE=memory -DCMAKE_C_COMPILER="$cc" -DCMAKE_CXX_COMPILER="$cxx"
+    run_ctest msan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKNET_SANITIZE=memory -DCMAKE_C_COMPILER="$cc" -DCMAKE_CXX_COMPILER="$cxx"
   else
     echo "no clang found: the MSan build is skipped"
   fi
