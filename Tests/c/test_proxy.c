@@ -35,6 +35,7 @@ typedef struct px_session {
     knet_client *cli; /* NULL once the dial thread freed it */
     knet_handler up_handler;
     bool down_done;
+    bool down_closing, up_closing; /* a relay send to it returned KNET_ECLOSED: it drains */
     int down_reason, up_reason, dial_rc, up_connects;
     char *early; /* what down sent before the upstream was connected */
     size_t early_len;
@@ -98,7 +99,7 @@ static void px_stop_upstream_locked(px_session *s)
 {
     if (!s->cli)
         return;
-    if (s->down_reason == KNET_EOF) {
+    if (s->down_reason == KNET_EOF || s->up_closing) {
         if (s->up)
             knet_client_shutdown(s->cli, 3000);
     } else
@@ -106,7 +107,10 @@ static void px_stop_upstream_locked(px_session *s)
 }
 
 /* Relays buf to `to`. knet has no way to stop reading a connection, so a refused send
- * (backpressure: the pending-send or byte bound) ends the relay: both sides close. */
+ * (backpressure: the pending-send or byte bound) ends the relay: both sides close. A
+ * send refused with KNET_ECLOSED finds `to` closing (draining what it accepted, as after
+ * its peer's FIN): the source closes at once, and its connect(false) leaves `to` to
+ * drain (a shutdown, not a close). */
 static void px_relay(px_session *s, knet_conn *to, const void *buf, size_t len, bool upward)
 {
     int rc = knet_conn_send(to, buf, len);
@@ -118,11 +122,20 @@ static void px_relay(px_session *s, knet_conn *to, const void *buf, size_t len, 
                      : rc == KNET_ECLOSED    ? &s->px->closed
                                              : &s->px->other,
                      1);
-    knet_conn_close(s->down);
+    bool draining = rc == KNET_ECLOSED;
     pthread_mutex_lock(&s->mu);
-    if (s->cli)
+    if (draining) {
+        if (upward)
+            s->up_closing = true;
+        else
+            s->down_closing = true;
+    }
+    bool close_up = !draining || !upward, close_down = !draining || upward;
+    if (close_up && s->cli)
         knet_client_close(s->cli);
     pthread_mutex_unlock(&s->mu);
+    if (close_down)
+        knet_conn_close(s->down);
 }
 
 static void px_up_connect(knet_conn *c, bool connected, void *ud)
@@ -158,9 +171,10 @@ static void px_up_connect(knet_conn *c, bool connected, void *ud)
     s->up_reason = r;
     if (s->cli)
         knet_client_close(s->cli); /* one upstream connection per session: no re-dial */
+    bool drain = r == KNET_EOF || s->down_closing;
     pthread_mutex_unlock(&s->mu);
     /* The upstream finished sending: what is queued for the client still goes, then FIN. */
-    if (r == KNET_EOF)
+    if (drain)
         knet_conn_shutdown(s->down);
     else
         knet_conn_close(s->down);
@@ -404,11 +418,11 @@ static int px_accept(int lfd)
     return fd;
 }
 
-/* Reads to EOF (or a reset, when reset_ok); returns the byte count, checking the pattern. */
-static size_t px_read_to_end(int fd, uint32_t seed, bool reset_ok)
+/* Reads to EOF (or a reset, when reset_ok) the pattern of seed from offset off on,
+ * checking every byte; returns the offset reached. */
+static size_t px_read_from(int fd, uint32_t seed, size_t off, bool reset_ok)
 {
     static _Thread_local uint8_t buf[64 * 1024];
-    size_t off = 0;
     for (;;) {
         ssize_t r = tu_read_some(fd, buf, sizeof buf);
         if (r == 0 || (reset_ok && r == -ECONNRESET))
@@ -445,7 +459,7 @@ static void test_client_fin_reaches_upstream(void)
         px_write_pattern(fd, (size_t)2 << 20, 7u + (uint32_t)round);
         CHECK_EQ(shutdown(fd, SHUT_WR), 0);
         int ufd = px_accept(lfd);
-        CHECK_EQ(px_read_to_end(ufd, 7u + (uint32_t)round, false), (size_t)2 << 20);
+        CHECK_EQ(px_read_from(ufd, 7u + (uint32_t)round, 0, false), (size_t)2 << 20);
         EXPECT_PEER_CLOSED(fd); /* knet closed its side on the client's FIN */
         close(ufd);
         close(fd);
@@ -472,7 +486,7 @@ static void test_upstream_fin_delivers_rest(void)
     int ufd = px_accept(lfd);
     px_write_pattern(ufd, (size_t)8 << 20, 99u);
     close(ufd);
-    CHECK_EQ(px_read_to_end(fd, 99u, false), (size_t)8 << 20);
+    CHECK_EQ(px_read_from(fd, 99u, 0, false), (size_t)8 << 20);
     close(fd);
     WAIT_GE(&px.finished, 1);
     px_result r = px_res(&px, 0);
@@ -587,6 +601,111 @@ static void test_resets_propagate(void)
     close(lfd);
 }
 
+/* Writes the pattern stream of seed to fd until max bytes or an error (the relay
+ * closing); returns the bytes written. */
+typedef struct px_pump {
+    int fd;
+    uint32_t seed;
+    size_t max, written;
+    int err;
+} px_pump;
+
+static void *px_pump_main(void *arg)
+{
+    px_pump *p = (px_pump *)arg;
+    static _Thread_local uint8_t buf[32 * 1024];
+    while (p->written < p->max) {
+        size_t n = sizeof buf < p->max - p->written ? sizeof buf : p->max - p->written;
+        tu_pattern_fill(buf, n, p->written, p->seed);
+        ssize_t w = send(p->fd, buf, n, MSG_NOSIGNAL);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0) {
+            p->err = errno;
+            break;
+        }
+        p->written += (size_t)w;
+    }
+    return NULL;
+}
+
+/* The client half-closes in the middle of a download (the upstream streaming to it):
+ * knet drains to the client what the relay's sends were given before the FIN was read
+ * and refuses the rest (KNET_ECLOSED), so the client reads exactly the bytes the proxy's
+ * sends accepted, in order, then EOF. */
+static void test_client_fin_mid_download(void)
+{
+    int up_port;
+    int lfd = tu_listen(&up_port, 0);
+    px_proxy px;
+    px_start(&px, up_port, 0);
+    int fd = tu_connect(px.port);
+    int ufd = px_accept(lfd);
+    px_pump p = {.fd = ufd, .seed = 4242u, .max = (size_t)64 << 20};
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, px_pump_main, &p), 0);
+    static uint8_t buf[64 * 1024];
+    size_t got = 0;
+    while (got < ((size_t)1 << 20)) {
+        ssize_t r = tu_read_some(fd, buf, sizeof buf);
+        CHECK_GT(r, 0);
+        CHECK_EQ(tu_pattern_mismatch(buf, (size_t)r, got, 4242u), r);
+        got += (size_t)r;
+    }
+    CHECK_EQ(shutdown(fd, SHUT_WR), 0);
+    got = px_read_from(fd, 4242u, got, false);
+    WAIT_GE(&px.finished, 1);
+    CHECK_EQ(pthread_join(t, NULL), 0);
+    px_result r = px_res(&px, 0);
+    CHECK_EQ(r.down_reason, KNET_EOF);
+    CHECK_EQ(got, atomic_load(&px.relayed_down)); /* every accepted byte, no other */
+    CHECK_GE(atomic_load(&px.closed), 1);
+    CHECK_NE(p.err, 0); /* the upstream was closed: its writes failed */
+    CHECK_EQ(atomic_load(&px.other), 0);
+    close(ufd);
+    close(fd);
+    px_stop(&px);
+    close(lfd);
+}
+
+/* The same the other way: the upstream half-closes in the middle of an upload. The
+ * upstream reads exactly the bytes the proxy's sends accepted, then EOF; the client's
+ * connection is closed (its writes fail). */
+static void test_upstream_fin_mid_upload(void)
+{
+    int up_port;
+    int lfd = tu_listen(&up_port, 0);
+    px_proxy px;
+    px_start(&px, up_port, 0);
+    int fd = tu_connect(px.port);
+    px_pump p = {.fd = fd, .seed = 777u, .max = (size_t)64 << 20};
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, px_pump_main, &p), 0);
+    int ufd = px_accept(lfd);
+    static uint8_t buf[64 * 1024];
+    size_t got = 0;
+    while (got < ((size_t)1 << 20)) {
+        ssize_t r = tu_read_some(ufd, buf, sizeof buf);
+        CHECK_GT(r, 0);
+        CHECK_EQ(tu_pattern_mismatch(buf, (size_t)r, got, 777u), r);
+        got += (size_t)r;
+    }
+    CHECK_EQ(shutdown(ufd, SHUT_WR), 0);
+    got = px_read_from(ufd, 777u, got, false);
+    WAIT_GE(&px.finished, 1);
+    CHECK_EQ(pthread_join(t, NULL), 0);
+    px_result r = px_res(&px, 0);
+    CHECK_EQ(r.up_reason, KNET_EOF);
+    CHECK_EQ(got, atomic_load(&px.relayed_up));
+    CHECK_GE(atomic_load(&px.closed), 1);
+    CHECK_NE(p.err, 0);
+    CHECK_EQ(atomic_load(&px.other), 0);
+    close(ufd);
+    close(fd);
+    px_stop(&px);
+    close(lfd);
+}
+
 #define PX_PAIRS 8
 
 /* Opens n sessions through the proxy, each with a known upstream socket: the client
@@ -669,6 +788,8 @@ int main(void)
     RUN(test_client_fin_reaches_upstream);
     RUN(test_upstream_fin_delivers_rest);
     RUN(test_backpressure_bound_closes);
+    RUN(test_client_fin_mid_download);
+    RUN(test_upstream_fin_mid_upload);
     RUN(test_resets_propagate);
     RUN(test_server_close_ends_upstreams);
     RUN(test_both_sides_reset_at_once);
