@@ -706,6 +706,66 @@ static void test_upstream_fin_mid_upload(void)
     close(lfd);
 }
 
+/* Clients that send a short request and half-close at once, 32 at a time: the proxy
+ * gets the bytes and the FIN before (or while) its upstream connects; each upstream
+ * still reads the whole request, then EOF. Then 32 clients that reset right after
+ * writing: every session ends (closes racing the dial and the attach), nothing leaks. */
+static void test_early_fin_and_reset_churn(void)
+{
+    int up_port;
+    int lfd = tu_listen(&up_port, 0);
+    CHECK_EQ(listen(lfd, 64), 0);
+    px_proxy px;
+    px_start(&px, up_port, 0);
+    enum { N = 32, LEN = 100 };
+    int fds[N];
+    for (int i = 0; i < N; i++) {
+        fds[i] = tu_connect(px.port);
+        uint8_t req[LEN];
+        tu_pattern_fill(req, LEN, 0, 500u);
+        req[0] = (uint8_t)i;
+        tu_write_all(fds[i], req, LEN);
+        CHECK_EQ(shutdown(fds[i], SHUT_WR), 0);
+    }
+    bool seen[N] = {false};
+    for (int i = 0; i < N; i++) {
+        int u = px_accept(lfd);
+        uint8_t req[LEN + 1];
+        CHECK_EQ(tu_read_full(u, req, sizeof req), LEN); /* the request, then EOF */
+        CHECK_LT(req[0], N);
+        CHECK(!seen[req[0]]);
+        seen[req[0]] = true;
+        CHECK_EQ(tu_pattern_mismatch(req + 1, LEN - 1, 1, 500u), LEN - 1);
+        close(u);
+    }
+    for (int i = 0; i < N; i++) {
+        EXPECT_PEER_CLOSED(fds[i]);
+        close(fds[i]);
+    }
+    WAIT_GE(&px.finished, N);
+    for (int i = 0; i < N; i++) {
+        fds[i] = tu_connect(px.port);
+        tu_write_str(fds[i], "abc");
+        tu_set_linger0(fds[i]);
+        close(fds[i]);
+    }
+    /* Upstreams of the reset clients that got dialed: serve them until they end. */
+    int64_t end = tu_now_ms() + TU_DEADLINE_MS;
+    while (tu_counter_get(&px.finished) < 2 * N) {
+        CHECK_LT(tu_now_ms(), end);
+        struct pollfd p = {lfd, POLLIN, 0};
+        if (poll(&p, 1, 10) == 1) {
+            int u = px_accept(lfd);
+            char b[16];
+            while (tu_read_some(u, b, sizeof b) > 0) {
+            }
+            close(u);
+        }
+    }
+    px_stop(&px);
+    close(lfd);
+}
+
 #define PX_PAIRS 8
 
 /* Opens n sessions through the proxy, each with a known upstream socket: the client
@@ -755,6 +815,50 @@ static void test_server_close_ends_upstreams(void)
     close(lfd);
 }
 
+/* knet_server_shutdown of the proxy: every client reads EOF; clients that do not close
+ * are force-closed at the deadline (-ETIMEDOUT), those that do end with 0; either way
+ * connect(false) closes the upstream, which reads EOF; listen_and_serve returns. */
+static void test_server_shutdown_ends_upstreams(void)
+{
+    int up_port;
+    int lfd = tu_listen(&up_port, 0);
+    px_proxy px;
+    px_start(&px, up_port, 0);
+    int fds[PX_PAIRS], ufds[PX_PAIRS];
+    px_open_pairs(&px, lfd, PX_PAIRS, fds, ufds);
+    WAIT_GE(&px.ups, PX_PAIRS);
+    int64_t t0 = tu_now_ms();
+    CHECK_EQ(knet_server_shutdown(px.srv.srv, 500), 0);
+    for (int i = 0; i < PX_PAIRS; i++) {
+        char b[4];
+        CHECK_EQ(tu_read_some(fds[i], b, sizeof b), 0); /* FIN */
+        if (i % 2 == 0)
+            close(fds[i]);
+    }
+    for (int i = 0; i < PX_PAIRS; i++) {
+        EXPECT_PEER_CLOSED(ufds[i]);
+        close(ufds[i]);
+    }
+    CHECK_EQ(tu_server_join(&px.srv), KNET_ESERVERCLOSED);
+    CHECK_GE(tu_now_ms() - t0, 400);
+    WAIT_GE(&px.finished, PX_PAIRS);
+    int timed_out = 0;
+    for (int i = 0; i < PX_PAIRS; i++) {
+        px_result r = px_res(&px, i);
+        CHECK(r.down_reason == 0 || r.down_reason == -ETIMEDOUT);
+        timed_out += r.down_reason == -ETIMEDOUT;
+        CHECK_EQ(r.up_reason, KNET_ECLIENTCLOSED);
+    }
+    CHECK_EQ(timed_out, PX_PAIRS / 2);
+    for (int i = 1; i < PX_PAIRS; i += 2)
+        close(fds[i]);
+    tu_counter_destroy(&px.downs);
+    tu_counter_destroy(&px.ups);
+    tu_counter_destroy(&px.finished);
+    pthread_mutex_destroy(&px.mu);
+    close(lfd);
+}
+
 /* Both ends reset at the same moment, on 8 sessions for 10 rounds: each side's
  * connect(false) closes the other (often already closing) from its own loop; no
  * deadlock, every session ends, no handle used after its release (ASan). */
@@ -790,8 +894,10 @@ int main(void)
     RUN(test_backpressure_bound_closes);
     RUN(test_client_fin_mid_download);
     RUN(test_upstream_fin_mid_upload);
+    RUN(test_early_fin_and_reset_churn);
     RUN(test_resets_propagate);
     RUN(test_server_close_ends_upstreams);
+    RUN(test_server_shutdown_ends_upstreams);
     RUN(test_both_sides_reset_at_once);
     return tu_end();
 }
