@@ -135,16 +135,26 @@ struct UpstreamHandler: TCPHandler {
 struct ProxyHandler: TCPHandler {
     let upstreamPort: Int
     let stats: ProxyStats
+    /// Dial through `TCPClient.run` in a Task (it serves on a thread of its own) instead
+    /// of `dialAndServe` on a Thread.
+    var async = false
     func connect(_ conn: TCPConnection, connected: Bool) {
         if connected {
             let client = TCPClient("127.0.0.1:\(upstreamPort)")
             let session = ProxySession(down: conn, client: client, stats: stats)
             conn.userdata = session
             let handler = UpstreamHandler(session: session)
-            Thread {
-                _ = try? client.dialAndServe(handler: handler)
-                session.dialEnded()
-            }.start()
+            if async {
+                Task {
+                    _ = try? await client.run(handler: handler)
+                    session.dialEnded()
+                }
+            } else {
+                Thread {
+                    _ = try? client.dialAndServe(handler: handler)
+                    session.dialEnded()
+                }.start()
+            }
         } else {
             (conn.userdata as? ProxySession)?.downEnded(conn.closeReason)
         }
@@ -174,11 +184,13 @@ private func sendAll(_ fd: Int32, _ bytes: [UInt8]) throws {
 }
 
 extension KNetTests {
-    @Test("a TCPServer + TCPClient relay: 8 streams of 1 MiB both ways, intact; closes propagate")
-    func proxyRelaysStreams() throws {
+    @Test("a TCPServer + TCPClient relay: 8 streams of 1 MiB both ways, intact; closes propagate",
+          arguments: [false, true])
+    func proxyRelaysStreams(async: Bool) throws {
         let echo = try ServerHarness(handler: EchoHandler(), codec: nil)
         let stats = ProxyStats()
-        let proxy = try ServerHarness(handler: ProxyHandler(upstreamPort: echo.port, stats: stats), codec: nil)
+        let proxy = try ServerHarness(handler: ProxyHandler(upstreamPort: echo.port, stats: stats, async: async),
+                                      codec: nil)
         let streams = 8, size = 1 << 20
         let failures = Locked(0)
         let clients = (0..<streams).map { i in
