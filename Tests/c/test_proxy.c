@@ -21,6 +21,9 @@
 #endif
 
 #define PX_MAX_SESSIONS 128
+/* How long the proxy lets a side drain what it queued for its peer: a slow peer on a
+ * loaded machine (sanitizers) may take longer than knet_conn_shutdown's 3 s. */
+#define PX_DRAIN_MS TU_DEADLINE_MS
 
 typedef struct px_proxy px_proxy;
 
@@ -101,7 +104,7 @@ static void px_stop_upstream_locked(px_session *s)
         return;
     if (s->down_reason == KNET_EOF || s->up_closing) {
         if (s->up)
-            knet_client_shutdown(s->cli, 3000);
+            knet_client_shutdown(s->cli, PX_DRAIN_MS);
     } else
         knet_client_close(s->cli);
 }
@@ -175,7 +178,7 @@ static void px_up_connect(knet_conn *c, bool connected, void *ud)
     pthread_mutex_unlock(&s->mu);
     /* The upstream finished sending: what is queued for the client still goes, then FIN. */
     if (drain)
-        knet_conn_shutdown(s->down);
+        knet_conn_close_with_timeout(s->down, PX_DRAIN_MS);
     else
         knet_conn_close(s->down);
 }
@@ -601,12 +604,14 @@ static void test_resets_propagate(void)
     close(lfd);
 }
 
-/* Writes the pattern stream of seed to fd until max bytes or an error (the relay
- * closing); returns the bytes written. */
+/* Writes the pattern stream of seed to fd until an error (the relay closing) or, once a
+ * relay send was refused as the stream's far end is closing, until it stopped writing
+ * (so the test does not depend on how much the proxy queued before). */
 typedef struct px_pump {
     int fd;
     uint32_t seed;
-    size_t max, written;
+    atomic_long *refused; /* the proxy's count of KNET_ECLOSED sends */
+    size_t written;
     int err;
 } px_pump;
 
@@ -614,11 +619,14 @@ static void *px_pump_main(void *arg)
 {
     px_pump *p = (px_pump *)arg;
     static _Thread_local uint8_t buf[32 * 1024];
-    while (p->written < p->max) {
-        size_t n = sizeof buf < p->max - p->written ? sizeof buf : p->max - p->written;
+    while (atomic_load(p->refused) == 0) {
+        size_t n = sizeof buf;
         tu_pattern_fill(buf, n, p->written, p->seed);
-        ssize_t w = send(p->fd, buf, n, MSG_NOSIGNAL);
-        if (w < 0 && errno == EINTR)
+        struct pollfd pf = {p->fd, POLLOUT, 0};
+        if (poll(&pf, 1, 10) == 0)
+            continue;
+        ssize_t w = send(p->fd, buf, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w < 0 && (errno == EINTR || errno == EAGAIN))
             continue;
         if (w <= 0) {
             p->err = errno;
@@ -641,7 +649,7 @@ static void test_client_fin_mid_download(void)
     px_start(&px, up_port, 0);
     int fd = tu_connect(px.port);
     int ufd = px_accept(lfd);
-    px_pump p = {.fd = ufd, .seed = 4242u, .max = (size_t)64 << 20};
+    px_pump p = {.fd = ufd, .seed = 4242u, .refused = &px.closed};
     pthread_t t;
     CHECK_EQ(pthread_create(&t, NULL, px_pump_main, &p), 0);
     static uint8_t buf[64 * 1024];
@@ -660,7 +668,6 @@ static void test_client_fin_mid_download(void)
     CHECK_EQ(r.down_reason, KNET_EOF);
     CHECK_EQ(got, atomic_load(&px.relayed_down)); /* every accepted byte, no other */
     CHECK_GE(atomic_load(&px.closed), 1);
-    CHECK_NE(p.err, 0); /* the upstream was closed: its writes failed */
     CHECK_EQ(atomic_load(&px.other), 0);
     close(ufd);
     close(fd);
@@ -678,7 +685,7 @@ static void test_upstream_fin_mid_upload(void)
     px_proxy px;
     px_start(&px, up_port, 0);
     int fd = tu_connect(px.port);
-    px_pump p = {.fd = fd, .seed = 777u, .max = (size_t)64 << 20};
+    px_pump p = {.fd = fd, .seed = 777u, .refused = &px.closed};
     pthread_t t;
     CHECK_EQ(pthread_create(&t, NULL, px_pump_main, &p), 0);
     int ufd = px_accept(lfd);
@@ -698,7 +705,6 @@ static void test_upstream_fin_mid_upload(void)
     CHECK_EQ(r.up_reason, KNET_EOF);
     CHECK_EQ(got, atomic_load(&px.relayed_up));
     CHECK_GE(atomic_load(&px.closed), 1);
-    CHECK_NE(p.err, 0);
     CHECK_EQ(atomic_load(&px.other), 0);
     close(ufd);
     close(fd);
