@@ -53,6 +53,7 @@ struct px_proxy {
     tu_server srv;
     int port, up_port;
     size_t up_max_queued; /* knet_client_set_max_queued_bytes, 0 = the default */
+    size_t down_pending;  /* knet_conn_set_pending_send in connect(true), 0 = none */
     atomic_int next_id;
     tu_counter downs;     /* down connect(true)s */
     tu_counter ups;       /* upstream connect(true)s */
@@ -225,6 +226,8 @@ static void px_down_connect(knet_conn *c, bool connected, void *ud)
         s->down_reason = s->up_reason = 1;
         knet_conn_retain(c);
         s->down = c;
+        if (px->down_pending)
+            knet_conn_set_pending_send(c, px->down_pending);
         s->cli = tu_client_for_port(px->up_port);
         if (px->up_max_queued)
             knet_client_set_max_queued_bytes(s->cli, px->up_max_queued);
@@ -271,11 +274,16 @@ static void px_down_receive(knet_conn *c, const void *buf, size_t len, void *ud)
 }
 
 /* Starts the proxy in front of 127.0.0.1:up_port; max_queued bounds its accepted
- * connections' queues (0 = the default). */
-static void px_start(px_proxy *px, int up_port, size_t max_queued)
+ * connections' queues (0 = the default), down_pending is the pending-send limit set on
+ * them in connect(true), up_max_queued bounds the upstream clients' queues (0: none,
+ * the default). */
+static void px_start_ex(px_proxy *px, int up_port, size_t max_queued, size_t down_pending,
+                        size_t up_max_queued)
 {
     memset(px, 0, sizeof *px);
     px->up_port = up_port;
+    px->down_pending = down_pending;
+    px->up_max_queued = up_max_queued;
     tu_counter_init(&px->downs);
     tu_counter_init(&px->ups);
     tu_counter_init(&px->finished);
@@ -286,6 +294,11 @@ static void px_start(px_proxy *px, int up_port, size_t max_queued)
         knet_server_set_max_queued_bytes(px->srv.srv, max_queued);
     px->port = tu_server_run(&px->srv);
     CHECK_GT(px->port, 0);
+}
+
+static void px_start(px_proxy *px, int up_port, size_t max_queued)
+{
+    px_start_ex(px, up_port, max_queued, 0, 0);
 }
 
 /* Waits for every session to end, closes the proxy server, frees it. */
@@ -533,22 +546,31 @@ static void *px_flood_main(void *arg)
  * bound (1 MiB) refuses a relay send with KNET_EPENDINGFULL; as knet cannot stop
  * reading a connection, the proxy closes both sides. Memory stays bounded; the
  * upstream's writes end with an error. */
-static void test_backpressure_bound_closes(void)
+enum { PX_BP_BYTES_DOWN, PX_BP_MESSAGES_DOWN, PX_BP_BYTES_UP };
+
+/* One side floods, the other stops reading (a 16 KiB window): the bound on the relay's
+ * target refuses a send with KNET_EPENDINGFULL — the server's byte bound (1 MiB), a
+ * pending-send limit of 16 messages set in connect(true), or the upstream client's byte
+ * bound (1 MiB) for an upload — and the proxy closes both sides. Memory stays bounded;
+ * the flood's writes end with an error. */
+static void px_backpressure(int kind)
 {
     int up_port;
-    int lfd = tu_listen(&up_port, 0);
+    int lfd = tu_listen(&up_port, kind == PX_BP_BYTES_UP ? 16 * 1024 : 0);
     px_proxy px;
-    px_start(&px, up_port, (size_t)1 << 20);
+    px_start_ex(&px, up_port, kind == PX_BP_BYTES_DOWN ? (size_t)1 << 20 : 0,
+                kind == PX_BP_MESSAGES_DOWN ? 16 : 0, kind == PX_BP_BYTES_UP ? (size_t)1 << 20 : 0);
     size_t rss0 = tu_rss();
     int fd = tu_connect_ex(px.port, 16 * 1024);
     int ufd = px_accept(lfd);
-    px_flood f = {.fd = ufd, .max = (size_t)256 << 20};
+    px_flood f = {.fd = kind == PX_BP_BYTES_UP ? fd : ufd, .max = (size_t)256 << 20};
     pthread_t t;
     CHECK_EQ(pthread_create(&t, NULL, px_flood_main, &f), 0);
     WAIT_GE(&px.finished, 1);
     CHECK_EQ(pthread_join(t, NULL), 0);
     CHECK_GE(atomic_load(&px.full), 1);
-    CHECK_NE(f.err, 0); /* the proxy's close reached the upstream */
+    CHECK_EQ(atomic_load(&px.other), 0);
+    CHECK_NE(f.err, 0); /* the proxy's close reached the flood */
     CHECK_LT(f.written, (size_t)256 << 20);
     px_result r = px_res(&px, 0);
     CHECK_EQ(r.down_reason, 0);
@@ -565,6 +587,10 @@ static void test_backpressure_bound_closes(void)
     px_stop(&px);
     close(lfd);
 }
+
+static void test_backpressure_byte_bound_closes(void) { px_backpressure(PX_BP_BYTES_DOWN); }
+static void test_backpressure_pending_limit_closes(void) { px_backpressure(PX_BP_MESSAGES_DOWN); }
+static void test_backpressure_upload_bound_closes(void) { px_backpressure(PX_BP_BYTES_UP); }
 
 /* A reset on either side ends the other: the client's reset closes the upstream (it
  * reads EOF), the upstream's reset closes the client's connection. */
@@ -897,7 +923,9 @@ int main(void)
     RUN(test_relay_many_streams);
     RUN(test_client_fin_reaches_upstream);
     RUN(test_upstream_fin_delivers_rest);
-    RUN(test_backpressure_bound_closes);
+    RUN(test_backpressure_byte_bound_closes);
+    RUN(test_backpressure_pending_limit_closes);
+    RUN(test_backpressure_upload_bound_closes);
     RUN(test_client_fin_mid_download);
     RUN(test_upstream_fin_mid_upload);
     RUN(test_early_fin_and_reset_churn);
