@@ -40,6 +40,7 @@ typedef struct px_session {
     bool down_done;
     bool down_closing, up_closing; /* a relay send to it returned KNET_ECLOSED: it drains */
     int down_reason, up_reason, dial_rc, up_connects;
+    size_t up_bytes, down_bytes; /* accepted by relay sends to each side */
     char *early; /* what down sent before the upstream was connected */
     size_t early_len;
 } px_session;
@@ -47,6 +48,7 @@ typedef struct px_session {
 /* What each session ended with, kept after the session is freed. */
 typedef struct px_result {
     int down_reason, up_reason, dial_rc, up_connects;
+    size_t up_bytes, down_bytes;
 } px_result;
 
 struct px_proxy {
@@ -75,7 +77,8 @@ static void px_unref(px_session *s)
         return;
     px_proxy *px = s->px;
     pthread_mutex_lock(&px->mu);
-    px->res[s->id] = (px_result){s->down_reason, s->up_reason, s->dial_rc, s->up_connects};
+    px->res[s->id] = (px_result){s->down_reason, s->up_reason, s->dial_rc, s->up_connects,
+                                  s->up_bytes, s->down_bytes};
     pthread_mutex_unlock(&px->mu);
     /* The handles outlive both connect(false)s and both owners' serve calls: every
      * call on them must still answer as documented (no use of a freed owner). */
@@ -95,31 +98,43 @@ static void px_unref(px_session *s)
     tu_counter_add(&px->finished, 1);
 }
 
-/* Stops the upstream client (under s->mu, so the dial thread cannot free it meanwhile):
- * graceful after the client's FIN (its bytes still go up, then FIN), else at once. A
+/* Whether a side that ended with reason r lets the other drain what it queued: it ended
+ * in order (its peer's FIN, or a graceful close of ours), or the other is draining
+ * already (a relay send to it was refused with KNET_ECLOSED). Else it closes at once. */
+static bool px_drains(int r, bool other_closing)
+{
+    return r == 0 || r == KNET_EOF || other_closing;
+}
+
+/* Stops the upstream client (under s->mu, so the dial thread cannot free it meanwhile),
+ * gracefully when the client's side ended in order: its bytes still go up, then FIN. A
  * shutdown would abort a dial under way, and the bytes the client sent before its FIN
  * with it: until the upstream's connect(true), which sees down_done, it waits. */
 static void px_stop_upstream_locked(px_session *s)
 {
     if (!s->cli)
         return;
-    if (s->down_reason == KNET_EOF || s->up_closing) {
+    if (px_drains(s->down_reason, s->up_closing)) {
         if (s->up)
             knet_client_shutdown(s->cli, PX_DRAIN_MS);
-    } else
+    } else {
         knet_client_close(s->cli);
+    }
 }
 
-/* Relays buf to `to`. knet has no way to stop reading a connection, so a refused send
- * (backpressure: the pending-send or byte bound) ends the relay: both sides close. A
- * send refused with KNET_ECLOSED finds `to` closing (draining what it accepted, as after
- * its peer's FIN): the source closes at once, and its connect(false) leaves `to` to
- * drain (a shutdown, not a close). */
+/* Relays buf to `to`. knet has no way to stop reading a connection, so a send refused
+ * for backpressure (the pending-send limit or byte bound) ends the relay: both sides
+ * close at once. One refused with KNET_ECLOSED finds `to` closing (draining what it
+ * accepted, as after its peer's FIN): the source is shut down gracefully, so what it
+ * accepted for its own peer still goes out. */
 static void px_relay(px_session *s, knet_conn *to, const void *buf, size_t len, bool upward)
 {
     int rc = knet_conn_send(to, buf, len);
     if (rc == 0) {
         atomic_fetch_add(upward ? &s->px->relayed_up : &s->px->relayed_down, (long)len);
+        pthread_mutex_lock(&s->mu);
+        *(upward ? &s->up_bytes : &s->down_bytes) += len;
+        pthread_mutex_unlock(&s->mu);
         return;
     }
     atomic_fetch_add(rc == KNET_EPENDINGFULL ? &s->px->full
@@ -128,18 +143,20 @@ static void px_relay(px_session *s, knet_conn *to, const void *buf, size_t len, 
                      1);
     bool draining = rc == KNET_ECLOSED;
     pthread_mutex_lock(&s->mu);
-    if (draining) {
-        if (upward)
-            s->up_closing = true;
-        else
-            s->down_closing = true;
-    }
-    bool close_up = !draining || !upward, close_down = !draining || upward;
-    if (close_up && s->cli)
+    if (draining && upward) {
+        s->up_closing = true;
+    } else if (draining) {
+        s->down_closing = true;
+        if (s->cli)
+            knet_client_shutdown(s->cli, PX_DRAIN_MS);
+    } else if (s->cli) {
         knet_client_close(s->cli);
+    }
     pthread_mutex_unlock(&s->mu);
-    if (close_down)
+    if (!draining)
         knet_conn_close(s->down);
+    else if (upward)
+        knet_conn_close_with_timeout(s->down, PX_DRAIN_MS);
 }
 
 static void px_up_connect(knet_conn *c, bool connected, void *ud)
@@ -156,9 +173,10 @@ static void px_up_connect(knet_conn *c, bool connected, void *ud)
          * so a receive on the down side that sees s->up sends after them. */
         if (s->early_len) {
             int rc = knet_conn_send(c, s->early, s->early_len);
-            if (rc == 0)
+            if (rc == 0) {
                 atomic_fetch_add(&s->px->relayed_up, (long)s->early_len);
-            else
+                s->up_bytes += s->early_len;
+            } else
                 atomic_fetch_add(&s->px->other, 1);
         }
         free(s->early);
@@ -175,7 +193,7 @@ static void px_up_connect(knet_conn *c, bool connected, void *ud)
     s->up_reason = r;
     if (s->cli)
         knet_client_close(s->cli); /* one upstream connection per session: no re-dial */
-    bool drain = r == KNET_EOF || s->down_closing;
+    bool drain = px_drains(r, s->down_closing);
     pthread_mutex_unlock(&s->mu);
     /* The upstream finished sending: what is queued for the client still goes, then FIN. */
     if (drain)
@@ -688,14 +706,16 @@ static void test_client_fin_mid_download(void)
     }
     CHECK_EQ(shutdown(fd, SHUT_WR), 0);
     got = px_read_from(fd, 4242u, got, false);
-    WAIT_GE(&px.finished, 1);
     CHECK_EQ(pthread_join(t, NULL), 0);
+    EXPECT_PEER_CLOSED(ufd); /* the upstream is shut down gracefully in turn */
+    close(ufd);
+    WAIT_GE(&px.finished, 1);
     px_result r = px_res(&px, 0);
     CHECK_EQ(r.down_reason, KNET_EOF);
+    CHECK_EQ(r.up_reason, 0);
     CHECK_EQ(got, atomic_load(&px.relayed_down)); /* every accepted byte, no other */
     CHECK_GE(atomic_load(&px.closed), 1);
     CHECK_EQ(atomic_load(&px.other), 0);
-    close(ufd);
     close(fd);
     px_stop(&px);
     close(lfd);
@@ -703,7 +723,7 @@ static void test_client_fin_mid_download(void)
 
 /* The same the other way: the upstream half-closes in the middle of an upload. The
  * upstream reads exactly the bytes the proxy's sends accepted, then EOF; the client's
- * connection is closed (its writes fail). */
+ * side is shut down gracefully (it reads EOF). */
 static void test_upstream_fin_mid_upload(void)
 {
     int up_port;
@@ -725,15 +745,17 @@ static void test_upstream_fin_mid_upload(void)
     }
     CHECK_EQ(shutdown(ufd, SHUT_WR), 0);
     got = px_read_from(ufd, 777u, got, false);
-    WAIT_GE(&px.finished, 1);
     CHECK_EQ(pthread_join(t, NULL), 0);
+    EXPECT_PEER_CLOSED(fd); /* the client's side is shut down gracefully in turn */
+    close(fd);
+    WAIT_GE(&px.finished, 1);
     px_result r = px_res(&px, 0);
     CHECK_EQ(r.up_reason, KNET_EOF);
+    CHECK_EQ(r.down_reason, 0);
     CHECK_EQ(got, atomic_load(&px.relayed_up));
     CHECK_GE(atomic_load(&px.closed), 1);
     CHECK_EQ(atomic_load(&px.other), 0);
     close(ufd);
-    close(fd);
     px_stop(&px);
     close(lfd);
 }
@@ -879,7 +901,8 @@ static void test_server_shutdown_ends_upstreams(void)
         px_result r = px_res(&px, i);
         CHECK(r.down_reason == 0 || r.down_reason == -ETIMEDOUT);
         timed_out += r.down_reason == -ETIMEDOUT;
-        CHECK_EQ(r.up_reason, KNET_ECLIENTCLOSED);
+        /* A client that closed: the upstream is shut down gracefully (it closes too). */
+        CHECK_EQ(r.up_reason, r.down_reason == 0 ? 0 : KNET_ECLIENTCLOSED);
     }
     CHECK_EQ(timed_out, PX_PAIRS / 2);
     for (int i = 1; i < PX_PAIRS; i += 2)
@@ -888,6 +911,68 @@ static void test_server_shutdown_ends_upstreams(void)
     tu_counter_destroy(&px.ups);
     tu_counter_destroy(&px.finished);
     pthread_mutex_destroy(&px.mu);
+    close(lfd);
+}
+
+typedef struct px_end {
+    int fd;
+    uint32_t out_seed, in_seed;
+    size_t out_len, got;
+    pthread_t thread;
+} px_end;
+
+/* Writes out_len bytes of its pattern, half-closes, reads the other's pattern to EOF. */
+static void *px_end_main(void *arg)
+{
+    px_end *e = (px_end *)arg;
+    px_write_pattern(e->fd, e->out_len, e->out_seed);
+    CHECK_EQ(shutdown(e->fd, SHUT_WR), 0);
+    e->got = px_read_from(e->fd, e->in_seed, 0, false);
+    return NULL;
+}
+
+/* Both ends send 256 KiB and half-close at the same moment, on 8 sessions for 5 rounds:
+ * each side's FIN meets the other's data in flight. Every byte a relay send accepted
+ * reaches its peer, in order, and nothing else does (knet refuses sends to a side whose
+ * peer's FIN it read, so some bytes are refused, never lost after acceptance); every
+ * session ends, no deadlock. */
+static void test_both_sides_fin_at_once(void)
+{
+    int up_port;
+    int lfd = tu_listen(&up_port, 0);
+    px_proxy px;
+    px_start(&px, up_port, 0);
+    size_t to_clients = 0, to_upstreams = 0;
+    for (int round = 0; round < 5; round++) {
+        int fds[PX_PAIRS], ufds[PX_PAIRS];
+        px_open_pairs(&px, lfd, PX_PAIRS, fds, ufds);
+        WAIT_GE(&px.ups, (round + 1) * PX_PAIRS);
+        px_end ends[2 * PX_PAIRS];
+        for (int i = 0; i < PX_PAIRS; i++) {
+            uint32_t cs = 100u * (uint32_t)round + (uint32_t)i, us = cs + 50u;
+            ends[2 * i] = (px_end){.fd = fds[i], .out_seed = cs, .in_seed = us, .out_len = 256 << 10};
+            ends[2 * i + 1] = (px_end){.fd = ufds[i], .out_seed = us, .in_seed = cs, .out_len = 256 << 10};
+        }
+        for (int i = 0; i < 2 * PX_PAIRS; i++)
+            CHECK_EQ(pthread_create(&ends[i].thread, NULL, px_end_main, &ends[i]), 0);
+        for (int i = 0; i < 2 * PX_PAIRS; i++) {
+            CHECK_EQ(pthread_join(ends[i].thread, NULL), 0);
+            *(i % 2 ? &to_upstreams : &to_clients) += ends[i].got;
+            close(ends[i].fd);
+        }
+        WAIT_GE(&px.finished, (round + 1) * PX_PAIRS);
+    }
+    size_t up_bytes = 0, down_bytes = 0;
+    for (int i = 0; i < 5 * PX_PAIRS; i++) {
+        px_result r = px_res(&px, i);
+        up_bytes += r.up_bytes;
+        down_bytes += r.down_bytes;
+    }
+    CHECK_EQ(to_clients, down_bytes);
+    CHECK_EQ(to_upstreams + 5 * PX_PAIRS, up_bytes); /* + the id byte px_open_pairs sent */
+    CHECK_EQ(atomic_load(&px.other), 0);
+    CHECK_EQ(atomic_load(&px.full), 0);
+    px_stop(&px);
     close(lfd);
 }
 
@@ -932,6 +1017,7 @@ int main(void)
     RUN(test_resets_propagate);
     RUN(test_server_close_ends_upstreams);
     RUN(test_server_shutdown_ends_upstreams);
+    RUN(test_both_sides_fin_at_once);
     RUN(test_both_sides_reset_at_once);
     return tu_end();
 }
