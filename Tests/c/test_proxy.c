@@ -430,6 +430,12 @@ static void test_relay_many_streams(void)
     CHECK_EQ(atomic_load(&px.other), 0);
     CHECK_EQ(atomic_load(&px.relayed_up), (long)(PX_STREAMS * PX_STREAM_BYTES));
     CHECK_EQ(atomic_load(&px.relayed_down), (long)(PX_STREAMS * PX_STREAM_BYTES));
+    knet_stats ks;
+    knet_server_stats(px.srv.srv, &ks);
+    CHECK_EQ(ks.bytes_in, PX_STREAMS * PX_STREAM_BYTES);
+    CHECK_EQ(ks.bytes_out, PX_STREAMS * PX_STREAM_BYTES);
+    CHECK_EQ(ks.accepted, PX_STREAMS);
+    CHECK_EQ(ks.live, 0);
     for (int i = 0; i < PX_STREAMS; i++) {
         px_result r = px_res(&px, i);
         CHECK_EQ(r.down_reason, KNET_EOF);
