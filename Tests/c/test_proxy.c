@@ -982,6 +982,72 @@ static void test_both_sides_fin_at_once(void)
     close(lfd);
 }
 
+static uint64_t px_bytes_out(px_proxy *px)
+{
+    knet_stats ks;
+    knet_server_stats(px->srv.srv, &ks);
+    return ks.bytes_out;
+}
+
+static void *px_reader_main(void *arg)
+{
+    px_end *e = (px_end *)arg;
+    e->got = px_read_from(e->fd, e->in_seed, 0, false);
+    return NULL;
+}
+
+/* knet_server_shutdown of the proxy while 8 upstreams stream to their clients: every
+ * byte a relay send accepted before the shutdown (or racing it) reaches its client, in
+ * order, before the EOF; later sends are refused (KNET_ECLOSED), which shuts the
+ * upstream down gracefully in turn; every session ends once the clients close. */
+static void test_server_shutdown_mid_download(void)
+{
+    int up_port;
+    int lfd = tu_listen(&up_port, 0);
+    px_proxy px;
+    px_start(&px, up_port, 0);
+    int fds[PX_PAIRS], ufds[PX_PAIRS];
+    px_open_pairs(&px, lfd, PX_PAIRS, fds, ufds);
+    WAIT_GE(&px.ups, PX_PAIRS);
+    px_pump pumps[PX_PAIRS];
+    px_end readers[PX_PAIRS];
+    pthread_t pt[PX_PAIRS];
+    for (int i = 0; i < PX_PAIRS; i++) {
+        pumps[i] = (px_pump){.fd = ufds[i], .seed = 900u + (uint32_t)i, .refused = &px.closed};
+        readers[i] = (px_end){.fd = fds[i], .in_seed = 900u + (uint32_t)i};
+        CHECK_EQ(pthread_create(&pt[i], NULL, px_pump_main, &pumps[i]), 0);
+        CHECK_EQ(pthread_create(&readers[i].thread, NULL, px_reader_main, &readers[i]), 0);
+    }
+    WAIT_UNTIL(px_bytes_out(&px) >= (uint64_t)PX_PAIRS << 20); /* streams under way */
+    CHECK_EQ(knet_server_shutdown(px.srv.srv, PX_DRAIN_MS), 0);
+    size_t to_clients = 0;
+    for (int i = 0; i < PX_PAIRS; i++) {
+        CHECK_EQ(pthread_join(pt[i], NULL), 0);
+        CHECK_EQ(pthread_join(readers[i].thread, NULL), 0);
+        to_clients += readers[i].got;
+        close(fds[i]);
+        EXPECT_PEER_CLOSED(ufds[i]);
+        close(ufds[i]);
+    }
+    CHECK_EQ(tu_server_join(&px.srv), KNET_ESERVERCLOSED);
+    WAIT_GE(&px.finished, PX_PAIRS);
+    size_t down_bytes = 0;
+    for (int i = 0; i < PX_PAIRS; i++) {
+        px_result r = px_res(&px, i);
+        CHECK_EQ(r.down_reason, 0);
+        CHECK_EQ(r.up_reason, 0);
+        down_bytes += r.down_bytes;
+    }
+    CHECK_EQ(to_clients, down_bytes);
+    CHECK_GE(atomic_load(&px.closed), 1);
+    CHECK_EQ(atomic_load(&px.other) + atomic_load(&px.full), 0);
+    tu_counter_destroy(&px.downs);
+    tu_counter_destroy(&px.ups);
+    tu_counter_destroy(&px.finished);
+    pthread_mutex_destroy(&px.mu);
+    close(lfd);
+}
+
 /* Both ends reset at the same moment, on 8 sessions for 10 rounds: each side's
  * connect(false) closes the other (often already closing) from its own loop; no
  * deadlock, every session ends, no handle used after its release (ASan). */
@@ -1023,6 +1089,7 @@ int main(void)
     RUN(test_resets_propagate);
     RUN(test_server_close_ends_upstreams);
     RUN(test_server_shutdown_ends_upstreams);
+    RUN(test_server_shutdown_mid_download);
     RUN(test_both_sides_fin_at_once);
     RUN(test_both_sides_reset_at_once);
     return tu_end();
