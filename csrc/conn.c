@@ -299,7 +299,9 @@ void knet__conn_attach(kn_loop *L, knet_conn *c) {
      * a close or send may have been serviced, and skipped, before this ran, or a
      * send on this loop may have queued bytes (no EPOLLOUT could be armed yet).
      * Service it now, or it would wait forever. */
-    if (atomic_load(&c->req) || atomic_load(&c->inbox_full) || c->outq.head) conn_schedule(c);
+    if (atomic_load(&c->req) || atomic_load(&c->inbox_full) || c->outq.head ||
+        atomic_load(&c->drain_wanted))
+        conn_schedule(c);
 }
 
 static void attach_task(kn_loop *L, void *arg) { knet__conn_attach(L, arg); }
@@ -380,8 +382,23 @@ static int conn_write_queue(knet_conn *c) {
     return 0;
 }
 
+/* Runs the knet_conn_notify_drained request, unless other threads' sends wait in the
+ * inbox (the service they scheduled flushes them and comes back here). */
+static void conn_drained(knet_conn *c) {
+    pthread_mutex_lock(&c->mu);
+    knet_drain_fn fn = c->inbox.head ? NULL : c->drain_fn;
+    void *ud = c->drain_ud;
+    if (fn) {
+        c->drain_fn = NULL;
+        atomic_store_explicit(&c->drain_wanted, false, memory_order_relaxed);
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (fn) fn(c, ud);
+}
+
 /* Writes as much of the queue as the socket takes; once it is empty, a
- * graceful close moves on: FIN after our last byte, or the end. */
+ * graceful close moves on: FIN after our last byte, or the end; else a drain
+ * request runs. */
 static void conn_flush(knet_conn *c) {
     int rc = conn_write_queue(c);
     if (rc < 0) {
@@ -393,7 +410,10 @@ static void conn_flush(knet_conn *c) {
         return;
     }
     conn_set_events(c, c->events & ~(uint32_t)EPOLLOUT);
-    if (!c->graceful) return;
+    if (!c->graceful) {
+        if (atomic_load_explicit(&c->drain_wanted, memory_order_relaxed)) conn_drained(c);
+        return;
+    }
     if (c->peer_eof) {
         knet__conn_finish(c, c->close_as);
     } else if (!c->wr_shut) {
@@ -428,6 +448,11 @@ static void conn_graceful_within(kn_loop *L, knet_conn *c, uint32_t ms) {
     uint64_t end = knet__now_ms() + ms;
     if (!c->graceful) {
         conn_begin_graceful(L, c, ms, 0);
+        /* A paused connection reads on to the peer's FIN, which ends the close. */
+        if (atomic_load(&c->read_paused) && !c->in_read) {
+            c->read_more = true;
+            conn_schedule(c);
+        }
     } else if (c->grace_end > end) {
         c->grace_end = end;
         if (c->timer.deadline > end) knet__timer_start(L, &c->timer, ms);
@@ -503,6 +528,10 @@ void knet__conn_service(kn_loop *L, knet_conn *c) {
     }
     conn_take_inbox(c);
     if (req & KN_REQ_GRACEFUL) conn_begin_requested(L, c);
+    if (req & KN_REQ_READ) {
+        atomic_fetch_and(&c->req, ~(unsigned)KN_REQ_READ);
+        c->read_more = !c->peer_eof; /* no edge reports what came while paused */
+    }
     if (c->read_more && !conn_read_go_on(L, c)) return;
     conn_flush(c);
 }
@@ -548,6 +577,9 @@ static void conn_read_pass(kn_loop *L, knet_conn *c) {
      * in messages too, checked between reads. */
     size_t msgs = 0;
     for (int budget = KN_READ_BUDGET; budget > 0 && msgs < KN_MSG_BUDGET; budget--) {
+        /* Paused: the socket keeps what it holds (resume schedules a read). Acquire: a
+         * receive after the resume sees what the resuming thread wrote before it. */
+        if (atomic_load_explicit(&c->read_paused, memory_order_acquire) && !c->graceful) return;
         size_t len = c->ilen, cap;
         char *buf;
         bool own = len > KN_READ_BUF / 2; /* a large partial frame reads into its own buffer */
@@ -582,8 +614,11 @@ static void conn_read_pass(kn_loop *L, knet_conn *c) {
             buf = c->ibuf;
             cap = c->icap;
         }
-        ssize_t n = knet__sys_read(c->io.fd, buf + len, cap - len);
-        if (n <= 0) {
+        /* Messages a pause kept back are decoded before anything more is read. */
+        bool held = c->held;
+        c->held = false;
+        ssize_t n = held ? 0 : knet__sys_read(c->io.fd, buf + len, cap - len);
+        if (n <= 0 && !held) {
             if (n < 0 && errno == EINTR) continue; /* not drained: no new edge comes */
             if (n == 0) {
                 conn_on_eof(L, c);
@@ -615,6 +650,12 @@ static void conn_read_pass(kn_loop *L, knet_conn *c) {
             if (o->handler.receive) o->handler.receive(c, msg, mlen, o->handler.ud);
             /* A close asked for inside receive drops what is still unread. */
             if (atomic_load_explicit(&c->req, memory_order_relaxed) & KN_REQ_CLOSE) return;
+            /* A pause keeps the rest, whole messages too, for the resume. */
+            if (atomic_load_explicit(&c->read_paused, memory_order_acquire) && !c->graceful &&
+                off < total) {
+                c->held = true;
+                break;
+            }
         }
         if (err) {
             knet__conn_finish(c, err);
@@ -627,7 +668,7 @@ static void conn_read_pass(kn_loop *L, knet_conn *c) {
                 c->ibuf = NULL;
                 c->ilen = c->icap = 0;
             }
-        } else if (left > o->max_frame) {
+        } else if (left > o->max_frame && !c->held) {
             knet__conn_finish(c, KNET_ECODEC);
             return;
         } else {
@@ -653,7 +694,7 @@ static void conn_read_pass(kn_loop *L, knet_conn *c) {
          * edge. Not so once the peer finished: the FIN (or an error) raised its
          * edge already and only a read returning 0 (or failing) reports it; nor
          * at an urgent mark, where a read stops short of the bytes after it. */
-        if ((size_t)n < cap - len && !c->read_to_end) return;
+        if (!held && (size_t)n < cap - len && !c->read_to_end) return;
     }
     /* The budget ran out with input maybe left, which no new edge will report:
      * read on from the ready list, after the other connections of this pass. */
@@ -878,6 +919,37 @@ void knet_conn_close_with_timeout(knet_conn *c, uint32_t ms) {
 }
 
 void knet_conn_shutdown(knet_conn *c) { knet_conn_close_with_timeout(c, KN_DEFAULT_GRACE_MS); }
+
+int knet_conn_pause_read(knet_conn *c) {
+    if (!c) return -EINVAL;
+    if (atomic_load(&c->state) == KN_CLOSED) return KNET_ECLOSED;
+    atomic_store(&c->read_paused, true); /* the loop checks before each read and message */
+    return 0;
+}
+
+int knet_conn_resume_read(knet_conn *c) {
+    if (!c) return -EINVAL;
+    if (atomic_load(&c->state) == KN_CLOSED) return KNET_ECLOSED;
+    if (!atomic_exchange(&c->read_paused, false)) return 0;
+    atomic_fetch_or(&c->req, KN_REQ_READ);
+    conn_schedule(c);
+    return 0;
+}
+
+int knet_conn_notify_drained(knet_conn *c, knet_drain_fn fn, void *ud) {
+    if (!c) return -EINVAL;
+    pthread_mutex_lock(&c->mu);
+    bool open = atomic_load(&c->state) == KN_OPEN;
+    if (open) {
+        c->drain_fn = fn;
+        c->drain_ud = ud;
+        atomic_store(&c->drain_wanted, fn != NULL);
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (!open) return KNET_ECLOSED;
+    if (fn) conn_schedule(c); /* the service flushes, and finds the queue empty or not */
+    return 0;
+}
 
 void knet_conn_set_pending_send(knet_conn *c, size_t max_messages) {
     if (c) atomic_store(&c->max_pending, max_messages);

@@ -224,7 +224,7 @@ struct iovec *knet__writer_iov(knet_writer *w, struct iovec *stack, size_t cap, 
 
 /* ------------------------------------------------------------ connection */
 enum { KN_OPEN = 0, KN_CLOSING = 1, KN_CLOSED = 2 };
-enum { KN_REQ_CLOSE = 1u, KN_REQ_GRACEFUL = 2u };
+enum { KN_REQ_CLOSE = 1u, KN_REQ_GRACEFUL = 2u, KN_REQ_READ = 4u /* resume reading */ };
 
 struct knet_conn {
     kn_io io; /* first: epoll hands back &conn->io */
@@ -241,6 +241,8 @@ struct knet_conn {
     atomic_size_t qbytes; /* bytes in outq + inbox */
     atomic_size_t max_qbytes;
     _Atomic(void *) userdata;
+    atomic_bool read_paused;  /* knet_conn_pause_read: the loop reads no more */
+    atomic_bool drain_wanted; /* a knet_conn_notify_drained request waits (fn under mu) */
 
     /* owned by the loop thread */
     kn_queue outq;
@@ -254,6 +256,7 @@ struct knet_conn {
     bool pass_sent;  /* receive wrote directly in this pass: its later sends are queued */
     bool read_to_end; /* FIN, reset, error or urgent data seen: a short read no longer
                          means drained (kept: urgent data once costs a read per event) */
+    bool held;       /* ibuf may hold whole messages a pause kept back: decode it first */
     bool graceful;   /* flushing before close */
     int close_as;    /* the reason a graceful close ends with */
     uint64_t grace_end; /* a graceful close's deadline (the timer may fire sooner, for the
@@ -279,6 +282,8 @@ struct knet_conn {
     bool inbox_sched;         /* a service of the inbox is scheduled */
     int req_reason;
     uint32_t grace_ms;
+    knet_drain_fn drain_fn;
+    void *drain_ud;
     bool has_local;
     kn_sockaddr local, peer;
 };

@@ -4,8 +4,8 @@
  * knet client dials the upstream from a thread of its own (README: "a proxy dials its
  * upstream from a thread of its own, not from connect(true)") and bytes are relayed
  * both ways, across loops. Checks what such a proxy relies on: bytes intact and in
- * order both ways on many connections, the byte bound as backpressure (the proxy
- * closes: knet has no pause), how closes, resets and a server close propagate, and
+ * order both ways on many connections, the byte bound as backpressure (this proxy
+ * closes; test_flow.c paces a relay with pause/resume instead), how closes, resets and a server close propagate, and
  * that handles kept in the other side's session stay usable after connect(false).
  */
 #include "testutil.h"
@@ -122,8 +122,8 @@ static void px_stop_upstream_locked(px_session *s)
     }
 }
 
-/* Relays buf to `to`. knet has no way to stop reading a connection, so a send refused
- * for backpressure (the pending-send limit or byte bound) ends the relay: both sides
+/* Relays buf to `to`. This proxy does not pause its source (test_flow.c does), so a send
+ * refused for backpressure (the pending-send limit or byte bound) ends the relay: both sides
  * close at once. One refused with KNET_ECLOSED finds `to` closing (draining what it
  * accepted, as after its peer's FIN): the source is shut down gracefully, so what it
  * accepted for its own peer still goes out. */

@@ -384,6 +384,33 @@ void knet_conn_shutdown(knet_conn *conn);
  * a server or client shutdown) while under way, it keeps the earlier deadline. */
 void knet_conn_close_with_timeout(knet_conn *conn, uint32_t ms);
 
+/* Stops reading conn (thread-safe; libuv's uv_read_stop): knet takes no more from the
+ * socket, so once the kernel's buffers fill, TCP flow control holds the peer back. Called
+ * in receive, no later message of that read is delivered until knet_conn_resume_read:
+ * messages already read are kept, never dropped. While paused the peer's FIN or reset is
+ * seen only once reading resumes, the idle timeout still runs, and a graceful close
+ * reads on regardless (it ends on the peer's FIN). Returns 0, -EINVAL for a NULL conn,
+ * or KNET_ECLOSED. */
+int knet_conn_pause_read(knet_conn *conn);
+
+/* Reads conn again after knet_conn_pause_read (thread-safe): the messages it kept back
+ * come first, then what the socket holds, in receive on the loop thread. Returns 0,
+ * -EINVAL for a NULL conn, or KNET_ECLOSED. */
+int knet_conn_resume_read(knet_conn *conn);
+
+/* Runs once on conn's loop thread when everything queued for conn has been written to
+ * the socket (see knet_conn_notify_drained). */
+typedef void (*knet_drain_fn)(knet_conn *conn, void *ud);
+
+/* Asks for fn(conn, ud) to run once, on the connection's loop thread, when its send
+ * queue is empty: at the loop's next turn if it is empty now, else once the socket took
+ * the last queued byte (thread-safe). With knet_conn_pause_read this is how a relay slows
+ * its source to its reader: pause the source when a send is refused, resume it here.
+ * One request at a time: a later call replaces one not yet run, fn = NULL cancels it.
+ * Not run once a close or graceful close began (connect(false) follows instead).
+ * Returns 0, -EINVAL for a NULL conn, or KNET_ECLOSED. */
+int knet_conn_notify_drained(knet_conn *conn, knet_drain_fn fn, void *ud);
+
 /* Closes at once: queued and unread bytes are dropped. connect(false) follows
  * on the loop thread (after the current callback, when called from one). */
 void knet_conn_close(knet_conn *conn);
