@@ -28,6 +28,8 @@ public final class TCPConnection: Sendable {
     nonisolated(unsafe) private var userdataValue: (any Sendable)?
     /// Set (under the lock) once `connect(false)` returned: userdata is no longer kept.
     nonisolated(unsafe) private var userdataDropped = false
+    /// The `whenDrained` body waiting to run (under `userdataLock`; dropped with userdata).
+    nonisolated(unsafe) private var drainedBody: (@Sendable (TCPConnection) -> Void)?
 
     init(handle: OpaquePointer, loopSlot: ThreadSlot, handler: Unmanaged<HandlerBox>, swiftCodec: Bool,
          rawCodec: Bool, codecOwner: (any AnyObject & Sendable)?) {
@@ -122,6 +124,44 @@ public final class TCPConnection: Sendable {
         knet_conn_close_with_timeout(handle, knetMilliseconds(timeout))
     }
 
+    /// Stops reading (thread-safe): no more `receive` until `resumeReading()`, and once the
+    /// kernel's buffers fill, TCP holds the peer back. Called in `receive`, the rest of that
+    /// read is kept for the resume, never dropped. While paused the peer's close is seen
+    /// only after the resume, the idle timeout still runs, and a graceful close reads on.
+    public func pauseReading() {
+        _ = knet_conn_pause_read(handle)
+    }
+
+    /// Reads again after `pauseReading()` (thread-safe): what was kept back is delivered
+    /// first, in `receive` on the loop thread.
+    public func resumeReading() {
+        _ = knet_conn_resume_read(handle)
+    }
+
+    /// Runs `body` once on the connection's loop thread when everything queued for it has
+    /// been written to the socket (at the loop's next turn if nothing is queued). With
+    /// `pauseReading()` this is how a relay slows its source to its reader: pause the source
+    /// when a send throws `.pendingSendFull`, resend and resume it here. A later call
+    /// replaces a body not yet run. Throws `.connectionClosed` once a close or graceful close
+    /// began; a body waiting then never runs (`connect(false)` comes instead).
+    public func whenDrained(_ body: @escaping @Sendable (TCPConnection) -> Void) throws {
+        var old: (@Sendable (TCPConnection) -> Void)? = body
+        userdataLock.withLock { if !userdataDropped { swap(&drainedBody, &old) } }
+        let rc = knet_conn_notify_drained(handle, drainedShim, nil)
+        if rc != 0 {
+            var mine: (@Sendable (TCPConnection) -> Void)? = nil
+            userdataLock.withLock { swap(&drainedBody, &mine) }
+            throw KNetError(code: rc)
+        }
+    }
+
+    /// Takes the `whenDrained` body to run (the loop thread, from the C notification).
+    func takeDrainedBody() -> (@Sendable (TCPConnection) -> Void)? {
+        var body: (@Sendable (TCPConnection) -> Void)? = nil
+        userdataLock.withLock { swap(&drainedBody, &body) }
+        return body
+    }
+
     /// Closes at once: queued and unread bytes are dropped. `connect(false)` follows on
     /// the loop thread (after the current callback, when called from one).
     public func close() {
@@ -163,9 +203,11 @@ public final class TCPConnection: Sendable {
     /// Drops the userdata for good, after `connect(false)` (the connection's last callback).
     func dropUserdata() {
         var value: (any Sendable)? = nil
+        var body: (@Sendable (TCPConnection) -> Void)? = nil
         userdataLock.withLock {
             userdataDropped = true
             swap(&userdataValue, &value)
+            swap(&drainedBody, &body)
         }
     }
 

@@ -217,6 +217,14 @@ private func connectShim(_ conn: OpaquePointer?, _ connected: Bool, _ ud: Unsafe
     }
 }
 
+/// The C drain notification of `TCPConnection.whenDrained`: runs its body on the loop
+/// thread. Only while the connection is open, so its userdata holds the TCPConnection.
+func drainedShim(_ conn: OpaquePointer?, _ ud: UnsafeMutableRawPointer?) {
+    guard let conn, let raw = knet_conn_userdata(conn) else { return }
+    let tcp = Unmanaged<TCPConnection>.fromOpaque(raw).takeUnretainedValue()
+    tcp.takeDrainedBody()?(tcp)
+}
+
 /// Smallest read handed over in the spare array itself; smaller ones are copied (into the
 /// slot's small array), so a kept small message does not pin a large buffer.
 private let handOverMinimum = 1024

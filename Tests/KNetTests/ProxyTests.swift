@@ -51,7 +51,8 @@ final class ProxySession: Sendable {
         }
     }
 
-    /// knet cannot pause reading: a refused relay send ends both sides.
+    /// This proxy does not pause its source (FlowControlTests does): a refused relay send
+    /// ends both sides.
     func relay(_ buf: [UInt8], to conn: TCPConnection, upward: Bool) {
         do {
             try conn.send(buf)
