@@ -449,7 +449,7 @@ static void conn_graceful_within(kn_loop *L, knet_conn *c, uint32_t ms) {
     if (!c->graceful) {
         conn_begin_graceful(L, c, ms, 0);
         /* A paused connection reads on to the peer's FIN, which ends the close. */
-        if (atomic_load(&c->read_paused) && !c->in_read) {
+        if ((atomic_load(&c->req) & KN_REQ_PAUSED) && !c->in_read) {
             c->read_more = true;
             conn_schedule(c);
         }
@@ -532,7 +532,8 @@ void knet__conn_service(kn_loop *L, knet_conn *c) {
         atomic_fetch_and(&c->req, ~(unsigned)KN_REQ_READ);
         c->read_more = !c->peer_eof; /* no edge reports what came while paused */
     }
-    if (c->read_more && !conn_read_go_on(L, c)) return;
+    bool read = c->read_more && (!(req & KN_REQ_PAUSED) || c->graceful);
+    if (read && !conn_read_go_on(L, c)) return;
     conn_flush(c);
 }
 
@@ -577,9 +578,6 @@ static void conn_read_pass(kn_loop *L, knet_conn *c) {
      * in messages too, checked between reads. */
     size_t msgs = 0;
     for (int budget = KN_READ_BUDGET; budget > 0 && msgs < KN_MSG_BUDGET; budget--) {
-        /* Paused: the socket keeps what it holds (resume schedules a read). Acquire: a
-         * receive after the resume sees what the resuming thread wrote before it. */
-        if (atomic_load_explicit(&c->read_paused, memory_order_acquire) && !c->graceful) return;
         size_t len = c->ilen, cap;
         char *buf;
         bool own = len > KN_READ_BUF / 2; /* a large partial frame reads into its own buffer */
@@ -614,18 +612,21 @@ static void conn_read_pass(kn_loop *L, knet_conn *c) {
             buf = c->ibuf;
             cap = c->icap;
         }
-        /* Messages a pause kept back are decoded before anything more is read. */
-        bool held = c->held;
-        c->held = false;
-        ssize_t n = held ? 0 : knet__sys_read(c->io.fd, buf + len, cap - len);
-        if (n <= 0 && !held) {
-            if (n < 0 && errno == EINTR) continue; /* not drained: no new edge comes */
-            if (n == 0) {
-                conn_on_eof(L, c);
-            } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
-                knet__conn_finish(c, -errno);
+        /* Messages a pause kept back are decoded before anything more is read (n = 0). */
+        ssize_t n = 0;
+        if (__builtin_expect(!c->held, 1)) {
+            n = knet__sys_read(c->io.fd, buf + len, cap - len);
+            if (n <= 0) {
+                if (n < 0 && errno == EINTR) continue; /* not drained: no new edge comes */
+                if (n == 0) {
+                    conn_on_eof(L, c);
+                } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                    knet__conn_finish(c, -errno);
+                }
+                return; /* c->ibuf still holds the partial frame */
             }
-            return; /* c->ibuf still holds the partial frame */
+        } else {
+            c->held = false;
         }
         slot_add(&c->slot->bytes_in, (uint64_t)n);
         c->last_io = L->now;
@@ -648,13 +649,17 @@ static void conn_read_pass(kn_loop *L, knet_conn *c) {
             off += (size_t)r;
             msgs++;
             if (o->handler.receive) o->handler.receive(c, msg, mlen, o->handler.ud);
-            /* A close asked for inside receive drops what is still unread. */
-            if (atomic_load_explicit(&c->req, memory_order_relaxed) & KN_REQ_CLOSE) return;
-            /* A pause keeps the rest, whole messages too, for the resume. */
-            if (atomic_load_explicit(&c->read_paused, memory_order_acquire) && !c->graceful &&
-                off < total) {
-                c->held = true;
-                break;
+            /* A close asked for inside receive drops what is still unread; a pause keeps
+             * it, whole messages too, for the resume. One load for both, per message
+             * (acquire, free after the call: a pause undone by another thread's resume
+             * lets the next receive see what that thread wrote before it). */
+            unsigned req = atomic_load_explicit(&c->req, memory_order_acquire);
+            if (req & (KN_REQ_CLOSE | KN_REQ_PAUSED)) {
+                if (req & KN_REQ_CLOSE) return;
+                if (!c->graceful) {
+                    c->held = true; /* read no more: the socket keeps the rest */
+                    break;
+                }
             }
         }
         if (err) {
@@ -690,11 +695,12 @@ static void conn_read_pass(kn_loop *L, knet_conn *c) {
             if (!own) memcpy(c->ibuf, buf + off, left);
             c->ilen = left;
         }
-        /* A short read drained the socket: bytes arriving after it raise a new
+        /* Paused: the socket keeps the rest. A short read drained the socket (a pass over
+         * what a pause kept, n = 0, goes on to read): bytes arriving after it raise a new
          * edge. Not so once the peer finished: the FIN (or an error) raised its
          * edge already and only a read returning 0 (or failing) reports it; nor
          * at an urgent mark, where a read stops short of the bytes after it. */
-        if (!held && (size_t)n < cap - len && !c->read_to_end) return;
+        if (c->held || (n > 0 && (size_t)n < cap - len && !c->read_to_end)) return;
     }
     /* The budget ran out with input maybe left, which no new edge will report:
      * read on from the ready list, after the other connections of this pass. */
@@ -715,11 +721,16 @@ static void conn_on_io(kn_loop *L, kn_io *io, uint32_t ev) {
      * connect(true)) drops unread input; the ready list finishes the conn in this
      * iteration: deliver nothing more. A graceful close begins now, so a FIN read
      * below finds it under way with its own timeout and reason. */
-    unsigned req = atomic_load_explicit(&c->req, memory_order_relaxed);
+    /* Acquire: a receive after a resume sees what the resuming thread wrote before it. */
+    unsigned req = atomic_load_explicit(&c->req, memory_order_acquire);
     if (req & KN_REQ_CLOSE) return;
     if (req & KN_REQ_GRACEFUL) conn_begin_requested(L, c);
     if (ev & CONN_READ_TO_END) c->read_to_end = true;
-    if ((ev & (EPOLLIN | CONN_READ_TO_END)) && !c->peer_eof && !conn_read_go_on(L, c)) return;
+    /* Paused: the socket keeps what it holds (the resume schedules a read), unless a
+     * graceful close reads on to the peer's FIN. */
+    bool read = !(req & KN_REQ_PAUSED) || c->graceful;
+    if ((ev & (EPOLLIN | CONN_READ_TO_END)) && read && !c->peer_eof && !conn_read_go_on(L, c))
+        return;
     if ((ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) && c->outq.head) conn_flush(c);
 }
 
@@ -923,14 +934,14 @@ void knet_conn_shutdown(knet_conn *c) { knet_conn_close_with_timeout(c, KN_DEFAU
 int knet_conn_pause_read(knet_conn *c) {
     if (!c) return -EINVAL;
     if (atomic_load(&c->state) == KN_CLOSED) return KNET_ECLOSED;
-    atomic_store(&c->read_paused, true); /* the loop checks before each read and message */
+    atomic_fetch_or(&c->req, KN_REQ_PAUSED); /* the loop checks before each read and message */
     return 0;
 }
 
 int knet_conn_resume_read(knet_conn *c) {
     if (!c) return -EINVAL;
     if (atomic_load(&c->state) == KN_CLOSED) return KNET_ECLOSED;
-    if (!atomic_exchange(&c->read_paused, false)) return 0;
+    if (!(atomic_fetch_and(&c->req, ~(unsigned)KN_REQ_PAUSED) & KN_REQ_PAUSED)) return 0;
     atomic_fetch_or(&c->req, KN_REQ_READ);
     conn_schedule(c);
     return 0;

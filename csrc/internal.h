@@ -224,7 +224,10 @@ struct iovec *knet__writer_iov(knet_writer *w, struct iovec *stack, size_t cap, 
 
 /* ------------------------------------------------------------ connection */
 enum { KN_OPEN = 0, KN_CLOSING = 1, KN_CLOSED = 2 };
-enum { KN_REQ_CLOSE = 1u, KN_REQ_GRACEFUL = 2u, KN_REQ_READ = 4u /* resume reading */ };
+/* Requests for the loop; KN_REQ_PAUSED is a state, set while reading is paused: the read
+ * pass's one per-message load of req sees a close and a pause together. */
+enum { KN_REQ_CLOSE = 1u, KN_REQ_GRACEFUL = 2u, KN_REQ_READ = 4u /* resume reading */,
+       KN_REQ_PAUSED = 8u };
 
 struct knet_conn {
     kn_io io; /* first: epoll hands back &conn->io */
@@ -241,7 +244,6 @@ struct knet_conn {
     atomic_size_t qbytes; /* bytes in outq + inbox */
     atomic_size_t max_qbytes;
     _Atomic(void *) userdata;
-    atomic_bool read_paused;  /* knet_conn_pause_read: the loop reads no more */
     atomic_bool drain_wanted; /* a knet_conn_notify_drained request waits (fn under mu) */
 
     /* owned by the loop thread */
