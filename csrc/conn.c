@@ -383,10 +383,14 @@ static int conn_write_queue(knet_conn *c) {
 }
 
 /* Runs the knet_conn_notify_drained request, unless other threads' sends wait in the
- * inbox (the service they scheduled flushes them and comes back here). */
+ * inbox (the service they scheduled flushes them and comes back here), or a close began
+ * (say in the receive whose queued sends the read pass's end writes out): connect(false)
+ * comes instead. */
 static void conn_drained(knet_conn *c) {
     pthread_mutex_lock(&c->mu);
-    knet_drain_fn fn = c->inbox.head ? NULL : c->drain_fn;
+    bool open = atomic_load_explicit(&c->state, memory_order_relaxed) == KN_OPEN &&
+                !atomic_load_explicit(&c->owner->closing, memory_order_relaxed);
+    knet_drain_fn fn = c->inbox.head || !open ? NULL : c->drain_fn;
     void *ud = c->drain_ud;
     if (fn) {
         c->drain_fn = NULL;

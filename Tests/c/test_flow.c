@@ -467,6 +467,65 @@ static void test_relay_paces_source_to_reader(void)
     tu_tracker_free(t);
 }
 
+/* ------------------------------------------------------------------ requests meeting a close */
+
+static void drain_after_close(knet_conn *c, void *ud)
+{
+    (void)c;
+    tu_counter_add((tu_counter *)ud, 1);
+}
+
+typedef struct close_case {
+    int graceful;
+    tu_counter runs; /* of the drain request */
+} close_case;
+
+/* receive: two sends (the second waits for the read pass's end), a drain request, then a
+ * close or a graceful close: the close began, so the request never runs, even though the
+ * pass's end writes the queue out before the close is taken. */
+static void send_two_then_close(tu_rec *r, const void *buf, size_t len)
+{
+    (void)buf;
+    (void)len;
+    close_case *cc = (close_case *)r->tr->ud;
+    if (atomic_load(&r->rx_msgs) != 0)
+        return;
+    CHECK_EQ(knet_conn_send(r->conn, "a", 1), 0);
+    CHECK_EQ(knet_conn_send(r->conn, "b", 1), 0);
+    CHECK_EQ(knet_conn_notify_drained(r->conn, drain_after_close, &cc->runs), 0);
+    if (cc->graceful)
+        knet_conn_shutdown(r->conn);
+    else
+        knet_conn_close(r->conn);
+}
+
+static void test_no_drain_after_close_in_receive(void)
+{
+    for (int graceful = 0; graceful < 2; graceful++) {
+        close_case cc;
+        memset(&cc, 0, sizeof cc);
+        cc.graceful = graceful;
+        tu_counter_init(&cc.runs);
+        tu_tracker *t = tu_tracker_new();
+        t->ud = &cc;
+        t->on_receive = send_two_then_close;
+        tu_server ts;
+        int port = tu_tracked_server_start(&ts, t, NULL);
+        int fd = tu_connect(port);
+        tu_write_str(fd, "x");
+        WAIT_GE(&t->msgs, 1);
+        if (graceful)
+            CHECK_EQ(shutdown(fd, SHUT_WR), 0); /* ends the graceful close (the peer's FIN) */
+        WAIT_GE(&t->disconnects, 1);
+        CHECK_EQ(tu_counter_get(&cc.runs), 0);
+        CHECK_EQ(atomic_load(&t->recs[0].reason), 0);
+        close(fd);
+        CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+        tu_tracker_free(t);
+        tu_counter_destroy(&cc.runs);
+    }
+}
+
 int main(void)
 {
     tu_begin();
@@ -476,5 +535,6 @@ int main(void)
     RUN(test_graceful_close_reads_while_paused);
     RUN(test_notify_drained);
     RUN(test_relay_paces_source_to_reader);
+    RUN(test_no_drain_after_close_in_receive);
     return tu_end();
 }
