@@ -526,6 +526,101 @@ static void test_no_drain_after_close_in_receive(void)
     }
 }
 
+/* ------------------------------------------------------------------ held frames, own reads */
+
+enum { BIG_ALLOC = 1 << 20 };
+
+static void *big_alloc(knet_conn *c, size_t suggested, size_t *cap, void *ud)
+{
+    (void)c;
+    (void)suggested;
+    *cap = BIG_ALLOC;
+    return ud;
+}
+
+static void alloc_and_pause(tu_rec *r, bool connected)
+{
+    if (!connected)
+        return;
+    CHECK_EQ(knet_conn_set_alloc(r->conn, big_alloc, r->tr->ud), 0);
+    CHECK_EQ(knet_conn_pause_read(r->conn), 0);
+}
+
+/* Frames are [1][i & 0xff]; the first one pauses. */
+static void check_tiny_frame(tu_rec *r, const void *buf, size_t len)
+{
+    CHECK_EQ(len, 1);
+    CHECK_EQ(*(const uint8_t *)buf, (uint8_t)atomic_load(&r->rx_msgs));
+    if (atomic_load(&r->rx_msgs) == 0)
+        CHECK_EQ(knet_conn_pause_read(r->conn), 0);
+}
+
+/* The receive queue (/proc/net/tcp rx_queue) of this host's socket local_port -> remote_port. */
+static long rx_queue(int local_port, int remote_port)
+{
+    FILE *f = fopen("/proc/net/tcp", "r");
+    CHECK(f != NULL);
+    char line[512];
+    long q = -1;
+    CHECK(fgets(line, sizeof line, f) != NULL); /* header */
+    while (fgets(line, sizeof line, f)) {
+        unsigned lp, rp;
+        unsigned long tx, rx;
+        if (sscanf(line, " %*d: %*x:%x %*x:%x %*x %lx:%lx", &lp, &rp, &tx, &rx) == 4 &&
+            (int)lp == local_port && (int)rp == remote_port)
+            q = (long)rx;
+    }
+    fclose(f);
+    return q;
+}
+
+/* A read into handler memory (knet_conn_set_alloc, 1 MiB) holds more than max_frame plus
+ * knet's buffer of whole frames (a 1-byte length codec: max_frame 255): a pause after its
+ * first frame keeps the rest, and the resume delivers each, in order, once. */
+static void test_pause_keeps_a_large_handler_read(void)
+{
+    knet_length_field lf = {1, false, 255};
+    knet_codec codec;
+    CHECK_EQ(knet_length_codec(&codec, &lf), 0);
+    uint8_t *mem = (uint8_t *)malloc(BIG_ALLOC);
+    CHECK(mem != NULL);
+    tu_tracker *t = tu_tracker_new();
+    t->ud = mem;
+    t->on_connect = alloc_and_pause;
+    t->on_receive = check_tiny_frame;
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, t, &codec);
+    int fd = tu_connect(port);
+    tu_rec *r = tu_tracker_rec(t, 0);
+    enum { FRAMES = 200000 };
+    static uint8_t out[2 * FRAMES];
+    for (size_t i = 0; i < FRAMES; i++) {
+        out[2 * i] = 1;
+        out[2 * i + 1] = (uint8_t)i;
+    }
+    int fl = fcntl(fd, F_GETFL);
+    CHECK_EQ(fcntl(fd, F_SETFL, fl | O_NONBLOCK), 0);
+    ssize_t w = write(fd, out, sizeof out);
+    CHECK_GT(w, 0);
+    CHECK_EQ(fcntl(fd, F_SETFL, fl), 0);
+    /* More than 65,536 + 256 bytes wait in knet's socket: its first read takes them. */
+    WAIT_UNTIL(rx_queue(port, tu_sock_port(fd)) >= 80000);
+    CHECK_EQ(knet_conn_resume_read(r->conn), 0);
+    WAIT_GE(&t->msgs, 1);
+    loop_turn(r->conn);
+    CHECK_EQ(atomic_load(&r->rx_msgs), 1);
+    CHECK_EQ(knet_conn_resume_read(r->conn), 0);
+    tu_write_all(fd, out + w, sizeof out - (size_t)w);
+    WAIT_GE(&t->msgs, FRAMES);
+    close(fd);
+    WAIT_GE(&t->disconnects, 1);
+    CHECK_EQ(atomic_load(&r->rx_msgs), FRAMES);
+    CHECK_EQ(atomic_load(&r->reason), KNET_EOF);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+    free(mem);
+}
+
 int main(void)
 {
     tu_begin();
@@ -535,6 +630,7 @@ int main(void)
     RUN(test_graceful_close_reads_while_paused);
     RUN(test_notify_drained);
     RUN(test_relay_paces_source_to_reader);
+    RUN(test_pause_keeps_a_large_handler_read);
     RUN(test_no_drain_after_close_in_receive);
     return tu_end();
 }
