@@ -63,6 +63,59 @@ extension KNetTests {
             #expect(harness.stop() == .serverClosed)
         }
 
+        @Test("a Swift codec: a pause in receive keeps the rest of the read; the resume delivers every message, in order")
+        func pauseInReceiveKeepsTheRestSwiftCodec() throws {
+            let first = Locked(true)
+            let handler = RecordingHandler(onReceive: { conn, _ in
+                if first.withLock({ f in defer { f = false }; return f }) { conn.pauseReading() }
+            })
+            let harness = try ServerHarness(handler: handler, codec: SwiftOnly(StdCodec()))
+            let count = 12_000
+            let frames = (0..<count).map { i in [0, 4] + withUnsafeBytes(of: UInt32(i).bigEndian, Array.init) }
+            let peer = try PlainSocket(port: harness.port)
+            try peer.write(frames.flatMap { $0 })
+            #expect(eventually { handler.totalMessages >= 1 })
+            let conn = try #require(handler.only?.object)
+            #expect(try Self.loopTurn(conn) != nil)
+            #expect(handler.totalMessages == 1)
+            conn.resumeReading()
+            #expect(eventually { handler.totalMessages == count })
+            #expect(handler.only?.messages == frames.map { Array($0.dropFirst(2)) })
+            #expect(handler.snapshot.contractFailures == 0)
+            #expect(harness.stop() == .serverClosed)
+        }
+
+        final class Token: Sendable {
+            let released: Locked<Bool>
+            init(_ released: Locked<Bool>) { self.released = released }
+            deinit { released.withLock { $0 = true } }
+        }
+
+        @Test("a whenDrained body waiting when the connection closes never runs and is released (no cycle with its connection)")
+        func waitingDrainBodyReleasedOnClose() throws {
+            let handler = RecordingHandler()
+            let harness = try ServerHarness(handler: handler, codec: nil)
+            let peer = try PlainSocket(port: harness.port) // reads nothing
+            #expect(eventually { handler.connectionCount == 1 })
+            let conn = try #require(handler.only?.object)
+            try conn.send(pattern(16 << 20)) // far more than the kernel's buffers
+            let released = Locked(false), ran = Locked(false)
+            do {
+                let token = Token(released)
+                try conn.whenDrained { c in
+                    _ = (token, conn, c)
+                    ran.withLock { $0 = true }
+                }
+            }
+            #expect(released.withLock { $0 } == false)
+            conn.close()
+            #expect(eventually { handler.only?.disconnects == 1 })
+            #expect(eventually { released.withLock { $0 } })
+            #expect(ran.withLock { $0 } == false)
+            _ = peer
+            #expect(harness.stop() == .serverClosed)
+        }
+
         /// The sink (first connection) has a 64 KiB queue bound; what the source (second)
         /// sends is relayed to it. A refused send is kept, the source paused, and the sink's
         /// whenDrained resends it and resumes the source.

@@ -621,6 +621,73 @@ static void test_pause_keeps_a_large_handler_read(void)
     free(mem);
 }
 
+/* ------------------------------------------------------------------ pauses from another thread */
+
+typedef struct toggler {
+    knet_conn *conn;
+    tu_tracker *t;
+    long want;
+    atomic_long toggles;
+} toggler;
+
+static void *toggle_main(void *arg)
+{
+    toggler *tg = (toggler *)arg;
+    int64_t end = tu_now_ms() + TU_DEADLINE_MS;
+    while (tu_counter_get(&tg->t->msgs) < tg->want && tu_now_ms() < end) {
+        CHECK_EQ(knet_conn_pause_read(tg->conn), 0);
+        sched_yield();
+        CHECK_EQ(knet_conn_resume_read(tg->conn), 0);
+        atomic_fetch_add(&tg->toggles, 1);
+    }
+    return NULL;
+}
+
+/* Pauses and resumes from another thread, racing the loop's reads and decodes of a stream
+ * of small frames and its FIN: every frame arrives once, in order, then KNET_EOF. */
+static void test_pause_resume_race_the_read_pass(void)
+{
+    tu_tracker *t = tu_tracker_new();
+    t->capture = true;
+    tu_server ts;
+    int port = tu_tracked_server_start(&ts, t, &knet_std_codec);
+    int fd = tu_connect(port);
+    tu_rec *r = tu_tracker_rec(t, 0);
+    enum { N = 100000 };
+    static uint8_t out[N * 6];
+    for (uint32_t i = 0; i < N; i++) {
+        uint8_t *p = out + 6 * i;
+        p[0] = 0, p[1] = 4;
+        uint32_t be = htonl(i);
+        memcpy(p + 2, &be, 4);
+    }
+    toggler tg = {r->conn, t, N, 0};
+    pthread_t th;
+    CHECK_EQ(pthread_create(&th, NULL, toggle_main, &tg), 0);
+    for (size_t at = 0; at < sizeof out; at += 6 * 1000) /* many reads, each split by pauses */
+        tu_write_all(fd, out + at, 6 * 1000);
+    CHECK_EQ(shutdown(fd, SHUT_WR), 0);
+    WAIT_GE(&t->msgs, N);
+    CHECK_EQ(pthread_join(th, NULL), 0);
+    WAIT_GE(&t->disconnects, 1);
+    CHECK_EQ(atomic_load(&r->reason), KNET_EOF);
+    size_t off = 0, len;
+    const uint8_t *msg;
+    uint32_t want = 0;
+    while (tu_rec_next_msg(r, &off, &msg, &len)) {
+        CHECK_EQ(len, 4);
+        uint32_t be;
+        memcpy(&be, msg, 4);
+        CHECK_EQ(ntohl(be), want);
+        want++;
+    }
+    CHECK_EQ(want, N);
+    CHECK_GT(atomic_load(&tg.toggles), 0);
+    close(fd);
+    CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+    tu_tracker_free(t);
+}
+
 int main(void)
 {
     tu_begin();
@@ -632,5 +699,6 @@ int main(void)
     RUN(test_relay_paces_source_to_reader);
     RUN(test_pause_keeps_a_large_handler_read);
     RUN(test_no_drain_after_close_in_receive);
+    RUN(test_pause_resume_race_the_read_pass);
     return tu_end();
 }
