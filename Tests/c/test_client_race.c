@@ -122,7 +122,21 @@ static void relay_receive(knet_conn *c, const void *buf, size_t len, void *ud)
     tu_counter_add(&relay_sent, 1);
 }
 
-typedef enum { RACE_CLOSE, RACE_SEND, RACE_SEND_ON_LOOP, RACE_SHUTDOWN } race_kind;
+typedef enum { RACE_CLOSE, RACE_SEND, RACE_SEND_ON_LOOP, RACE_SHUTDOWN, RACE_PAUSE } race_kind;
+
+/* A drain request made before the attach: runs after connect(true), outside callbacks. */
+static tu_counter race_drained;
+
+static void race_on_drained(knet_conn *c, void *ud)
+{
+    (void)ud;
+    tu_rec *r = (tu_rec *)knet_conn_userdata(c);
+    CHECK(r != NULL); /* connect(true) came first */
+    CHECK_EQ(atomic_load(&r->connected), 1);
+    CHECK_EQ(atomic_load(&r->in_cb), 0); /* never nested */
+    CHECK(pthread_equal(r->thread, pthread_self()));
+    tu_counter_add(&race_drained, 1);
+}
 
 /* Dials an echo server with the dialer held after publishing its connection, closes
  * it or sends on it (from a user thread, or from a callback on its loop: written in
@@ -166,6 +180,11 @@ static void race(race_kind kind)
     } else if (kind == RACE_SHUTDOWN) {
         CHECK_EQ(knet_conn_send(conn, "hello", 5), 0);
         CHECK_EQ(knet_client_shutdown(cli, TU_DEADLINE_MS), 0);
+    } else if (kind == RACE_PAUSE) {
+        tu_counter_init(&race_drained);
+        CHECK_EQ(knet_conn_pause_read(conn), 0);
+        CHECK_EQ(knet_conn_send(conn, "hello", 5), 0);
+        CHECK_EQ(knet_conn_notify_drained(conn, race_on_drained, NULL), 0);
     } else {
         CHECK_EQ(knet_conn_send(conn, "hello", 5), 0);
     }
@@ -176,6 +195,18 @@ static void race(race_kind kind)
     if (use_close) {
         WAIT_GE(&t->disconnects, 1);
         CHECK_EQ(atomic_load(&t->recs[0].reason), 0);
+    } else if (kind == RACE_PAUSE) {
+        /* Attached paused: "hello" went out and came back, unread until the resume. */
+        WAIT_GE(&race_drained, 1);
+        WAIT_GE(&st->bytes, 7); /* the probe's 2, then the 5 echoed */
+        CHECK_EQ(knet_conn_notify_drained(conn, race_on_drained, NULL), 0);
+        WAIT_GE(&race_drained, 2);
+        probe_round_trip(probe);
+        CHECK_EQ(tu_counter_get(&t->bytes), 0);
+        CHECK_EQ(knet_conn_resume_read(conn), 0);
+        WAIT_GE(&t->bytes, 5);
+        CHECK_EQ(tu_counter_get(&t->bytes), 5);
+        tu_counter_destroy(&race_drained);
     } else if (kind == RACE_SHUTDOWN) {
         /* Attached and shut down gracefully: the bytes went out before the FIN,
          * came back, and the close completed when the server closed in turn. */
@@ -385,6 +416,8 @@ static void test_send_on_loop_before_attach(void) { race(RACE_SEND_ON_LOOP); }
 
 static void test_shutdown_before_attach(void) { race(RACE_SHUTDOWN); }
 
+static void test_pause_and_drain_before_attach(void) { race(RACE_PAUSE); }
+
 int main(void)
 {
     CHECK_EQ(knet_set_loop_threads(1), 0); /* the probe shares the client's loop */
@@ -393,6 +426,7 @@ int main(void)
     RUN(test_send_before_attach);
     RUN(test_send_on_loop_before_attach);
     RUN(test_shutdown_before_attach);
+    RUN(test_pause_and_drain_before_attach);
     RUN(test_serve_outlasts_close);
     RUN(test_closed_serve_outlasts_close);
     RUN(test_close_after_dial_connected);

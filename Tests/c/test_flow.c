@@ -688,6 +688,49 @@ static void test_pause_resume_race_the_read_pass(void)
     tu_tracker_free(t);
 }
 
+/* ------------------------------------------------------------------ what follows held frames */
+
+/* Frames [1][i] kept back by a pause in the first receive, behind them a frame the codec
+ * rejects (bad = true) or not, then the peer's FIN: nothing is delivered, nor the close
+ * seen, before the resume; then every frame in order, then connect(false) with
+ * KNET_ECODEC or KNET_EOF. */
+static void test_held_frames_then_error_or_eof(void)
+{
+    knet_length_field lf = {1, false, 100};
+    knet_codec codec;
+    CHECK_EQ(knet_length_codec(&codec, &lf), 0);
+    for (int bad = 0; bad < 2; bad++) {
+        tu_tracker *t = tu_tracker_new();
+        t->on_receive = check_tiny_frame;
+        tu_server ts;
+        int port = tu_tracked_server_start(&ts, t, &codec);
+        int fd = tu_connect(port);
+        tu_rec *r = tu_tracker_rec(t, 0);
+        enum { FRAMES = 200 };
+        uint8_t out[2 * FRAMES + 2];
+        for (size_t i = 0; i < FRAMES; i++) {
+            out[2 * i] = 1;
+            out[2 * i + 1] = (uint8_t)i;
+        }
+        out[2 * FRAMES] = 200; /* over max_frame */
+        out[2 * FRAMES + 1] = 0;
+        tu_write_all(fd, out, bad ? sizeof out : 2 * FRAMES);
+        CHECK_EQ(shutdown(fd, SHUT_WR), 0);
+        WAIT_UNTIL(tu_tcp_sockets(port, tu_sock_port(fd), 8 /* CLOSE_WAIT */) == 1);
+        WAIT_GE(&t->msgs, 1);
+        loop_turn(r->conn);
+        CHECK_EQ(atomic_load(&r->rx_msgs), 1);
+        CHECK_EQ(atomic_load(&r->disconnected), 0);
+        CHECK_EQ(knet_conn_resume_read(r->conn), 0);
+        WAIT_GE(&t->disconnects, 1);
+        CHECK_EQ(atomic_load(&r->rx_msgs), FRAMES);
+        CHECK_EQ(atomic_load(&r->reason), bad ? KNET_ECODEC : KNET_EOF);
+        close(fd);
+        CHECK_EQ(tu_server_stop(&ts), KNET_ESERVERCLOSED);
+        tu_tracker_free(t);
+    }
+}
+
 int main(void)
 {
     tu_begin();
@@ -700,5 +743,6 @@ int main(void)
     RUN(test_pause_keeps_a_large_handler_read);
     RUN(test_no_drain_after_close_in_receive);
     RUN(test_pause_resume_race_the_read_pass);
+    RUN(test_held_frames_then_error_or_eof);
     return tu_end();
 }
