@@ -407,7 +407,8 @@ typedef void (*knet_drain_fn)(knet_conn *conn, void *ud);
  * the last queued byte (thread-safe). With knet_conn_pause_read this is how a relay slows
  * its source to its reader: pause the source when a send is refused, resume it here.
  * One request at a time: a later call replaces one not yet run, fn = NULL cancels it.
- * Not run once a close or graceful close began (connect(false) follows instead).
+ * Not run once a close or graceful close began, the connection's or its server's
+ * (connect(false) follows instead).
  * Returns 0, -EINVAL for a NULL conn, or KNET_ECLOSED. */
 int knet_conn_notify_drained(knet_conn *conn, knet_drain_fn fn, void *ud);
 
