@@ -599,8 +599,8 @@ static void conn_read_pass(kn_loop *L, knet_conn *c) {
             if (len) memcpy(buf, c->ibuf, len);
         } else {
             /* Messages a pause kept back are decoded, not read on: they may be more than
-         * max_frame plus a read (a handler's buffer took them), which the growth caps. */
-        if (!c->held && c->icap - len < KN_READ_BUF / 4) {
+             * max_frame plus a read (a handler's buffer took them), which the growth caps. */
+            if (!c->held && c->icap - len < KN_READ_BUF / 4) {
                 size_t ncap = c->icap * 2 > len + KN_READ_BUF ? c->icap * 2 : len + KN_READ_BUF;
                 /* A frame holds at most max_frame bytes plus one read of what follows
                  * (max_frame may be SIZE_MAX: saturate, don't wrap). */

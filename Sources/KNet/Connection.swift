@@ -28,8 +28,11 @@ public final class TCPConnection: Sendable {
     nonisolated(unsafe) private var userdataValue: (any Sendable)?
     /// Set (under the lock) once `connect(false)` returned: userdata is no longer kept.
     nonisolated(unsafe) private var userdataDropped = false
-    /// The `whenDrained` body waiting to run (under `userdataLock`; dropped with userdata).
+    /// The `whenDrained` body waiting to run (under `userdataLock`; dropped with userdata),
+    /// and its request's number: a notification of an earlier request, already under way
+    /// when a later one was made, must not run the later body (its queue may not be empty).
     nonisolated(unsafe) private var drainedBody: (@Sendable (TCPConnection) -> Void)?
+    nonisolated(unsafe) private var drainedRequest: UInt = 0
 
     init(handle: OpaquePointer, loopSlot: ThreadSlot, handler: Unmanaged<HandlerBox>, swiftCodec: Bool,
          rawCodec: Bool, codecOwner: (any AnyObject & Sendable)?) {
@@ -146,19 +149,22 @@ public final class TCPConnection: Sendable {
     /// began; a body waiting then never runs (`connect(false)` comes instead).
     public func whenDrained(_ body: @escaping @Sendable (TCPConnection) -> Void) throws {
         var old: (@Sendable (TCPConnection) -> Void)? = body
-        userdataLock.withLock { if !userdataDropped { swap(&drainedBody, &old) } }
-        let rc = knet_conn_notify_drained(handle, drainedShim, nil)
-        if rc != 0 {
-            var mine: (@Sendable (TCPConnection) -> Void)? = nil
-            userdataLock.withLock { swap(&drainedBody, &mine) }
-            throw KNetError(code: rc)
+        // Under the lock, so requests reach the C core in the order of their numbers (the
+        // notification takes the lock only after the core's own lock is released). Refused
+        // (closing), the body waits unrun until connect(false) drops it with the userdata.
+        let rc: Int32 = userdataLock.withLock {
+            if !userdataDropped { swap(&drainedBody, &old) }
+            drainedRequest &+= 1
+            return knet_conn_notify_drained(handle, drainedShim, UnsafeMutableRawPointer(bitPattern: drainedRequest))
         }
+        if rc != 0 { throw KNetError(code: rc) }
     }
 
-    /// Takes the `whenDrained` body to run (the loop thread, from the C notification).
-    func takeDrainedBody() -> (@Sendable (TCPConnection) -> Void)? {
+    /// Takes the body of `whenDrained` request number `request`, if it still waits (the
+    /// loop thread, from the C notification).
+    func takeDrainedBody(request: UInt) -> (@Sendable (TCPConnection) -> Void)? {
         var body: (@Sendable (TCPConnection) -> Void)? = nil
-        userdataLock.withLock { swap(&drainedBody, &body) }
+        userdataLock.withLock { if drainedRequest == request { swap(&drainedBody, &body) } }
         return body
     }
 

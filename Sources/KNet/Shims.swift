@@ -222,7 +222,7 @@ private func connectShim(_ conn: OpaquePointer?, _ connected: Bool, _ ud: Unsafe
 func drainedShim(_ conn: OpaquePointer?, _ ud: UnsafeMutableRawPointer?) {
     guard let conn, let raw = knet_conn_userdata(conn) else { return }
     let tcp = Unmanaged<TCPConnection>.fromOpaque(raw).takeUnretainedValue()
-    tcp.takeDrainedBody()?(tcp)
+    tcp.takeDrainedBody(request: UInt(bitPattern: ud))?(tcp)
 }
 
 /// Smallest read handed over in the spare array itself; smaller ones are copied (into the
