@@ -940,7 +940,7 @@ void knet_conn_shutdown(knet_conn *c) { knet_conn_close_with_timeout(c, KN_DEFAU
 int knet_conn_pause_read(knet_conn *c) {
     if (!c) return -EINVAL;
     if (atomic_load(&c->state) == KN_CLOSED) return KNET_ECLOSED;
-    atomic_fetch_or(&c->req, KN_REQ_PAUSED); /* the loop checks before each read and message */
+    atomic_fetch_or(&c->req, KN_REQ_PAUSED); /* the loop sees it per event and per message */
     return 0;
 }
 
