@@ -174,14 +174,15 @@ public final class TCPConnection: Sendable {
         knet_conn_close(handle)
     }
 
-    /// The local address as "ip:port" ("[v6]:port", "[v6%zone]:port" when scoped); nil if it could not be read, or once
-    /// the connection has closed unless it was read while open (read it in
-    /// `connect(true)` to have it in `connect(false)`).
+    /// The local address as "ip:port" ("[v6]:port", "[v6%zone]:port" when scoped); nil if it
+    /// could not be read, or once the connection has closed unless it was read while open
+    /// (read it in `connect(true)` to have it in `connect(false)`).
     public var localAddress: String? {
         address { knet_conn_local_addr(handle, $0, $1) }
     }
 
-    /// The peer address as "ip:port" ("[v6]:port", "[v6%zone]:port" when scoped), or nil when it is not known.
+    /// The peer address as "ip:port" ("[v6]:port", "[v6%zone]:port" when scoped), or nil
+    /// when it is not known.
     public var remoteAddress: String? {
         address { knet_conn_remote_addr(handle, $0, $1) }
     }

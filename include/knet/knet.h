@@ -442,14 +442,12 @@ int knet_conn_set_alloc(knet_conn *conn, knet_alloc_fn fn, void *ud);
 #define KNET_ADDRSTRLEN 64
 
 /* Writes the local address as "ip:port" ("[v6]:port", "[v6%zone]:port" when scoped, as
- * Go writes it) into buf. Returns the
- * string length, -ENOSPC when buf is too small, or KNET_ECLOSED if it was
- * never asked for while the connection was open. */
+ * Go writes it) into buf. Returns the string length, -ENOSPC when buf is too small, or
+ * KNET_ECLOSED if it was never asked for while the connection was open. */
 int knet_conn_local_addr(knet_conn *conn, char *buf, size_t len);
 
 /* Writes the peer address as "ip:port" ("[v6]:port", "[v6%zone]:port" when scoped) into
- * buf. Returns the
- * string length or -ENOSPC. */
+ * buf. Returns the string length or -ENOSPC. */
 int knet_conn_remote_addr(knet_conn *conn, char *buf, size_t len);
 
 /* Why the connection closed: 1 while it is open; 0 after a local close or
