@@ -198,10 +198,12 @@ private final class ModelHandler: TCPHandler {
             let mc = model.conns.withLock { list -> ModelConn in
                 let mc = ModelConn(uid: list.count, isClient: isClient, client: client, address: address,
                                    conn: conn, seed: model.seed)
+                // Before the workers can pick it from the list: one that read nil userdata
+                // of a listed, open connection would report it lost.
+                conn.userdata = mc
                 list.append(mc)
                 return mc
             }
-            conn.userdata = mc
             enter(mc)
             var r = mc.state.withLock { s -> SplitMix in
                 defer { s.loopRng.state &+= 1 }
