@@ -9,14 +9,6 @@
 
 #include <fcntl.h>
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define FLOW_SANITIZED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer)
-#define FLOW_SANITIZED 1
-#endif
-#endif
-
 /* A drain notification's record: how often it ran, on which thread, with what. */
 typedef struct drained {
     tu_counter runs;
@@ -417,7 +409,7 @@ static void *source_main(void *arg)
  * (a relay without it could only drop or close, as test_proxy's backpressure tests do). */
 static void test_relay_paces_source_to_reader(void)
 {
-#ifdef FLOW_SANITIZED
+#ifdef TU_SANITIZED
     const size_t total = 8u << 20;
 #else
     const size_t total = 32u << 20;

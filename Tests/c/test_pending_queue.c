@@ -282,16 +282,7 @@ static void test_threads_at_limit_loop_held(void)
 
 /* ------------------------------------------------------------------ one huge send */
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define PQ_SANITIZED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || \
-    __has_feature(memory_sanitizer)
-#define PQ_SANITIZED 1
-#endif
-#endif
-
-#ifdef PQ_SANITIZED
+#ifdef TU_SANITIZED
 /* Over the bound by more than the loop's direct write puts in the socket's buffers
  * (tcp_wmem's default max is 4 MiB): the RSS checks are off, and each 256 MiB copy
  * under TSan took seconds (the test 21 s alone, over ctest's 60 s when loaded). */
@@ -339,7 +330,7 @@ static void test_huge_send(void)
     size_t rss2 = tu_rss();
     printf("  off the loop: RSS +%zu MiB queued, +%zd MiB after close\n", (rss1 - rss0) >> 20,
            ((ssize_t)rss2 - (ssize_t)rss0) / (1 << 20));
-#ifndef PQ_SANITIZED
+#ifndef TU_SANITIZED
     CHECK_GE(rss1 - rss0, HUGE_SEND / 2); /* the queue's copy */
     CHECK_LT(rss2, rss0 + ((size_t)32 << 20));
 #endif
@@ -358,7 +349,7 @@ static void test_huge_send(void)
     size_t rss3 = tu_rss();
     printf("  on the loop: RSS %+zd MiB after close and free\n",
            ((ssize_t)rss3 - (ssize_t)rss0) / (1 << 20));
-#ifndef PQ_SANITIZED
+#ifndef TU_SANITIZED
     CHECK_LT(rss3, rss0); /* the test's own buffer is gone too */
 #endif
     close(fd2);

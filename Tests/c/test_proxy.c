@@ -12,14 +12,6 @@
 
 #include <poll.h>
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define PX_SANITIZED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define PX_SANITIZED 1
-#endif
-#endif
-
 #define PX_MAX_SESSIONS 128
 /* How long the proxy lets a side drain what it queued for its peer: a slow peer on a
  * loaded machine (sanitizers) may take longer than knet_conn_shutdown's 3 s. */
@@ -352,7 +344,7 @@ static void echo_receive(knet_conn *c, const void *buf, size_t len, void *ud)
 
 /* ------------------------------------------------------------------ 1: many streams */
 
-#ifdef PX_SANITIZED
+#ifdef TU_SANITIZED
 #define PX_STREAM_BYTES ((size_t)1 << 20)
 #else
 #define PX_STREAM_BYTES ((size_t)4 << 20)
@@ -601,7 +593,7 @@ static void px_backpressure(int kind)
     CHECK_EQ(r.down_reason, 0);
     CHECK_EQ(r.up_reason, KNET_ECLIENTCLOSED);
     size_t rss1 = tu_rss();
-#ifndef PX_SANITIZED
+#ifndef TU_SANITIZED
     CHECK_LT(rss1, rss0 + ((size_t)32 << 20));
 #else
     (void)rss0;

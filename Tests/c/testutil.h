@@ -32,6 +32,16 @@
 #include <unistd.h>
 
 /* Every wait fails after this long: generous, for a loaded 2-core machine. */
+/* Defined when a sanitizer (ASan, TSan, MSan) is built in: tests then use smaller sizes. */
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define TU_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || \
+    __has_feature(memory_sanitizer)
+#define TU_SANITIZED 1
+#endif
+#endif
+
 #define TU_DEADLINE_MS 20000
 
 /* ------------------------------------------------------------------ checks */
